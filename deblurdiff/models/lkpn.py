@@ -1,0 +1,69 @@
+"""Latent Kernel Prediction Network (LKPN).
+
+An SD-style UNet reads ``cat(c, x_t)`` (blurry latent, noisy latent) and predicts a
+k×k kernel for every latent pixel and channel; element-wise adaptive convolution
+(EAC) applies them to ``c`` and adds ``c`` back, giving the sharper latent ``z_s``.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+
+from ..ops import eac
+
+
+class LKPNModel(ModelMixin, ConfigMixin):
+    """``z_s = c + EAC(c, UNet(cat(c, x_t), t, text))``.
+
+    ``attention_head_dim`` is the number of channels per head (64 in the reference).
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        latent_channels: int = 4,
+        kernel_size: int = 5,
+        block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        layers_per_block: int = 2,
+        attention_head_dim: int = 64,
+        cross_attention_dim: int = 1024,
+        norm_num_groups: int = 32,
+    ):
+        super().__init__()
+        self.unet = UNet2DConditionModel(
+            in_channels=2 * latent_channels,
+            out_channels=latent_channels * kernel_size * kernel_size,
+            block_out_channels=tuple(block_out_channels),
+            down_block_types=tuple(down_block_types),
+            # The decoder mirrors the encoder.
+            up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down_block_types)),
+            layers_per_block=layers_per_block,
+            # diffusers' UNet2DConditionModel reads `attention_head_dim` as heads per level.
+            attention_head_dim=[max(ch // attention_head_dim, 1) for ch in block_out_channels],
+            cross_attention_dim=cross_attention_dim,
+            use_linear_projection=True,
+            norm_num_groups=norm_num_groups,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+        )
+
+    def predict_kernels(self, condition, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        """Per-pixel kernels, shape (B, C·k·k, h, w)."""
+        merged = torch.cat([condition, sample], dim=1)
+        return self.unet(merged, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+    def forward(self, condition, sample, timestep, encoder_hidden_states) -> torch.Tensor:
+        """The restored latent ``z_s`` (same shape as ``condition``)."""
+        kernels = self.predict_kernels(condition, sample, timestep, encoder_hidden_states)
+        return eac(condition, kernels, residual=True)
