@@ -2,32 +2,71 @@
 
 Every step: ``z_s = LKPN(c, x_t)`` (the blurry latent ``c`` deblurred by per-pixel
 kernels), then ``eps = UNet(x_t, residuals=ControlNet(x_t, hint=cat(c, z_s)))`` and a
-DDPM step. Semantics follow the reference implementation (kkkls/DeblurDiff):
-``c`` encodes the image in [0, 1], the sampler is its spaced DDPM, the output is
-colour-fixed against the input by per-channel mean/std matching.
+sampler step. Semantics follow the reference implementation (kkkls/DeblurDiff):
+``c`` encodes the image in [0, 1], the default sampler is its spaced DDPM, the output
+is colour-fixed against the input by per-channel mean/std matching.
+
+Speed and memory:
+
+* half precision: ``pipe.to(dtype=torch.bfloat16 | torch.float16)`` runs every network
+  (and the EAC op) in that dtype; latents and sampler arithmetic stay float32. With
+  float16 the VAE runs in float32 when its config asks for it (``force_upcast``).
+* ``pipe.optimize(...)``: channels-last weights, ``torch.compile`` of the UNet, the
+  ControlNet and the LKPN's UNet with a warm-up, optional xFormers attention (PyTorch
+  SDPA is the default).
+* the text encoder is only needed for custom prompts: folders written by
+  ``save_pretrained`` hold the default prompts' embeddings (``prompt_embeds.safetensors``),
+  and ``from_pretrained`` then loads the text encoder on first use.
+* ``sampler="ddim" | "dpmsolver++"`` for fewer steps; ``better_start`` starts from the
+  noised low frequencies of the input, as the reference can.
+* large images are processed in overlapping tiles (``tiled``, ``tile_size``,
+  ``tile_stride``), VAE included, with Gaussian blending; automatic above
+  ``pipe.auto_tile_pixels``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
-from diffusers.utils import BaseOutput
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    UNet2DConditionModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
+from .tiling import blend_weights, check_tiling, latent_windows, vae_decode_tiled, vae_encode_tiled
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT = ""
 DEFAULT_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 DEFAULT_STEPS = 50
 # Latents are 1/8 of the image and the UNet downsamples 3 more times.
 SIZE_MULTIPLE = 64
+SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
+# With tiled=None, images of more (padded) pixels than this are processed in tiles.
+AUTO_TILE_PIXELS = 1024 * 1024
+PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
+_PROMPT_EMBEDS_FORMAT = "deblurdiff-prompt-embeds-1"
 
 
 @dataclass
@@ -78,15 +117,66 @@ def color_fix(images: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) 
     return (images - mean) / std * ref_std + ref_mean
 
 
+def low_frequency(images: torch.Tensor, levels: int = 5) -> torch.Tensor:
+    """The coarsest band of an à trous wavelet decomposition: ``levels`` passes of a 3×3
+    binomial filter dilated 1, 2, 4, ... with edge replication (what ``better_start``
+    encodes)."""
+    channels = images.shape[1]
+    taps = torch.tensor([1.0, 2.0, 1.0], dtype=images.dtype, device=images.device) / 4
+    kernel = torch.outer(taps, taps).expand(channels, 1, 3, 3)
+    for level in range(levels):
+        d = 2**level
+        images = F.conv2d(F.pad(images, (d, d, d, d), mode="replicate"), kernel, groups=channels, dilation=d)
+    return images
+
+
+def save_prompt_embeds(path: str | os.PathLike, embeds: dict[str, torch.Tensor]) -> None:
+    """Write ``{prompt: (1, 77, D) embedding}`` to a safetensors file (prompts in its metadata)."""
+    from safetensors.torch import save_file
+
+    prompts = list(embeds)
+    tensors = {f"prompt_{i}": embeds[p].detach().to("cpu", torch.float32).contiguous() for i, p in enumerate(prompts)}
+    save_file(tensors, str(path), metadata={"format": _PROMPT_EMBEDS_FORMAT, "prompts": json.dumps(prompts)})
+
+
+def load_prompt_embeds(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a file written by ``save_prompt_embeds``: ``{prompt: float32 CPU embedding}``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != _PROMPT_EMBEDS_FORMAT:
+            raise ValueError(f"{path} is not a DeblurDiff prompt-embedding file")
+        prompts = json.loads(meta["prompts"])
+        return {p: f.get_tensor(f"prompt_{i}") for i, p in enumerate(prompts)}
+
+
+def _find_prompt_embeds(source, hub_kwargs: dict) -> Path | None:
+    """``prompt_embeds.safetensors`` of a local folder or Hub repo, or None."""
+    if Path(source).is_dir():
+        path = Path(source) / PROMPT_EMBEDS_FILE
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(source), PROMPT_EMBEDS_FILE, **hub_kwargs))
+    except Exception:  # absent from the repo, offline, ...: fall back to loading the text encoder
+        return None
+
+
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "proxies", "force_download")
+
+
 class DeblurDiffPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->lkpn->controlnet->unet->vae"
+    _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["latents", "restored_latents"]
 
     def __init__(
         self,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel | None,
+        tokenizer: CLIPTokenizer | None,
         unet: UNet2DConditionModel,
         controlnet: LatentControlNetModel,
         lkpn: LKPNModel,
@@ -103,7 +193,17 @@ class DeblurDiffPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         self._prompt_cache: dict = {}
+        # Embeddings known without the text encoder ({prompt: float32 CPU tensor}).
+        self._stored_prompt_embeds: dict[str, torch.Tensor] = {}
+        # Called to load the text encoder the first time a prompt needs it.
+        self._text_encoder_loader: Callable[[], CLIPTextModel] | None = None
+        self._samplers: dict = {}
+        self.auto_tile_pixels = AUTO_TILE_PIXELS
+        self.tile_batch_size = 1
+        # With float16 weights, run the VAE in float32 when its config says it overflows.
+        self.upcast_vae = True
 
+    # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_single_file(cls, path, tokenizer=None, torch_dtype=None, attention_head_dim: int = 64):
         """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``, LDM layout).
@@ -117,36 +217,192 @@ class DeblurDiffPipeline(DiffusionPipeline):
         )
         return cls(**components)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, lazy_text_encoder: bool = True, **kwargs):
+        """``DiffusionPipeline.from_pretrained``, except that when the folder holds the default
+        prompts' embeddings (``prompt_embeds.safetensors``, written by ``save_pretrained``) the
+        text encoder is not loaded until a custom prompt needs it. ``lazy_text_encoder=False``
+        (or passing ``text_encoder=``) loads it up front."""
+        if not lazy_text_encoder or "text_encoder" in kwargs:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        path = _find_prompt_embeds(pretrained_model_name_or_path, hub_kwargs)
+        stored = load_prompt_embeds(path) if path is not None else {}
+        if not {DEFAULT_PROMPT, DEFAULT_NEGATIVE_PROMPT} <= set(stored):
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, text_encoder=None, **kwargs)
+        pipe.set_prompt_embeds(stored)
+        dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
+        pipe._text_encoder_loader = functools.partial(
+            CLIPTextModel.from_pretrained,
+            pretrained_model_name_or_path,
+            subfolder="text_encoder",
+            **({"torch_dtype": dtype} if dtype is not None else {}),
+            **({"variant": kwargs["variant"]} if "variant" in kwargs else {}),
+            **hub_kwargs,
+        )
+        return pipe
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """``DiffusionPipeline.save_pretrained`` plus the default prompts' embeddings
+        (``prompt_embeds.safetensors``), so that loading can skip the text encoder."""
+        if self.text_encoder is None and self._text_encoder_loader is not None:
+            self._load_text_encoder()  # a saved folder is complete
+        super().save_pretrained(save_directory, *args, **kwargs)
+        embeds = {}
+        for prompt in (DEFAULT_PROMPT, DEFAULT_NEGATIVE_PROMPT):
+            if prompt in self._stored_prompt_embeds or self.text_encoder is not None:
+                embeds[prompt] = self.encode_prompt(prompt)
+        if embeds:
+            save_prompt_embeds(Path(save_directory) / PROMPT_EMBEDS_FILE, embeds)
+
+    def set_prompt_embeds(self, embeds: dict[str, torch.Tensor] | str | os.PathLike) -> None:
+        """Make embeddings known without the text encoder: ``{prompt: (1, 77, D)}`` or a
+        file written by ``save_prompt_embeds``. They take precedence over the text encoder."""
+        if not isinstance(embeds, dict):
+            embeds = load_prompt_embeds(embeds)
+        for prompt, value in embeds.items():
+            if value.ndim == 2:
+                value = value[None]
+            self._stored_prompt_embeds[prompt] = value.detach().to("cpu", torch.float32)
+        self._prompt_cache = {k: v for k, v in self._prompt_cache.items() if k[0] not in embeds}
+
+    def _load_text_encoder(self) -> CLIPTextModel:
+        if self.text_encoder is None:
+            if self._text_encoder_loader is None:
+                raise RuntimeError(
+                    "This pipeline has no text encoder, and only the stored prompts "
+                    f"{sorted(self._stored_prompt_embeds)} can be used; load it with a text encoder "
+                    "for custom prompts."
+                )
+            logger.info("Loading the text encoder for a custom prompt.")
+            encoder = self._text_encoder_loader()
+            encoder.to(device=self._execution_device, dtype=self.unet.dtype)
+            self.register_modules(text_encoder=encoder)
+        return self.text_encoder
+
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embedding (1, 77, D) of one prompt; cached, since the defaults never change."""
-        key = (prompt, self.text_encoder.device, self.text_encoder.dtype)
+        """Text embedding (1, 77, D) of one prompt; cached, since the defaults never change.
+
+        Stored embeddings (``set_prompt_embeds``, ``prompt_embeds.safetensors``) are used
+        when present; otherwise the text encoder runs (and is loaded if it was deferred)."""
+        device = self._execution_device
+        key = (prompt, device)
         if key not in self._prompt_cache:
-            ids = self.tokenizer(
-                [prompt],
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.text_encoder.device)
-            self._prompt_cache[key] = self.text_encoder(ids).last_hidden_state
+            if prompt in self._stored_prompt_embeds:
+                embeds = self._stored_prompt_embeds[prompt].to(device)
+            else:
+                if self.tokenizer is None:
+                    raise RuntimeError("This pipeline has no tokenizer, so it cannot encode custom prompts.")
+                encoder = self._load_text_encoder()
+                ids = self.tokenizer(
+                    [prompt],
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(encoder.device)
+                embeds = encoder(ids).last_hidden_state.to(device)
+            self._prompt_cache[key] = embeds
         return self._prompt_cache[key]
 
-    @torch.no_grad()
-    def encode_condition(self, images: torch.Tensor, generator=None) -> torch.Tensor:
-        """The blurry latent ``c``: the VAE posterior of the [0, 1] image, sampled, scaled."""
-        images = images.to(device=self.vae.device, dtype=self.vae.dtype)
-        posterior = self.vae.encode(images).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
+    @contextlib.contextmanager
+    def _vae_precision(self, part: str):
+        """Run the VAE's ``part`` ("encoder" or "decoder") in float32 when the weights are
+        float16 and the VAE's config asks for it (``force_upcast``); yields the input dtype."""
+        vae = self.vae
+        upcast = (
+            self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        )
+        if not upcast:
+            yield vae.dtype
+            return
+        modules = [vae.encoder, vae.quant_conv] if part == "encoder" else [vae.post_quant_conv, vae.decoder]
+        modules = [m for m in modules if m is not None]
+        for m in modules:
+            m.to(torch.float32)
+        try:
+            yield torch.float32
+        finally:
+            for m in modules:
+                m.to(torch.float16)
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents -> images in [-1, 1]."""
-        latents = latents.to(device=self.vae.device, dtype=self.vae.dtype)
-        return self.vae.decode(latents / self.vae.config.scaling_factor).sample.float()
+    def vae_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior's mean and log-variance, (B, 8, H/8, W/8) float32, of images in [0, 1]."""
+        with self._vae_precision("encoder") as dtype:
+            images = images.to(device=self.vae.device, dtype=dtype)
+            return self.vae.encode(images).latent_dist.parameters.float()
+
+    @torch.no_grad()
+    def encode_condition(
+        self,
+        images: torch.Tensor,
+        generator=None,
+        tiled: bool = False,
+        tile_size: int = 512,
+        tile_stride: int = 256,
+    ) -> torch.Tensor:
+        """The blurry latent ``c``: the VAE posterior of the [0, 1] image, sampled (in
+        float32), scaled. ``tiled`` blends the posterior's moments over overlapping tiles."""
+        if tiled:
+            moments = vae_encode_tiled(self.vae_moments, images, tile_size, tile_stride)
+        else:
+            moments = self.vae_moments(images)
+        return DiagonalGaussianDistribution(moments).sample(generator) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(
+        self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 512, tile_stride: int = 256
+    ) -> torch.Tensor:
+        """Latents -> images in [-1, 1], float32; ``tiled`` decodes overlapping tiles and blends them."""
+
+        def decode(z):
+            with self._vae_precision("decoder") as dtype:
+                z = z.to(device=self.vae.device, dtype=dtype)
+                return self.vae.decode(z / self.vae.config.scaling_factor).sample.float()
+
+        if tiled:
+            return vae_decode_tiled(decode, latents, tile_size, tile_stride)
+        return decode(latents)
 
     # ------------------------------------------------------------------ one model call
+    def _text_batch(self, prompt_embeds, negative_prompt_embeds, batch: int, guided: bool) -> torch.Tensor:
+        """Text embeddings for ``batch`` samples (twice as many with guidance), in model dtype."""
+        dtype, device = self.unet.dtype, self._execution_device
+        text = prompt_embeds.to(device=device, dtype=dtype).expand(batch, -1, -1)
+        if guided:
+            text = torch.cat([text, negative_prompt_embeds.to(device=device, dtype=dtype).expand(batch, -1, -1)])
+        return text.contiguous()
+
+    def _denoise(self, x, condition, t, text, guided: bool, guidance_scale: float, conditioning_scale: float):
+        """``(eps, z_s)`` (float32) for float32 latents ``x`` (n samples) given ``condition``
+        and ``text`` already in model dtype and doubled (cond, uncond) when ``guided``."""
+        n = x.shape[0]
+        x = x.to(self.unet.dtype)
+        if guided:
+            x = torch.cat([x, x])
+        t = t.expand(x.shape[0])
+        restored = self.lkpn(condition, x, t, text)
+        down, mid = self.controlnet(
+            x, t, text, hint=torch.cat([condition, restored], dim=1), conditioning_scale=conditioning_scale
+        )
+        eps = self.unet(
+            x,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0].float()
+        if guided:
+            eps_cond, eps_uncond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            restored = restored[:n]
+        return eps, restored.float()
+
     def predict_noise(
         self,
         latents: torch.Tensor,
@@ -161,34 +417,181 @@ class DeblurDiffPipeline(DiffusionPipeline):
         branches (LKPN and ControlNet included) run as one batch."""
         batch = latents.shape[0]
         guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
-        text = prompt_embeds.expand(batch, -1, -1)
+        text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
+        c = condition.to(device=text.device, dtype=text.dtype)
         if guided:
-            text = torch.cat([text, negative_prompt_embeds.expand(batch, -1, -1)])
-            latents, condition = torch.cat([latents, latents]), torch.cat([condition, condition])
+            c = torch.cat([c, c])
+        t = torch.as_tensor(timestep, device=text.device).reshape(())
+        return self._denoise(latents.to(text.device), c, t, text, guided, guidance_scale, conditioning_scale)
+
+    def _make_denoiser(
+        self, condition, prompt_embeds, negative_prompt_embeds, guidance_scale, conditioning_scale, windows=None
+    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """``denoise(x, t) -> (eps, z_s)`` for a whole sampling run: everything that does not
+        change from step to step (dtype casts, guidance batches, tiles of ``c``, blending
+        weights) is prepared here once."""
+        batch = condition.shape[0]
+        guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
         dtype = self.unet.dtype
-        x, c, text = latents.to(dtype), condition.to(dtype), text.to(dtype)
-        t = timestep.expand(x.shape[0]).to(x.device)
+        cond = condition.to(dtype)
 
-        restored = self.lkpn(c, x, t, text)
-        down, mid = self.controlnet(x, t, text, hint=torch.cat([c, restored], dim=1), conditioning_scale=conditioning_scale)
-        eps = self.unet(
-            x, t, encoder_hidden_states=text, down_block_additional_residuals=down, mid_block_additional_residual=mid
-        ).sample.float()
-        restored = restored.float()
-        if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            restored = restored[:batch]
-        return eps, restored
+        if windows is None or len(windows) == 1:
+            text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
+            c = torch.cat([cond, cond]) if guided else cond
 
-    def set_timesteps(self, num_inference_steps: int, device) -> torch.Tensor:
-        if num_inference_steps == 1:
+            def denoise(x, t):
+                return self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
+
+            return denoise
+
+        h, w = condition.shape[-2:]
+        weights = blend_weights(windows, h, w, 1, device=condition.device)
+        size = max(1, int(self.tile_batch_size))
+        groups, texts = [], {}
+        for start in range(0, len(windows), size):
+            idx = list(range(start, min(start + size, len(windows))))
+            c = torch.cat([cond[(..., *windows[i].slices())] for i in idx])
+            groups.append((idx, torch.cat([c, c]) if guided else c))
+            n = len(idx) * batch
+            if n not in texts:
+                texts[n] = self._text_batch(prompt_embeds, negative_prompt_embeds, n, guided)
+
+        def denoise_tiled(x, t):
+            eps = torch.zeros_like(x)
+            restored = torch.zeros_like(x)
+            for idx, c in groups:
+                tiles = torch.cat([x[(..., *windows[i].slices())] for i in idx])
+                e, r = self._denoise(tiles, c, t, texts[tiles.shape[0]], guided, guidance_scale, conditioning_scale)
+                for k, i in enumerate(idx):
+                    region = (..., *windows[i].slices())
+                    eps[region] += e[k * batch : (k + 1) * batch] * weights[i]
+                    restored[region] += r[k * batch : (k + 1) * batch] * weights[i]
+            return eps, restored
+
+        return denoise_tiled
+
+    # ------------------------------------------------------------------ samplers
+    def get_scheduler(self, sampler: str = "ddpm"):
+        """The scheduler for ``sampler``: "ddpm" is ``self.scheduler`` (the reference's spaced
+        DDPM); "ddim" (eta 0, trailing timesteps) and "dpmsolver++" (2nd order multistep) are
+        built from the same noise schedule."""
+        name = sampler.lower()
+        if name not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if name == "ddpm":
+            return self.scheduler
+        key = (name, id(self.scheduler))
+        if key not in self._samplers:
+            config = dict(self.scheduler.config)
+            if name == "ddim":
+                scheduler = DDIMScheduler.from_config(
+                    config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+                )
+            else:
+                scheduler = DPMSolverMultistepScheduler.from_config(
+                    config,
+                    algorithm_type="dpmsolver++",
+                    solver_order=2,
+                    variance_type=None,
+                    lower_order_final=True,
+                    final_sigmas_type="zero",
+                )
+            self._samplers = {key: scheduler}
+        return self._samplers[key]
+
+    def set_timesteps(self, num_inference_steps: int, device="cpu", scheduler=None) -> torch.Tensor:
+        """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them. They
+        stay on the CPU (the schedulers read them on the host; the models get a device copy)."""
+        scheduler = scheduler or self.scheduler
+        if num_inference_steps == 1 and isinstance(scheduler, DDPMScheduler):
             # The reference's respacing puts a lone step at t = 0, which cannot denoise
             # anything; start from the last training step instead.
-            self.scheduler.set_timesteps(timesteps=[self.scheduler.config.num_train_timesteps - 1], device=device)
+            scheduler.set_timesteps(timesteps=[scheduler.config.num_train_timesteps - 1], device="cpu")
         else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
-        return self.scheduler.timesteps
+            scheduler.set_timesteps(num_inference_steps, device="cpu")
+        return scheduler.timesteps
+
+    @staticmethod
+    def _device_generator(generator, device: torch.device):
+        """A generator on ``device`` for the per-step noise, seeded from ``generator``, so that
+        sampling draws no CPU random numbers (and copies nothing to the device) inside the loop."""
+        if generator is None:
+            return None
+        gens = generator if isinstance(generator, list) else [generator]
+        if all(g.device.type == device.type for g in gens):
+            return generator
+        derived = [
+            torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g).item())) for g in gens
+        ]
+        return derived if isinstance(generator, list) else derived[0]
+
+    # ------------------------------------------------------------------ tiling
+    def should_tile(self, height: int, width: int, tiled: bool | None = None, tile_size: int = 512) -> bool:
+        """Whether an image of ``height`` × ``width`` pixels runs tiled: ``tiled`` if given,
+        else when it has more than ``self.auto_tile_pixels`` pixels (padded to 64) and does
+        not fit in one tile."""
+        if tiled is not None:
+            return bool(tiled)
+        h, w = height + (-height % SIZE_MULTIPLE), width + (-width % SIZE_MULTIPLE)
+        return h * w > self.auto_tile_pixels and (h > tile_size or w > tile_size)
+
+    # ------------------------------------------------------------------ speed-ups
+    def optimize(
+        self,
+        channels_last: bool | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        xformers: bool = False,
+        warmup: tuple[int, int] | None = (512, 512),
+        tile_batch_size: int | None = None,
+    ) -> "DeblurDiffPipeline":
+        """Apply the speed-ups that do not change results beyond rounding; returns ``self``.
+
+        * ``channels_last`` (default: on CUDA only) stores conv weights NHWC, which
+          tensor-core convolutions prefer.
+        * ``compile`` wraps the UNet, the ControlNet and the LKPN's UNet in
+          ``torch.compile`` (``compile_mode``, default "max-autotune-no-cudagraphs"), then
+          runs a 2-step call at ``warmup`` (height, width) so compilation happens here, not
+          in the first real call. Ignored (with a warning) on CPU.
+        * ``xformers`` switches attention to xFormers (must be installed; PyTorch's SDPA,
+          the default, is as fast on recent GPUs).
+        * ``tile_batch_size`` tiles go through the networks at once in tiled mode.
+
+        Call it after moving the pipeline to its device and dtype.
+        """
+        device = self._execution_device
+        cuda = device.type == "cuda"
+        if channels_last is None:
+            channels_last = cuda
+        if channels_last:
+            for module in (self.unet, self.controlnet, self.lkpn, self.vae):
+                module.to(memory_format=torch.channels_last)
+        if xformers:
+            self.enable_xformers_memory_efficient_attention()
+        if tile_batch_size is not None:
+            self.tile_batch_size = int(tile_batch_size)
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        if compile:
+            if not cuda:
+                logger.warning("torch.compile is not used on %s: it only pays off on a GPU.", device)
+            else:
+                mode = compile_mode or "max-autotune-no-cudagraphs"
+                for module in (self.unet, self.controlnet, self.lkpn.unet):
+                    module.compile(mode=mode, dynamic=False)
+                if warmup:
+                    self.warmup(*warmup)
+        return self
+
+    @torch.no_grad()
+    def warmup(self, height: int = 512, width: int = 512, **kwargs) -> None:
+        """Run a 2-step call on a grey image so that compilation and autotuning happen now."""
+        image = torch.full((1, 3, height, width), 0.5)
+        kwargs.setdefault("num_inference_steps", 2)
+        kwargs.setdefault("output_type", "latent")
+        self(image, generator=torch.Generator().manual_seed(0), **kwargs)
+        if self._execution_device.type == "cuda":
+            torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
@@ -208,6 +611,11 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        tiled: bool | None = None,
+        tile_size: int = 512,
+        tile_stride: int = 256,
+        sampler: str = "ddpm",
+        better_start: bool = False,
     ):
         """Deblur ``image`` (PIL image, list of them, HWC array or (B, 3, H, W) tensor in [0, 1]).
 
@@ -215,6 +623,13 @@ class DeblurDiffPipeline(DiffusionPipeline):
         ``callback_on_step_end(pipe, i, t, kwargs)`` gets the tensors named in
         ``callback_on_step_end_tensor_inputs`` ("latents", "restored_latents") and may
         return replacements; set ``pipe.interrupt = True`` inside it to stop early.
+
+        ``tiled``: process the image (diffusion and VAE) in overlapping tiles of
+        ``tile_size`` pixels every ``tile_stride`` pixels (multiples of 64 and 8), blended
+        with Gaussian weights; ``None`` tiles images above ``self.auto_tile_pixels``.
+        ``sampler``: "ddpm" (the reference's), "ddim" or "dpmsolver++" (good in 20 steps).
+        ``better_start``: start from the input's low frequencies noised to the first
+        timestep instead of pure noise (``latents``, if given, is that noise).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -223,31 +638,50 @@ class DeblurDiffPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor {name!r} is not one of {self._callback_tensor_inputs}")
+        check_tiling(tile_size, tile_stride, SIZE_MULTIPLE)
+        scheduler = self.get_scheduler(sampler)
         device = self._execution_device
         self.interrupt = False
 
         source = image_to_tensor(image).to(device)
         batch, _, height, width = source.shape
         padded = pad_to_multiple(source)
+        use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size)
+        tiling = dict(tiled=use_tiles, tile_size=tile_size, tile_stride=tile_stride)
 
-        condition = self.encode_condition(padded, generator).float()
+        condition = self.encode_condition(padded, generator, **tiling)
         prompt_embeds = self.encode_prompt(prompt)
         negative_embeds = self.encode_prompt(negative_prompt) if guidance_scale != 1.0 else None
 
-        timesteps = self.set_timesteps(num_inference_steps, device)
+        timesteps = self.set_timesteps(num_inference_steps, device, scheduler)
         if latents is None:
             latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
+        if better_start:
+            # The input's low frequencies, noised to the first timestep: a start that keeps
+            # flat backgrounds flat (the reference's "better start").
+            start = self.encode_condition(low_frequency(padded), generator, **tiling)
+            alpha_bar = self.scheduler.alphas_cumprod[int(timesteps[0])].item()
+            latents = alpha_bar**0.5 * start + (1 - alpha_bar) ** 0.5 * latents
+        else:
+            latents = latents * scheduler.init_noise_sigma
+
+        windows = latent_windows(*condition.shape[-2:], tile_size, tile_stride) if use_tiles else None
+        denoise = self._make_denoiser(
+            condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows
+        )
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = self._device_generator(generator, device)
+        model_timesteps = timesteps.to(device)  # one copy: no host-device traffic in the loop
 
         restored = condition
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
-                eps, restored = self.predict_noise(
-                    latents, t, condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale
-                )
-                latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+                eps, restored = denoise(latents, model_timesteps[i])
+                latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "restored_latents": restored}
                     kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
@@ -258,9 +692,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
         if output_type == "latent":
             images, lkpn_images = latents, restored if return_lkpn_images else None
         else:
-            images = self._postprocess(latents, source, height, width, color_fix, output_type)
+            images = self._postprocess(latents, source, height, width, color_fix, output_type, tiling)
             lkpn_images = (
-                self._postprocess(restored, source, height, width, color_fix, output_type)
+                self._postprocess(restored, source, height, width, color_fix, output_type, tiling)
                 if return_lkpn_images
                 else None
             )
@@ -269,8 +703,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
             return (images, lkpn_images)
         return DeblurDiffPipelineOutput(images=images, lkpn_images=lkpn_images)
 
-    def _postprocess(self, latents, source, height, width, fix_colors: bool, output_type: str):
-        images = (self.decode_latents(latents)[:, :, :height, :width] + 1) / 2
+    def _postprocess(self, latents, source, height, width, fix_colors: bool, output_type: str, tiling: dict):
+        images = (self.decode_latents(latents, **tiling)[:, :, :height, :width] + 1) / 2
         if fix_colors:
             images = color_fix(images, source.float())
         images = images.clamp(0, 1)
