@@ -1,0 +1,713 @@
+"""The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally.
+
+Which weights are loaded, first match wins:
+
+1. ``--model`` on the command line;
+2. the ``DEBLURDIFF_MODEL`` environment variable (on a Space: Settings → Variables);
+3. :data:`DEFAULT_SPACE_MODEL` below — the one place where the published Space's
+   choice is written down.
+
+Each is a diffusers-layout folder, a Hub repo id, or the official ``model.pth``
+(converted when loaded; ``--tokenizer`` / ``DEBLURDIFF_TOKENIZER`` pick its
+tokenizer). Without weights the app still starts: a banner says what is missing
+and how to provide it, and Run answers with that message instead of a result.
+``--dev-random-weights`` loads untrained random weights for development; every
+output is then labelled UNTRAINED.
+
+The API endpoint ``/deblur`` (see :meth:`DeblurApp.deblur` for its inputs and
+outputs) serves ``gradio_client`` users; every bad input is answered with a
+``gr.Error`` whose message says what was wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import spaces
+
+from . import image_io
+from .cli import (
+    DEFAULT_SAMPLER,
+    DEFAULT_TILING,
+    TILING_CHOICES,
+    UNTRAINED_LABEL,
+    DeblurResult,
+    available_samplers,
+    deblur,
+    is_untrained,
+    parse_tiling,
+    pipeline_kwargs,
+    png_metadata,
+    safe_stem,
+    validate_prompt,
+)
+from .image_io import InvalidInputError
+from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
+
+logger = logging.getLogger(__name__)
+
+#: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set
+#: (a Hub repo id in diffusers layout, e.g. one made from the official ``model.pth`` with
+#: ``DeblurDiffPipeline.from_single_file(...).save_pretrained(...)`` and uploaded).
+#: ``None``: no weights have been published yet, so the app starts without a model and
+#: says how to provide one.
+DEFAULT_SPACE_MODEL: str | None = None
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
+PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
+
+#: ZeroGPU: seconds asked for one run are clamped to this range.
+MIN_GPU_SECONDS = 20
+MAX_GPU_SECONDS = 300
+#: Results older than this are deleted from the app's temporary folder.
+KEEP_RESULTS_SECONDS = 2 * 3600
+#: Requests waiting in the queue (beyond that, new ones are turned away with a message).
+QUEUE_SIZE = 32
+#: Side of the square image used to measure the speed of the loaded model.
+PROBE_SIDE = 256
+
+UNTRAINED_BANNER = (
+    "### ⚠️ UNTRAINED development weights\n"
+    "This app runs with **random, untrained weights** (`--dev-random-weights`): its output is "
+    "**not** a deblurred image, it only exercises the interface. Every result is labelled "
+    f"**{UNTRAINED_LABEL}**. Start the app with `--model` (or `{MODEL_ENV}`) to deblur for real."
+)
+
+
+def on_zero_gpu() -> bool:
+    try:
+        from spaces.config import Config
+
+        return bool(Config.zero_gpu)
+    except Exception:  # pragma: no cover - an unexpected `spaces` version
+        return False
+
+
+# --------------------------------------------------------------------------
+# Components that leave validation to the app
+# --------------------------------------------------------------------------
+# Gradio's own checks would answer an API call with an out-of-range number or an
+# unreadable file with a terse or generic message; these components hand the raw
+# value to the app, whose checks (shared with the command line) say what is wrong.
+
+
+def _raw_image_preprocess(component, payload):
+    """Like ``gr.Image(type="filepath")``, but the uploaded file is passed on untouched.
+
+    The built-in preprocessing opens the file with Pillow first, so a corrupt file or a
+    decompression bomb would fail before the app could explain the problem; here the
+    original bytes (EXIF orientation, 16-bit data, …) reach ``image_io`` unchanged.
+    """
+    if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+        return str(payload.path)
+    return type(component).preprocess(component, payload)
+
+
+def _raw_value_preprocess(component, payload):
+    return payload
+
+
+def pass_raw(component, image: bool = False):
+    """Hand the component's raw value to the app (whose checks explain what is wrong).
+
+    Set on the instance: subclassing a component would make Gradio write a ``.pyi``
+    stub next to this module.
+    """
+    component.preprocess = types.MethodType(_raw_image_preprocess if image else _raw_value_preprocess, component)
+    return component
+
+
+# --------------------------------------------------------------------------
+# Time estimates
+# --------------------------------------------------------------------------
+
+# Rough speeds of the full-size model (seconds per megapixel), used until the loaded
+# model has been measured (and on ZeroGPU, where nothing can run before a request).
+DEFAULT_SPEEDS = {
+    "cuda": (0.35, 0.6),  # (one denoising step, VAE encode + decode): H100/H200-class, half precision
+    "mps": (8.0, 6.0),
+    "cpu": (60.0, 30.0),
+}
+
+
+#: Images above this many pixels (padded to 64) run tiled when tiling is "auto"
+#: (the pipeline's ``auto_tile_pixels`` when it has one).
+AUTO_TILE_PIXELS = 1024 * 1024
+
+
+def tile_megapixels(width: int, height: int, tiled: bool | None, tile: int = 512, stride: int = 256, should_tile=None) -> float:
+    """Megapixels the networks process: the padded image, or the sum of its (overlapping) tiles."""
+
+    def padded(n):
+        return -(-n // 64) * 64
+
+    w, h = padded(width), padded(height)
+    if should_tile is not None:
+        tiled = should_tile(height, width, tiled, tile)
+    elif tiled is None:
+        tiled = w * h > AUTO_TILE_PIXELS and max(w, h) > tile
+    if not tiled or max(w, h) <= tile:
+        return w * h / 1e6
+
+    def count(n):
+        return 1 if n <= tile else math.ceil((n - tile) / stride) + 1
+
+    return count(w) * count(h) * min(w, tile) * min(h, tile) / 1e6
+
+
+@dataclass
+class SpeedModel:
+    """Seconds ≈ megapixels × (fixed + steps × branches × step)."""
+
+    step_s_per_mpx: float
+    fixed_s_per_mpx: float
+    device: str
+    measured: bool = False
+    should_tile: object = None  # the pipeline's automatic tiling rule, when known
+
+    @classmethod
+    def default(cls, device_type: str, should_tile=None) -> "SpeedModel":
+        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["cpu"])
+        return cls(step, fixed, device_type, should_tile=should_tile)
+
+    def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
+        mpx = tile_megapixels(width, height, tiled, should_tile=self.should_tile)
+        branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
+        return mpx * (self.fixed_s_per_mpx + steps * branches * self.step_s_per_mpx)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------
+# The model, where the GPU function can reach it
+# --------------------------------------------------------------------------
+# On ZeroGPU the decorated function runs in a forked worker that inherits this
+# module's globals, so only small picklable arguments cross the process boundary.
+
+
+@dataclass
+class Runtime:
+    pipe: object
+    lock: threading.Lock
+    cancelled: set
+    speed: SpeedModel
+
+
+_RUNTIMES: dict[int, Runtime] = {}
+
+
+def _gpu_duration(runtime_id, image, steps, seed, guidance_scale, prompt, negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress=None):
+    """Seconds of GPU time to ask ZeroGPU for: the time estimate with a margin."""
+    runtime = _RUNTIMES.get(runtime_id)
+    speed = runtime.speed if runtime and runtime.speed.device == "cuda" else SpeedModel.default("cuda")
+    estimate = speed.seconds(image.width, image.height, steps, guidance_scale, tiled)
+    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, 10 + 1.5 * estimate)))
+
+
+@spaces.GPU(duration=_gpu_duration)
+def _deblur_on_device(runtime_id, image, steps, seed, guidance_scale, prompt, negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress=None) -> DeblurResult:
+    runtime = _RUNTIMES[runtime_id]
+
+    def on_step(done, total):
+        if progress is not None:
+            progress((done, total), desc="Denoising", unit="steps")
+
+    with runtime.lock:  # a cancelled run may still be finishing its current step
+        return deblur(
+            runtime.pipe,
+            image,
+            steps=steps,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            color_fix=color_fix,
+            tiled=tiled,
+            sampler=sampler,
+            return_lkpn_image=show_lkpn,
+            on_step=on_step,
+            should_stop=lambda: session in runtime.cancelled,
+        )
+
+
+# --------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------
+
+
+def _to_bool(value, label: str, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
+
+
+def _user_error(message: str, title: str = "Error") -> gr.Error:
+    return gr.Error(message, title=title, duration=None, print_exception=False)
+
+
+def _load_examples(examples_dir: Path) -> tuple[list[str], list[str]]:
+    """Example image paths and their titles (from examples.json when present)."""
+    if not examples_dir or not examples_dir.is_dir():
+        return [], []
+    titles = {}
+    meta = examples_dir / "examples.json"
+    if meta.is_file():
+        try:
+            titles = {entry["file"]: entry.get("title") or entry["file"] for entry in json.loads(meta.read_text())}
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring %s: not the expected list of {file, title}", meta)
+    files = sorted(p for p in examples_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    if titles:
+        files = [p for p in files if p.name in titles] or files
+    return [str(p) for p in files], [titles.get(p.name, p.stem.replace("_", " ")) for p in files]
+
+
+class DeblurApp:
+    """The interface and its event handlers. ``pipe=None`` with ``model_error``: no weights."""
+
+    def __init__(
+        self,
+        pipe=None,
+        *,
+        model_error: str | None = None,
+        model_ref: str | None = None,
+        examples_dir: Path | None = EXAMPLES_DIR,
+        measure_speed: bool = True,
+    ):
+        if pipe is None and not model_error:
+            from .loading import describe_missing_model
+
+            model_error = describe_missing_model()
+        self.pipe = pipe
+        self.model_error = model_error
+        self.model_ref = RANDOM_TINY if pipe is not None and is_untrained(pipe) else model_ref
+        self.untrained = pipe is not None and is_untrained(pipe)
+        self.examples_dir = examples_dir
+        self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-app-"))
+        device_type = pipe.device.type if pipe is not None else "cpu"
+        self.should_tile = getattr(pipe, "should_tile", None)
+        self.runtime = Runtime(pipe, threading.Lock(), set(), SpeedModel.default(device_type, self.should_tile))
+        self.runtime_id = id(self.runtime)
+        _RUNTIMES[self.runtime_id] = self.runtime
+        self.samplers = available_samplers(pipe) if pipe is not None else (DEFAULT_SAMPLER,)
+        self.speed_ready = threading.Event()
+        if pipe is not None and measure_speed and not on_zero_gpu():
+            threading.Thread(target=self._measure_speed, name="deblurdiff-speed-probe", daemon=True).start()
+        else:
+            self.speed_ready.set()
+
+    # ------------------------------------------------------------------ speed
+    def _measure_speed(self):
+        """Time a warm-up, a 1-step and a 3-step run on a small image; derive seconds per megapixel."""
+        import numpy as np
+        from PIL import Image
+
+        try:
+            rng = np.random.default_rng(0)
+            probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
+            timings = {}
+            with self.runtime.lock:
+                # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
+                for steps in ((1, 1, 3) if self.pipe.device.type != "cpu" else (1, 3)):
+                    start = time.perf_counter()
+                    deblur(self.pipe, probe, steps=steps, seed=0, guidance_scale=1.0)
+                    timings[steps] = time.perf_counter() - start
+            mpx = tile_megapixels(PROBE_SIDE, PROBE_SIDE, False)
+            step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
+            fixed = max(timings[1] / mpx - step, 0.0)
+            self.runtime.speed = SpeedModel(step, fixed, self.pipe.device.type, measured=True, should_tile=self.should_tile)
+            logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", self.pipe.device, step, fixed)
+        except Exception:  # the estimate stays a rough default; running images may still work
+            logger.exception("could not measure the model's speed")
+        finally:
+            self.speed_ready.set()
+
+    def estimate_text(self, size, steps, guidance_scale, tiling) -> str:
+        if self.pipe is None or not size:
+            return ""
+        try:
+            n_steps = int(steps)
+            guidance = float(guidance_scale)
+            tiled = parse_tiling(tiling)
+        except (TypeError, ValueError, InvalidInputError):
+            return ""
+        speed = self.runtime.speed
+        seconds = speed.seconds(size[0], size[1], n_steps, guidance, tiled)
+        device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
+        basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
+        text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {_steps(n_steps)} (an estimate, {basis})."
+        if on_zero_gpu():
+            text = f"Estimated GPU time: **about {format_seconds(seconds)}** for {_steps(n_steps)}, plus waiting for a GPU (an estimate)."
+        if seconds > 120 and speed.device != "cuda":
+            text += " ⏳ That is long: fewer steps or a smaller image make it faster."
+        return text
+
+    # ------------------------------------------------------------------ text
+    def banner(self) -> str:
+        if self.pipe is None:
+            return (
+                "### ⚠️ No model weights are loaded: this app cannot deblur images yet\n"
+                f"{self.model_error}\n\n"
+                "**How to provide them**\n"
+                f"- Locally: `python app.py --model <folder | Hub repo id | model.pth>`, or set the environment variable `{MODEL_ENV}` "
+                f"(the tokenizer for `model.pth`: `--tokenizer` or `{TOKENIZER_ENV}`).\n"
+                f"- On a Hugging Face Space: set the Space variable `{MODEL_ENV}` (Settings → Variables and secrets), "
+                "or `DEFAULT_SPACE_MODEL` in `deblurdiff/app.py`, then restart the Space.\n"
+                "- To try the interface without weights: `python app.py --dev-random-weights` (output labelled UNTRAINED, not deblurred).\n"
+            )
+        if self.untrained:
+            return UNTRAINED_BANNER
+        dtype = str(self.pipe.dtype).replace("torch.", "")
+        where = "ZeroGPU" if on_zero_gpu() else f"{self.pipe.device.type.upper()} ({dtype})"
+        text = f"Model: `{self.model_ref or 'custom pipeline'}` · running on {where}."
+        if self.pipe.device.type == "cpu":
+            text += " On a CPU an image takes minutes; the estimated time appears when you choose one."
+        return text
+
+    def describe_input(self, image, steps, guidance_scale, tiling):
+        """Shown when an image is chosen: its size, what was done to it, the time estimate."""
+        if not image:
+            return "", None
+        try:
+            loaded = image_io.load_image_with_notes(image)
+        except InvalidInputError as exc:
+            return f"⚠️ {exc}", None
+        except Exception:
+            logger.exception("could not read an uploaded image")
+            return "⚠️ This file could not be read as an image.", None
+        w, h = loaded.size
+        lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."]
+        lines += [f"- {note}" for note in loaded.notes]
+        estimate = self.estimate_text((w, h), steps, guidance_scale, tiling)
+        if estimate:
+            lines.append(estimate)
+        return "\n".join(lines), [w, h]
+
+    # ------------------------------------------------------------------ running
+    def _results_dir(self) -> Path:
+        now = time.time()
+        for old in self.output_root.iterdir():
+            try:
+                if now - old.stat().st_mtime > KEEP_RESULTS_SECONDS:
+                    shutil.rmtree(old, ignore_errors=True)
+            except OSError:
+                pass
+        return Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root))
+
+    def deblur(
+        self,
+        image,
+        steps=image_io.DEFAULT_STEPS,
+        seed=0,
+        randomize_seed=True,
+        guidance_scale=image_io.DEFAULT_GUIDANCE,
+        prompt="",
+        negative_prompt=None,
+        color_fix=True,
+        tiling=DEFAULT_TILING,
+        show_lkpn=False,
+        sampler=DEFAULT_SAMPLER,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
+        """Deblur one image.
+
+        Inputs: image (file), steps (1–100), seed (0–2³²−1), randomize_seed (bool),
+        guidance_scale (1–10), prompt, negative_prompt, color_fix (bool), tiling
+        ("auto", "on", "off"), show_lkpn (bool), sampler.
+        Outputs: (before, after) image pair, the full-resolution PNG, the LKPN view
+        (None unless show_lkpn), a Markdown summary and the seed used.
+        """
+        try:
+            return self._deblur(
+                image, steps, seed, randomize_seed, guidance_scale, prompt, negative_prompt,
+                color_fix, tiling, show_lkpn, sampler, request, progress,
+            )
+        except gr.Error:
+            raise
+        except InvalidInputError as exc:
+            raise _user_error(str(exc), "Invalid input") from None
+        except MemoryError:
+            logger.exception("out of memory")
+            raise _user_error("The server ran out of memory on this image. Try a smaller image, or turn tiling on.", "Out of memory") from None
+        except Exception as exc:
+            import torch
+
+            if isinstance(exc, torch.OutOfMemoryError):
+                logger.exception("out of GPU memory")
+                raise _user_error("The GPU ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).", "Out of memory") from None
+            logger.exception("deblurring failed")
+            raise _user_error(
+                f"Something went wrong while deblurring ({type(exc).__name__}). The details were logged on the "
+                "server. Please try again; a smaller image or fewer steps may help.",
+                "Internal error",
+            ) from None
+
+    def _deblur(self, image, steps, seed, randomize_seed, guidance_scale, prompt, negative_prompt, color_fix, tiling, show_lkpn, sampler, request, progress):
+        if self.pipe is None:
+            raise _user_error(self.model_error, "No model weights loaded")
+        randomize = _to_bool(randomize_seed, "Randomize seed", True)
+        params = image_io.validate_parameters(steps, None if randomize else seed, guidance_scale)
+        tiled = parse_tiling(tiling)
+        prompt = validate_prompt(prompt, "prompt", "")
+        negative_prompt = validate_prompt(negative_prompt, "negative prompt", None) or None
+        color_fix = _to_bool(color_fix, "Colour fix", True)
+        show_lkpn = _to_bool(show_lkpn, "Show the LKPN view", False)
+        sampler = sampler or DEFAULT_SAMPLER
+        pipeline_kwargs(self.pipe, steps=params.steps, guidance_scale=params.guidance_scale, tiled=tiled, sampler=sampler)
+        if image is None:
+            raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
+        loaded = image_io.load_image_with_notes(image)
+
+        session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
+        self.runtime.cancelled.discard(session)
+        progress(0, desc="Starting")
+        result = _deblur_on_device(
+            self.runtime_id, loaded.image, params.steps, params.seed, params.guidance_scale, prompt,
+            negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress,
+        )
+        if result.interrupted or session in self.runtime.cancelled:
+            self.runtime.cancelled.discard(session)
+            raise _user_error("The run was cancelled; no result.", "Cancelled")
+
+        progress(1.0, desc="Saving")
+        folder = self._results_dir()
+        stem = safe_stem(Path(str(image)).name)
+        label = f"_{UNTRAINED_LABEL}" if self.untrained else ""
+        meta = png_metadata(result, model=self.model_ref, untrained=self.untrained, extra={"source": Path(str(image)).name})
+        after = folder / f"{stem}_deblurred{label}.png"
+        result.image.save(after, pnginfo=meta)
+        before = folder / f"{stem}_input.png"
+        loaded.image.save(before, compress_level=1)
+        lkpn = None
+        if result.lkpn_image is not None:
+            lkpn = folder / f"{stem}_lkpn{label}.png"
+            result.lkpn_image.save(lkpn, pnginfo=meta)
+
+        w, h = result.image.size
+        summary = []
+        if self.untrained:
+            summary.append(f"⚠️ **{UNTRAINED_LABEL}**: made with random development weights, not a deblurred image.")
+        summary.append(
+            f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {_steps(result.steps)}, "
+            f"guidance {result.guidance_scale:g}, colour fix {'on' if color_fix else 'off'}, tiling {tiling or DEFAULT_TILING}."
+        )
+        summary += [f"- {note}" for note in loaded.notes]
+        return (str(before), str(after)), str(after), str(lkpn) if lkpn else None, "\n".join(summary), result.seed
+
+    def cancel(self, request: gr.Request = None):
+        session = getattr(request, "session_hash", None)
+        if session:
+            self.runtime.cancelled.add(session)
+        return "Cancelled."
+
+    # ------------------------------------------------------------------ layout
+    def build(self) -> gr.Blocks:
+        untrained = f" ({UNTRAINED_LABEL})" if self.untrained else ""
+        with gr.Blocks(title="DeblurDiff: real-world image deblurring", delete_cache=(3600, KEEP_RESULTS_SECONDS)) as demo:
+            gr.Markdown(
+                "# DeblurDiff: real-world image deblurring\n"
+                "Upload a blurry photo (camera shake, motion or defocus blur) and get a sharp one back. "
+                "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
+                f"Kong et al., 2025 ([paper code]({PROJECT_URL}))."
+            )
+            banner_kind = "missing" if self.pipe is None else ("untrained" if self.untrained else "ok")
+            gr.Markdown(self.banner(), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
+            size_state = gr.State(None)
+            with gr.Row():
+                with gr.Column():
+                    image_in = gr.Image(
+                        label="Blurry photo (upload, drag, paste or webcam)",
+                        sources=["upload", "webcam", "clipboard"],
+                        type="filepath",
+                        image_mode=None,
+                        elem_id="input-image",
+                    )
+                    input_info = gr.Markdown(elem_id="input-info")
+                    with gr.Row():
+                        run_btn = gr.Button("Deblur", variant="primary", elem_id="run-button")
+                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+                    steps = gr.Slider(
+                        image_io.MIN_STEPS, image_io.MAX_STEPS, value=image_io.DEFAULT_STEPS, step=1,
+                        label="Steps", info="More steps: finer detail, longer run.", elem_id="steps",
+                    )
+                    with gr.Row():
+                        seed = gr.Number(value=0, precision=0, minimum=image_io.MIN_SEED, maximum=image_io.MAX_SEED, label="Seed")
+                        randomize = gr.Checkbox(value=True, label="Randomize seed", info="The seed used is shown with the result.")
+                    guidance = gr.Slider(
+                        image_io.MIN_GUIDANCE, image_io.MAX_GUIDANCE, value=image_io.DEFAULT_GUIDANCE, step=0.1,
+                        label="Guidance scale", info="1 = no classifier-free guidance (the default); higher values follow the prompts more and take twice as long.",
+                    )
+                    with gr.Accordion("Advanced", open=False):
+                        prompt = gr.Textbox(label="Prompt", value="", placeholder="optional, e.g. 'a photo of a cat'")
+                        negative = gr.Textbox(
+                            label="Negative prompt (used when guidance > 1)", value=self._default_negative_prompt()
+                        )
+                        color_fix = gr.Checkbox(value=True, label="Colour fix (match the input's colours)")
+                        tiling = gr.Radio(list(TILING_CHOICES), value=DEFAULT_TILING, label="Tiling for large images", info="auto: by image size; tiles use less memory.")
+                        sampler = gr.Dropdown(list(self.samplers), value=DEFAULT_SAMPLER, label="Sampler", visible=len(self.samplers) > 1)
+                        show_lkpn = gr.Checkbox(value=False, label="Also show the LKPN-restored latent (decoded)")
+                with gr.Column():
+                    slider = gr.ImageSlider(
+                        label=f"Before / after{untrained}", type="filepath", elem_id="result", interactive=False,
+                    )
+                    result_info = gr.Markdown(label="Summary", elem_id="result-info")
+                    download = gr.File(label=f"Full-resolution PNG{untrained}", interactive=False, elem_id="download")
+                    lkpn_image = gr.Image(
+                        label=f"LKPN-restored latent, decoded{untrained}", type="filepath", visible=False, interactive=False, elem_id="lkpn"
+                    )
+
+            inputs = [image_in, steps, seed, randomize, guidance, prompt, negative, color_fix, tiling, show_lkpn, sampler]
+            pass_raw(image_in, image=True)
+            for component in (steps, seed, guidance, tiling, sampler):
+                pass_raw(component)
+            outputs = [slider, download, lkpn_image, result_info, seed]
+            description = "Deblur an image. Returns (before/after pair, full-resolution PNG, LKPN view or None, summary, seed used)."
+            if self.untrained:
+                description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
+            run_event = run_btn.click(
+                self.deblur, inputs, outputs, api_name="deblur", api_description=description,
+                concurrency_limit=1, concurrency_id="model", show_progress_on=[slider],
+            )
+
+            example_files, example_labels = _load_examples(self.examples_dir)
+            cancellable = [run_event]
+            if example_files:
+                examples = gr.Examples(
+                    [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
+                    label="Examples (click one to run it): " + " · ".join(example_labels),
+                )
+                cancellable.append(
+                    examples.load_input_event.then(
+                        self.deblur, inputs, outputs, api_visibility="private", concurrency_limit=1, concurrency_id="model",
+                        show_progress_on=[slider],
+                    )
+                )
+            cancel_btn.click(self.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
+
+            show_lkpn.change(lambda show: gr.update(visible=bool(show)), show_lkpn, lkpn_image, queue=False, api_visibility="private")
+            describe_inputs = [image_in, steps, guidance, tiling]
+            image_in.change(self.describe_input, describe_inputs, [input_info, size_state], queue=False, api_visibility="private")
+            for control in (steps, guidance, tiling):
+                control.change(self.estimate_update, [size_state, steps, guidance, tiling, input_info], input_info, queue=False, api_visibility="private", show_progress="hidden")
+        demo.deblurdiff_app = self
+        return demo
+
+    def estimate_update(self, size, steps, guidance_scale, tiling, current):
+        if not size or not current:
+            return current
+        lines = [line for line in str(current).split("\n") if not line.startswith("Estimated")]
+        estimate = self.estimate_text(size, steps, guidance_scale, tiling)
+        return "\n".join(lines + ([estimate] if estimate else []))
+
+    def _default_negative_prompt(self) -> str:
+        from .pipeline import DEFAULT_NEGATIVE_PROMPT
+
+        return DEFAULT_NEGATIVE_PROMPT
+
+
+CSS = """
+#model-status.status-missing, #model-status.status-untrained {
+  border: 2px solid #d97706; border-radius: 8px; padding: 0.5em 1em; background: rgba(217, 119, 6, 0.08);
+}
+"""
+
+
+# --------------------------------------------------------------------------
+# Start-up
+# --------------------------------------------------------------------------
+
+
+def resolve_model(model: str | None = None) -> str | None:
+    """``--model``, else ``DEBLURDIFF_MODEL``, else :data:`DEFAULT_SPACE_MODEL`."""
+    return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
+
+
+def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_random_weights=False):
+    """``(pipe, None, reference)`` or ``(None, message, reference)``: the app starts either way."""
+    reference = RANDOM_TINY if dev_random_weights else resolve_model(model)
+    if not reference:
+        from .loading import describe_missing_model
+
+        return None, describe_missing_model(), None
+    try:
+        logger.info("loading weights from %s", reference)
+        return load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype), None, reference
+    except ModelUnavailableError as exc:
+        logger.error("no model: %s", exc)
+        return None, str(exc), reference
+    except Exception as exc:  # a bad --device, a broken install, …: still start and say so
+        logger.exception("could not load the model")
+        return None, f"Could not load DeblurDiff weights from {reference!r}: {type(exc).__name__}: {exc}", reference
+
+
+def build_demo(pipe=None, *, model_error=None, model_ref=None, examples_dir=EXAMPLES_DIR, measure_speed=True) -> gr.Blocks:
+    """The interface around ``pipe`` (None: the no-weights page saying what is missing)."""
+    return DeblurApp(
+        pipe, model_error=model_error, model_ref=model_ref, examples_dir=examples_dir, measure_speed=measure_speed
+    ).build()
+
+
+def launch(demo: gr.Blocks, **kwargs):
+    """``demo.queue(...).launch(...)`` with the app's queue, styling and file permissions."""
+    app = getattr(demo, "deblurdiff_app", None)
+    allowed = [str(app.examples_dir)] if app is not None and app.examples_dir else []
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    kwargs.setdefault("css", CSS)
+    kwargs.setdefault("allowed_paths", allowed)
+    return demo.launch(**kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python app.py", description="The DeblurDiff web app.")
+    parser.add_argument("--model", default=None, help=f"weights: folder, Hub repo id or official model.pth (default: ${MODEL_ENV}, then DEFAULT_SPACE_MODEL)")
+    parser.add_argument("--tokenizer", default=None, help=f"tokenizer for model.pth (default: ${TOKENIZER_ENV} or SD 2.1-base's)")
+    parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
+    parser.add_argument("--dev-random-weights", action="store_true", help="development only: untrained random weights, outputs labelled UNTRAINED")
+    parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link")
+    parser.add_argument("--no-examples", action="store_true", help="hide the example gallery")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pipe, error, reference = load_app_model(
+        args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, dev_random_weights=args.dev_random_weights
+    )
+    demo = build_demo(pipe, model_error=error, model_ref=reference, examples_dir=None if args.no_examples else EXAMPLES_DIR)
+    launch(demo, server_name=args.host, server_port=args.port, share=args.share or None)

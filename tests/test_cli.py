@@ -1,0 +1,143 @@
+"""The command line: ``python -m deblurdiff INPUT... -o OUT_DIR`` (tiny random weights)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deblurdiff import cli
+from deblurdiff.cli import InputItem, main, plan_outputs, safe_stem
+from deblurdiff.loading import MODEL_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def noise_image(path, size, seed=0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def photos(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "day two").mkdir(parents=True)
+    noise_image(folder / "beach.png", (80, 64))
+    noise_image(folder / "day two" / "beach.jpg", (64, 96), seed=1)
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def test_folder_with_two_images_and_a_bad_file(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([str(photos), "-o", str(out), "--steps", "2", "--seed", "7", "--dev-random-weights", "--save-lkpn", "-q"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SOME_FAILED
+    assert "notes.png" in err and "not an image" in err and "1 input(s) failed" in err
+    assert "UNTRAINED" in err
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [
+        "beach_UNTRAINED-1.png",
+        "beach_UNTRAINED-1_lkpn.png",
+        "beach_UNTRAINED.png",
+        "beach_UNTRAINED_lkpn.png",
+    ]
+    # Sorted input order: photos/beach.png, then "photos/day two/beach.jpg".
+    first, second = Image.open(out / "beach_UNTRAINED.png"), Image.open(out / "beach_UNTRAINED-1.png")
+    assert first.size == (80, 64) and second.size == (64, 96)
+    assert first.text["deblurdiff:seed"] == "7" and first.text["deblurdiff:steps"] == "2"
+    assert "UNTRAINED" in first.text["deblurdiff:warning"] and first.text["deblurdiff:source"] == "beach.png"
+    # Inputs untouched.
+    assert sorted(p.name for p in photos.rglob("*") if p.is_file()) == ["beach.jpg", "beach.png", "notes.png"]
+
+
+def test_all_good_inputs_exit_zero_and_keep_existing_outputs(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "beach_UNTRAINED.png").write_bytes(b"an earlier result")
+    code = main([str(photos / "beach.png"), "-o", str(out), "--steps", "1", "--seed", "1", "--dev-random-weights", "-q"])
+    assert code == cli.EXIT_OK, capsys.readouterr().err
+    assert (out / "beach_UNTRAINED.png").read_bytes() == b"an earlier result"
+    assert Image.open(out / "beach_UNTRAINED-1.png").size == (80, 64)
+
+
+def test_output_folder_that_is_an_input_is_refused(photos, capsys):
+    assert main([str(photos), "-o", str(photos), "--dev-random-weights"]) == cli.EXIT_USAGE
+    assert "inputs are never overwritten" in capsys.readouterr().err
+    image = photos / "beach.png"
+    assert main([str(image), "-o", str(image), "--dev-random-weights"]) == cli.EXIT_USAGE
+
+
+def test_missing_weights_exit_2_with_the_reason(photos, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(MODEL_ENV, raising=False)
+    assert main([str(photos), "-o", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "No DeblurDiff weights are configured" in err and "--model" in err
+    assert main([str(photos), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "nowhere")]) == cli.EXIT_USAGE
+    assert "Model folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "0"], "steps must be between 1 and 100"),
+        (["--steps", "many"], "number of steps must be a number"),
+        (["--seed", "-3"], "seed must be"),
+        (["--guidance", "11"], "guidance scale must be between 1 and 10"),
+        (["--prompt", "x" * 2000], "prompt is too long"),
+    ],
+)
+def test_invalid_options_exit_2_before_loading_anything(photos, tmp_path, capsys, options, message):
+    assert main([str(photos), "-o", str(tmp_path / "out"), *options]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_nothing_to_do(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main([str(tmp_path / "empty"), str(tmp_path / "missing.png"), "-o", str(tmp_path / "out")]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no images found" in err and "does not exist" in err
+
+
+def test_planned_outputs_are_unique_inside_out_dir_and_never_inputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    inputs = [folder / "x.png", folder / "x.jpg", folder / "X.tif", folder / "..png", folder / "a b?c.jpeg"]
+    for p in inputs:
+        p.write_bytes(b"")
+    items = [InputItem(p, str(p)) for p in inputs]
+    outputs = plan_outputs(items, folder)  # writing next to the inputs: never onto them
+    names = [p.name for p in outputs]
+    assert names == ["x-1.png", "x-2.png", "X-3.png", "png.png", "a_b_c.png"]
+    assert all(p.parent == folder.resolve() for p in outputs)
+    assert len({n.casefold() for n in names}) == len(names)
+
+
+@pytest.mark.parametrize(
+    "name, stem",
+    [
+        ("photo.jpg", "photo"),
+        ("../../etc/passwd", "passwd"),
+        ("..\\..\\windows\\evil.png", "evil"),
+        (".hidden.png", "hidden"),
+        ("", "image"),
+        ("...", "image"),
+        ("CON.png", "CON_image"),
+        ("ünïcödé ok.png", "ünïcödé_ok"),
+        ("a" * 300 + ".png", "a" * 100),
+    ],
+)
+def test_safe_stem(name, stem):
+    assert safe_stem(name) == stem
+
+
+def test_module_entry_point_help():
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, "-m", "deblurdiff", "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0
+    assert "OUT_DIR" in done.stdout and "--dev-random-weights" in done.stdout and "--tiled" in done.stdout
