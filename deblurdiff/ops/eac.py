@@ -1,39 +1,275 @@
 """Element-wise adaptive convolution (EAC): every pixel gets its own k×k kernel.
 
-out[b, c, h, w] = sum_{i,j} kernels[b, g(c), i, j, h, w] * x[b, c, h + i - k//2, w + j - k//2],
-zero outside the image, with ``kernels`` of shape (B, G*k*k, H, W) and g(c) = c // (C // G).
+DeblurDiff's LKPN predicts one k×k kernel per latent pixel (and per channel group);
+EAC applies them to the blurry latent ``c``::
+
+    out[b, c, h, w] = sum_{i,j} kernels[b, g(c), i, j, h, w] * x[b, c, h + i - k//2, w + j - k//2]
+
+with zero padding outside the image (stride 1, output the size of ``x``).
+``x`` is (B, C, H, W); ``kernels`` is (B, G*k*k, H, W), read as (B, G, k, k, H, W);
+channel ``c`` uses group ``g(c) = c // (C // G)``; ``k`` is odd (DeblurDiff: k = 5,
+G = C = 4). ``residual=True`` returns ``x + EAC(x, kernels)``.
+
+Implementations:
+
+* :func:`eac_reference` -- readable shifted sums, any dtype (float64 for gradcheck);
+  the ground truth of the tests.
+* :func:`eac_unfold`, :func:`eac_shifted` -- the usual PyTorch formulations, kept as
+  benchmark baselines.
+* :func:`eac_torch` -- the fast PyTorch path (CPU, or CUDA without Triton): one
+  in-place multiply-add per tap in the input dtype, float32 accumulation for
+  float16/bfloat16, and a hand-written backward.
+* ``eac_triton.eac_triton`` -- fused Triton kernels (forward and both gradients).
+
+:func:`eac` picks one: Triton for CUDA tensors when ``triton`` imports, the PyTorch
+path otherwise. The environment variable ``DEBLURDIFF_EAC_BACKEND`` (``auto``,
+``torch`` or ``triton``) overrides the choice.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
+__all__ = ["eac", "eac_reference", "eac_torch", "eac_unfold", "eac_shifted", "eac_geometry", "BACKEND_ENV"]
 
-def _kernel_size(x: torch.Tensor, kernels: torch.Tensor, groups: int | None) -> tuple[int, int]:
+BACKEND_ENV = "DEBLURDIFF_EAC_BACKEND"
+_BACKENDS = ("auto", "torch", "triton")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _odd_square_root(n: int) -> int | None:
+    k = int(round(n**0.5))
+    return k if k * k == n and k % 2 == 1 else None
+
+
+def eac_geometry(x: torch.Tensor, kernels: torch.Tensor, groups: int | None = None) -> tuple[int, int]:
+    """Validate the shapes and return ``(G, k)``.
+
+    Without ``groups`` the number of kernel groups is inferred from the shapes: G = C
+    (one kernel per channel) when ``kernels`` has C*k*k channels with odd k, otherwise
+    the largest divisor G of C for which ``kernels`` has G*k*k channels with odd k.
+    """
     if x.ndim != 4 or kernels.ndim != 4:
-        raise ValueError(f"x and kernels must be 4-D (B, C, H, W), got {tuple(x.shape)} and {tuple(kernels.shape)}")
+        raise ValueError(
+            f"EAC: x and kernels must be 4-D (B, C, H, W) and (B, G*k*k, H, W), "
+            f"got {tuple(x.shape)} and {tuple(kernels.shape)}"
+        )
     B, C, H, W = x.shape
-    if kernels.shape[0] != B or kernels.shape[2:] != (H, W):
-        raise ValueError(f"kernels {tuple(kernels.shape)} do not match x {tuple(x.shape)} in batch or size")
-    groups = groups or C
-    if C % groups:
-        raise ValueError(f"channels ({C}) must be a multiple of groups ({groups})")
-    taps = kernels.shape[1] // groups
-    k = int(round(taps**0.5))
-    if kernels.shape[1] != groups * k * k or k % 2 == 0:
-        raise ValueError(f"kernels must have G*k*k channels with odd k, got {kernels.shape[1]} for G={groups}")
-    return groups, k
+    if kernels.shape[0] != B:
+        raise ValueError(f"EAC: batch mismatch, x {tuple(x.shape)} vs kernels {tuple(kernels.shape)}")
+    if tuple(kernels.shape[2:]) != (H, W):
+        raise ValueError(
+            f"EAC: spatial size mismatch, x is {H}x{W} but kernels are "
+            f"{kernels.shape[2]}x{kernels.shape[3]} ({tuple(x.shape)} vs {tuple(kernels.shape)})"
+        )
+    K = kernels.shape[1]
+    if groups is not None:
+        if groups < 1 or C % groups:
+            raise ValueError(f"EAC: channels C={C} must be a multiple of the number of kernel groups G={groups}")
+        k = _odd_square_root(K // groups) if K % groups == 0 else None
+        if k is None:
+            raise ValueError(
+                f"EAC: kernels must have G*k*k channels with odd k; got {K} channels for G={groups}"
+            )
+        return groups, k
+    for g in sorted((d for d in range(1, C + 1) if C % d == 0), reverse=True):
+        if K % g == 0 and (k := _odd_square_root(K // g)) is not None:
+            return g, k
+    raise ValueError(
+        f"EAC: kernels must have G*k*k channels with odd k and C={C} a multiple of G; "
+        f"got {K} kernel channels (e.g. {C * 25} for G=C={C}, k=5)"
+    )
+
+
+def _common_dtype(x: torch.Tensor, kernels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(x.dtype, kernels.dtype)
+    return x.to(dtype), kernels.to(dtype)
 
 
 def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
-    """Readable ground truth (unfold), any dtype including float64."""
-    G, k = _kernel_size(x, kernels, groups)
+    """Readable ground truth: a sum of shifted copies of ``x``, one per kernel tap.
+
+    Works in any dtype (use float64 for gradcheck) and supports autograd.
+    """
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = _common_dtype(x, kernels)
     B, C, H, W = x.shape
-    patches = F.unfold(x, k, padding=k // 2).view(B, G, C // G, k * k, H, W)
-    out = (patches * kernels.view(B, G, 1, k * k, H, W)).sum(3).view(B, C, H, W)
+    p = k // 2
+    padded = F.pad(x, (p, p, p, p))
+    # (B, G, k, k, H, W) -> one weight plane per channel: (B, C, k, k, H, W).
+    weights = kernels.reshape(B, G, k, k, H, W).repeat_interleave(C // G, dim=1)
+    out = torch.zeros_like(x)
+    for i in range(k):
+        for j in range(k):
+            out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
     return out + x if residual else out
 
 
-def eac(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None, backend=None):
-    return eac_reference(x, kernels, residual=residual, groups=groups)
+def eac_unfold(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Baseline: ``F.unfold`` the k×k neighbourhoods, multiply, sum (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = _common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    patches = F.unfold(x, k, padding=k // 2).view(B, G, C // G, k * k, H, W)
+    out = (patches * kernels.reshape(B, G, 1, k * k, H, W)).sum(3).view(B, C, H, W)
+    return out + x if residual else out
+
+
+def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Baseline: out-of-place shifted sums on a padded ``x`` (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = _common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    p = k // 2
+    xp = F.pad(x, (p, p, p, p)).view(B, G, C // G, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    out = x.view(B, G, C // G, H, W) if residual else 0
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        out = out + xp[..., i : i + H, j : j + W] * kv[:, :, :, t]
+    return out.reshape(B, C, H, W)
+
+
+# The fast PyTorch path ----------------------------------------------------------------
+
+
+def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
+    """One multiply-add per tap on a zero-padded ``x``; float32 accumulation for halves."""
+    B, C, H, W = x.shape
+    n, p = C // G, k // 2
+    acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    xp = F.pad(x, (p, p, p, p)).view(B, G, n, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    if residual:
+        out = x.to(acc_dtype, memory_format=torch.contiguous_format, copy=True)
+    else:
+        out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
+    acc = out.view(B, G, n, H, W)
+    tmp = None if acc_dtype == x.dtype else torch.empty((B, G, n, H, W), dtype=x.dtype, device=x.device)
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        xs, ks = xp[..., i : i + H, j : j + W], kv[:, :, :, t]
+        if tmp is None:
+            acc.addcmul_(xs, ks)
+        else:
+            torch.mul(xs, ks, out=tmp)
+            acc.add_(tmp)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G: int, k: int,
+                   residual: bool, need_x: bool, need_k: bool):
+    B, C, H, W = x.shape
+    n, p = C // G, k // 2
+    acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    g5 = grad.contiguous().view(B, G, n, H, W)
+    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    grad_x = grad_k = None
+    if need_x:
+        # grad_x[h + di, w + dj] += grad[h, w] * kernel_tap[h, w], on a padded buffer.
+        gxp = torch.zeros((B, G, n, H + 2 * p, W + 2 * p), dtype=acc_dtype, device=x.device)
+        tmp = None if acc_dtype == x.dtype else torch.empty_like(g5)
+        for t in range(k * k):
+            i, j = divmod(t, k)
+            dst = gxp[..., i : i + H, j : j + W]
+            if tmp is None:
+                dst.addcmul_(g5, kv[:, :, :, t])
+            else:
+                torch.mul(g5, kv[:, :, :, t], out=tmp)
+                dst.add_(tmp)
+        grad_x = gxp[..., p : p + H, p : p + W].reshape(B, C, H, W)
+        if residual:
+            grad_x = grad_x + grad.to(acc_dtype)
+        grad_x = grad_x.to(x.dtype)
+    if need_k:
+        # grad_k[g, tap] = sum over the group's channels of grad * shifted x.
+        xp = F.pad(x, (p, p, p, p)).view(B, G, n, H + 2 * p, W + 2 * p)
+        grad_k = torch.empty((B, G, k * k, H, W), dtype=x.dtype, device=x.device)
+        prod = torch.empty_like(g5) if n > 1 else None
+        for t in range(k * k):
+            i, j = divmod(t, k)
+            xs = xp[..., i : i + H, j : j + W]
+            if n == 1:
+                torch.mul(g5[:, :, 0], xs[:, :, 0], out=grad_k[:, :, t])
+            else:
+                torch.mul(g5, xs, out=prod)
+                grad_k[:, :, t] = prod.sum(2, dtype=acc_dtype)
+        grad_k = grad_k.view(B, G * k * k, H, W)
+    return grad_x, grad_k
+
+
+class _EACTorch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernels, G, k, residual):
+        ctx.save_for_backward(x, kernels)
+        ctx.geometry = (G, k, residual)
+        return _forward_taps(x, kernels, G, k, residual)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, kernels = ctx.saved_tensors
+        G, k, residual = ctx.geometry
+        grad_x, grad_k = _backward_taps(
+            grad, x, kernels, G, k, residual, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return grad_x, grad_k, None, None, None
+
+
+def eac_torch(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Fast PyTorch EAC (any device), with a hand-written backward."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = _common_dtype(x, kernels)
+    return _EACTorch.apply(x, kernels, G, k, residual)
+
+
+# Dispatch ---------------------------------------------------------------------------
+
+_triton_state: dict = {}
+
+
+def _triton_module():
+    """``eac_triton`` if triton imports (cached), else None."""
+    if "module" not in _triton_state:
+        try:
+            from . import eac_triton
+        except Exception as error:  # triton missing or broken
+            _triton_state["module"], _triton_state["error"] = None, error
+        else:
+            _triton_state["module"] = eac_triton
+    return _triton_state["module"]
+
+
+def _choose_backend(x: torch.Tensor, backend: str | None) -> str:
+    choice = (backend or "auto").strip().lower()
+    if choice == "auto":
+        choice = (os.environ.get(BACKEND_ENV) or "auto").strip().lower()
+    if choice not in _BACKENDS:
+        raise ValueError(f"EAC: backend must be one of {_BACKENDS} or None, got {choice!r}")
+    if choice == "auto":
+        return "triton" if x.is_cuda and _triton_module() is not None else "torch"
+    return choice
+
+
+def eac(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, backend: str | None = None,
+        *, groups: int | None = None) -> torch.Tensor:
+    """Element-wise adaptive convolution; ``x + EAC(x, kernels)`` with ``residual=True``.
+
+    ``x``: (B, C, H, W); ``kernels``: (B, G*k*k, H, W) with odd k and C a multiple of G
+    (G inferred, see :func:`eac_geometry`, or given as ``groups``). ``backend``: None or
+    ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"`` or
+    ``"triton"``. With None/``"auto"``, ``DEBLURDIFF_EAC_BACKEND`` forces a backend.
+    Differentiable in both inputs on every backend.
+    """
+    eac_geometry(x, kernels, groups)
+    chosen = _choose_backend(x, backend)
+    if chosen == "triton":
+        module = _triton_module()
+        if module is None:
+            raise RuntimeError(f"EAC: the triton backend was requested but triton does not import: "
+                               f"{_triton_state.get('error')}")
+        return module.eac_triton(x, kernels, residual=residual, groups=groups)
+    return eac_torch(x, kernels, residual=residual, groups=groups)
