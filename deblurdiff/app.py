@@ -67,6 +67,7 @@ DEFAULT_SPACE_MODEL: str | None = None
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
+PAPER_URL = "https://arxiv.org/abs/2502.03810"
 PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
 
 #: ZeroGPU: seconds asked for one run are clamped to this range.
@@ -540,7 +541,7 @@ class DeblurApp:
                 "# DeblurDiff: real-world image deblurring\n"
                 "Upload a blurry photo (camera shake, motion or defocus blur) and get a sharp one back. "
                 "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
-                f"Kong et al., 2025 ([paper code]({PROJECT_URL}))."
+                f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL}))."
             )
             banner_kind = "missing" if self.pipe is None else ("untrained" if self.untrained else "ok")
             gr.Markdown(self.banner(), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
@@ -661,6 +662,9 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
         from .loading import describe_missing_model
 
         return None, describe_missing_model(), None
+    if on_zero_gpu() and dtype in (None, "auto"):
+        # ZeroGPU lends H200 slices; choosing here avoids querying CUDA outside a GPU call.
+        dtype = "bf16"
     try:
         logger.info("loading weights from %s", reference)
         return load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype), None, reference
