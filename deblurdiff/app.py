@@ -22,6 +22,7 @@ outputs) serves ``gradio_client`` users; every bad input is answered with a
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import math
@@ -316,6 +317,7 @@ class DeblurApp:
         self.untrained = pipe is not None and is_untrained(pipe)
         self.examples_dir = examples_dir
         self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-app-"))
+        atexit.register(shutil.rmtree, self.output_root, True)
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.should_tile = getattr(pipe, "should_tile", None)
         self.runtime = Runtime(pipe, threading.Lock(), set(), SpeedModel.default(device_type, self.should_tile))
@@ -710,6 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     pipe, error, reference = load_app_model(
         args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, dev_random_weights=args.dev_random_weights
     )
