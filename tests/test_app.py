@@ -9,7 +9,6 @@ import os
 import socket
 import struct
 import threading
-import time
 import zlib
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
