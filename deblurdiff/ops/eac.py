@@ -17,7 +17,7 @@ Implementations:
 * :func:`eac_unfold`, :func:`eac_shifted` -- the usual PyTorch formulations, kept as
   benchmark baselines.
 * :func:`eac_torch` -- the fast PyTorch path (CPU, or CUDA without Triton): one
-  in-place multiply-add per tap in the input dtype, float32 accumulation for
+  in-place multiply-add per tap over cache-sized blocks, float32 accumulation for
   float16/bfloat16, and a hand-written backward.
 * ``eac_triton.eac_triton`` -- fused Triton kernels (forward and both gradients).
 
@@ -124,9 +124,9 @@ def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, 
     x, kernels = _common_dtype(x, kernels)
     B, C, H, W = x.shape
     p = k // 2
-    xp = F.pad(x, (p, p, p, p)).view(B, G, C // G, H + 2 * p, W + 2 * p)
+    xp = F.pad(x, (p, p, p, p)).reshape(B, G, C // G, H + 2 * p, W + 2 * p)
     kv = kernels.reshape(B, G, 1, k * k, H, W)
-    out = x.view(B, G, C // G, H, W) if residual else 0
+    out = x.reshape(B, G, C // G, H, W) if residual else 0
     for t in range(k * k):
         i, j = divmod(t, k)
         out = out + xp[..., i : i + H, j : j + W] * kv[:, :, :, t]
@@ -136,67 +136,104 @@ def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, 
 # The fast PyTorch path ----------------------------------------------------------------
 
 
-def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
-    """One multiply-add per tap on a zero-padded ``x``; float32 accumulation for halves."""
+# Output elements per block (256 KiB of float32): a block's accumulator, input rows and
+# kernel rows stay in cache while the k*k taps sweep over them.
+_BLOCK = 1 << 16
+
+
+def _blocks(planes: int, n: int, H: int, W: int):
+    """(plane slice, first row, end row) blocks of about ``_BLOCK`` output elements."""
+    plane = n * H * W
+    if plane >= _BLOCK:
+        rows = max(1, _BLOCK // (n * W))
+        for q in range(planes):
+            for h0 in range(0, H, rows):
+                yield slice(q, q + 1), h0, min(H, h0 + rows)
+    else:
+        step = max(1, _BLOCK // plane)
+        for q in range(0, planes, step):
+            yield slice(q, q + step), 0, H
+
+
+def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous zero-padded copy of ``x`` in ``dtype`` (one pass, any input layout)."""
     B, C, H, W = x.shape
-    n, p = C // G, k // 2
+    xp = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=dtype, device=x.device)
+    xp[:, :, p : p + H, p : p + W] = x
+    return xp
+
+
+def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
+    """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
+
+    The planes (b, g) are processed in cache-sized blocks; inside a block each of the
+    k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's kernel plane)
+    into the accumulator. Half-precision inputs are widened block by block.
+    """
+    B, C, H, W = x.shape
+    n, p, P = C // G, k // 2, B * G
     acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
-    xp = F.pad(x, (p, p, p, p)).view(B, G, n, H + 2 * p, W + 2 * p)
-    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(P, k * k, H, W)
     if residual:
         out = x.to(acc_dtype, memory_format=torch.contiguous_format, copy=True)
     else:
         out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
-    acc = out.view(B, G, n, H, W)
-    tmp = None if acc_dtype == x.dtype else torch.empty((B, G, n, H, W), dtype=x.dtype, device=x.device)
-    for t in range(k * k):
-        i, j = divmod(t, k)
-        xs, ks = xp[..., i : i + H, j : j + W], kv[:, :, :, t]
-        if tmp is None:
-            acc.addcmul_(xs, ks)
-        else:
-            torch.mul(xs, ks, out=tmp)
-            acc.add_(tmp)
+    acc = out.view(P, n, H, W)
+    for planes, h0, h1 in _blocks(P, n, H, W):
+        rows = h1 - h0
+        a = acc[planes, :, h0:h1]
+        kb = kv[planes, :, h0:h1].to(acc_dtype)
+        xb = xp[planes, :, h0 : h1 + 2 * p]
+        for t in range(k * k):
+            i, j = divmod(t, k)
+            a.addcmul_(xb[:, :, i : i + rows, j : j + W], kb[:, t : t + 1])
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G: int, k: int,
                    residual: bool, need_x: bool, need_k: bool):
+    """Gradients of :func:`_forward_taps`, blocked the same way.
+
+    grad_x[h + i - p, w + j - p] += grad[h, w] * kernel[i, j, h, w] (scattered into a
+    padded buffer); grad_kernels[g, i, j, h, w] = sum over the group's channels of
+    grad[h, w] * x[h + i - p, w + j - p].
+    """
     B, C, H, W = x.shape
-    n, p = C // G, k // 2
+    n, p, P = C // G, k // 2, B * G
     acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
-    g5 = grad.contiguous().view(B, G, n, H, W)
-    kv = kernels.reshape(B, G, 1, k * k, H, W)
-    grad_x = grad_k = None
+    g = grad.to(acc_dtype).reshape(P, n, H, W)
+    kv = kernels.reshape(P, k * k, H, W)
+    grad_x = grad_k = gxp = xp = None
     if need_x:
-        # grad_x[h + di, w + dj] += grad[h, w] * kernel_tap[h, w], on a padded buffer.
-        gxp = torch.zeros((B, G, n, H + 2 * p, W + 2 * p), dtype=acc_dtype, device=x.device)
-        tmp = None if acc_dtype == x.dtype else torch.empty_like(g5)
-        for t in range(k * k):
-            i, j = divmod(t, k)
-            dst = gxp[..., i : i + H, j : j + W]
-            if tmp is None:
-                dst.addcmul_(g5, kv[:, :, :, t])
-            else:
-                torch.mul(g5, kv[:, :, :, t], out=tmp)
-                dst.add_(tmp)
-        grad_x = gxp[..., p : p + H, p : p + W].reshape(B, C, H, W)
+        gxp = torch.zeros((P, n, H + 2 * p, W + 2 * p), dtype=acc_dtype, device=x.device)
+    if need_k:
+        xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
+        grad_k = torch.empty((P, k * k, H, W), dtype=kernels.dtype, device=x.device)
+    for planes, h0, h1 in _blocks(P, n, H, W):
+        rows = h1 - h0
+        gb = g[planes, :, h0:h1]
+        if need_x:
+            kb = kv[planes, :, h0:h1].to(acc_dtype)
+            dst = gxp[planes, :, h0 : h1 + 2 * p]
+            for t in range(k * k):
+                i, j = divmod(t, k)
+                dst[:, :, i : i + rows, j : j + W].addcmul_(gb, kb[:, t : t + 1])
+        if need_k:
+            xb = xp[planes, :, h0 : h1 + 2 * p]
+            gkb = grad_k[planes, :, h0:h1]
+            for t in range(k * k):
+                i, j = divmod(t, k)
+                if n == 1:
+                    torch.mul(gb[:, 0], xb[:, 0, i : i + rows, j : j + W], out=gkb[:, t])
+                else:
+                    gkb[:, t] = (gb * xb[:, :, i : i + rows, j : j + W]).sum(1)
+    if need_x:
+        grad_x = gxp[:, :, p : p + H, p : p + W].reshape(B, C, H, W)
         if residual:
             grad_x = grad_x + grad.to(acc_dtype)
         grad_x = grad_x.to(x.dtype)
     if need_k:
-        # grad_k[g, tap] = sum over the group's channels of grad * shifted x.
-        xp = F.pad(x, (p, p, p, p)).view(B, G, n, H + 2 * p, W + 2 * p)
-        grad_k = torch.empty((B, G, k * k, H, W), dtype=x.dtype, device=x.device)
-        prod = torch.empty_like(g5) if n > 1 else None
-        for t in range(k * k):
-            i, j = divmod(t, k)
-            xs = xp[..., i : i + H, j : j + W]
-            if n == 1:
-                torch.mul(g5[:, :, 0], xs[:, :, 0], out=grad_k[:, :, t])
-            else:
-                torch.mul(g5, xs, out=prod)
-                grad_k[:, :, t] = prod.sum(2, dtype=acc_dtype)
         grad_k = grad_k.view(B, G * k * k, H, W)
     return grad_x, grad_k
 

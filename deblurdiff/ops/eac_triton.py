@@ -1,0 +1,254 @@
+"""Triton kernels for EAC (element-wise adaptive convolution), forward and backward.
+
+See :mod:`deblurdiff.ops.eac` for the operator::
+
+    out[b, c, h, w] = sum_{i,j} kernels[b, g(c), i, j, h, w] * x[b, c, h + i - k//2, w + j - k//2]
+
+EAC is bandwidth bound: for every output value it reads k*k kernel values that are
+used exactly once, so each kernel below streams the per-pixel kernels once, with
+loads coalesced along W, and keeps the shifted re-reads of the small ``x`` (or
+``grad_out``) tile in cache. Each program owns a BLOCK_H x BLOCK_W tile of one
+(b, c) plane (forward, grad_x) or one (b, g) plane (grad_kernels) and loops over the
+k*k taps unrolled at compile time (``K`` is a constexpr). Loads are in the input
+dtype (float32, float16 or bfloat16), arithmetic and accumulation in float32.
+Strides are passed explicitly, so non-contiguous inputs need no copy; the residual
+``x +`` is fused into the forward (and its gradient into grad_x).
+
+Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before this
+module is imported) the kernels also run on CPU tensors, which the tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .eac import _common_dtype, eac_geometry
+
+__all__ = ["eac_triton", "launch_config", "INTERPRETED"]
+
+
+@triton.jit
+def _eac_fwd_kernel(
+    x_ptr, k_ptr, out_ptr,
+    C, H, W, CPG, tiles_w,
+    sxb, sxc, sxh, sxw,
+    skb, skc, skh, skw,
+    sob, soc, soh, sow,
+    K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    pid_tile = tl.program_id(0)
+    pid_plane = tl.program_id(1)
+    b = (pid_plane // C).to(tl.int64)
+    c = pid_plane % C
+    g = (c // CPG).to(tl.int64)
+    c = c.to(tl.int64)
+    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (hs < H) & (ws < W)
+
+    x_plane = x_ptr + b * sxb + c * sxc
+    k_pixels = k_ptr + b * skb + g * (K * K) * skc + hs * skh + ws * skw
+    P: tl.constexpr = K // 2
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for i in tl.static_range(K):
+        hh = hs + (i - P)
+        row_ok = inside & (hh >= 0) & (hh < H)
+        x_row = x_plane + hh * sxh
+        for j in tl.static_range(K):
+            ww = ws + (j - P)
+            xv = tl.load(x_row + ww * sxw, mask=row_ok & (ww >= 0) & (ww < W), other=0.0).to(tl.float32)
+            kv = tl.load(k_pixels + (i * K + j) * skc, mask=inside, other=0.0).to(tl.float32)
+            acc += xv * kv
+            if RESIDUAL:
+                if i == P:
+                    if j == P:
+                        acc += xv
+    out = out_ptr + b * sob + c * soc + hs * soh + ws * sow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _eac_grad_x_kernel(
+    go_ptr, k_ptr, gx_ptr,
+    C, H, W, CPG, tiles_w,
+    sgb, sgc, sgh, sgw,
+    skb, skc, skh, skw,
+    sxb, sxc, sxh, sxw,
+    K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # grad_x[h, w] = sum_{i,j} grad_out[h - i + P, w - j + P] * kernel[i, j, h - i + P, w - j + P]
+    pid_tile = tl.program_id(0)
+    pid_plane = tl.program_id(1)
+    b = (pid_plane // C).to(tl.int64)
+    c = pid_plane % C
+    g = (c // CPG).to(tl.int64)
+    c = c.to(tl.int64)
+    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (hs < H) & (ws < W)
+
+    go_plane = go_ptr + b * sgb + c * sgc
+    k_group = k_ptr + b * skb + g * (K * K) * skc
+    P: tl.constexpr = K // 2
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for i in tl.static_range(K):
+        hh = hs - (i - P)
+        row_ok = inside & (hh >= 0) & (hh < H)
+        for j in tl.static_range(K):
+            ww = ws - (j - P)
+            m = row_ok & (ww >= 0) & (ww < W)
+            gv = tl.load(go_plane + hh * sgh + ww * sgw, mask=m, other=0.0).to(tl.float32)
+            kv = tl.load(k_group + (i * K + j) * skc + hh * skh + ww * skw, mask=m, other=0.0).to(tl.float32)
+            acc += gv * kv
+            if RESIDUAL:
+                if i == P:
+                    if j == P:
+                        acc += gv
+    gx = gx_ptr + b * sxb + c * sxc + hs * sxh + ws * sxw
+    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _eac_grad_k_kernel(
+    go_ptr, x_ptr, gk_ptr,
+    G, H, W, CPG, tiles_w,
+    sgb, sgc, sgh, sgw,
+    sxb, sxc, sxh, sxw,
+    skb, skc, skh, skw,
+    K: tl.constexpr, SINGLE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+):
+    # grad_kernels[g, i, j, h, w] = sum_{c in group g} grad_out[c, h, w] * x[c, h + i - P, w + j - P]
+    pid_tile = tl.program_id(0)
+    pid_plane = tl.program_id(1)
+    b = (pid_plane // G).to(tl.int64)
+    g = (pid_plane % G).to(tl.int64)
+    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    inside = (hs < H) & (ws < W)
+
+    c0 = g * CPG
+    go_pixels = go_ptr + b * sgb + c0 * sgc + hs * sgh + ws * sgw
+    x_group = x_ptr + b * sxb + c0 * sxc
+    gk_pixels = gk_ptr + b * skb + g * (K * K) * skc + hs * skh + ws * skw
+    P: tl.constexpr = K // 2
+    if SINGLE:
+        gv0 = tl.load(go_pixels, mask=inside, other=0.0).to(tl.float32)
+    for i in tl.static_range(K):
+        hh = hs + (i - P)
+        row_ok = inside & (hh >= 0) & (hh < H)
+        for j in tl.static_range(K):
+            ww = ws + (j - P)
+            m = row_ok & (ww >= 0) & (ww < W)
+            shifted = hh * sxh + ww * sxw
+            if SINGLE:
+                acc = gv0 * tl.load(x_group + shifted, mask=m, other=0.0).to(tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+                for cc in range(CPG):
+                    gv = tl.load(go_pixels + cc * sgc, mask=inside, other=0.0).to(tl.float32)
+                    xv = tl.load(x_group + cc * sxc + shifted, mask=m, other=0.0).to(tl.float32)
+                    acc += gv * xv
+            tl.store(gk_pixels + (i * K + j) * skc, acc.to(gk_ptr.dtype.element_ty), mask=inside)
+
+
+INTERPRETED = not isinstance(_eac_fwd_kernel, triton.runtime.JITFunction)
+
+
+def launch_config(H: int, W: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_W, num_warps): tiles of up to 8 x 64 pixels, W innermost."""
+    block_w = min(64, triton.next_power_of_2(W))
+    block_h = min(max(1, 512 // block_w), triton.next_power_of_2(H))
+    return block_h, block_w, 4
+
+
+def _check_device(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if not t.is_cuda and not INTERPRETED:
+            raise ValueError(
+                "EAC: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
+                f"got a tensor on {t.device}"
+            )
+
+
+def _grid(H: int, W: int, planes: int, block_h: int, block_w: int):
+    tiles_w = triton.cdiv(W, block_w)
+    return (triton.cdiv(H, block_h) * tiles_w, planes), tiles_w
+
+
+def _forward(x, kernels, G, k, residual, config=None):
+    B, C, H, W = x.shape
+    block_h, block_w, warps = config or launch_config(H, W)
+    out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
+    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
+    _eac_fwd_kernel[grid](
+        x, kernels, out, C, H, W, C // G, tiles_w,
+        *x.stride(), *kernels.stride(), *out.stride(),
+        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+    )
+    return out
+
+
+def _grad_x(grad, kernels, G, k, residual, config=None):
+    B, C, H, W = grad.shape
+    block_h, block_w, warps = config or launch_config(H, W)
+    grad_x = torch.empty((B, C, H, W), dtype=grad.dtype, device=grad.device)
+    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
+    _eac_grad_x_kernel[grid](
+        grad, kernels, grad_x, C, H, W, C // G, tiles_w,
+        *grad.stride(), *kernels.stride(), *grad_x.stride(),
+        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+    )
+    return grad_x
+
+
+def _grad_kernels(grad, x, G, k, dtype, config=None):
+    B, C, H, W = x.shape
+    block_h, block_w, warps = config or launch_config(H, W)
+    grad_k = torch.empty((B, G * k * k, H, W), dtype=dtype, device=x.device)
+    grid, tiles_w = _grid(H, W, B * G, block_h, block_w)
+    _eac_grad_k_kernel[grid](
+        grad, x, grad_k, G, H, W, C // G, tiles_w,
+        *grad.stride(), *x.stride(), *grad_k.stride(),
+        K=k, SINGLE=(C == G), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+    )
+    return grad_k
+
+
+class _EACTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernels, G, k, residual, config):
+        ctx.save_for_backward(x, kernels)
+        ctx.geometry = (G, k, residual, config)
+        return _forward(x, kernels, G, k, residual, config)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, kernels = ctx.saved_tensors
+        G, k, residual, config = ctx.geometry
+        grad = grad.to(x.dtype)
+        grad_x = grad_k = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grad_x(grad, kernels, G, k, residual, config)
+        if ctx.needs_input_grad[1]:
+            grad_k = _grad_kernels(grad, x, G, k, kernels.dtype, config)
+        return grad_x, grad_k, None, None, None, None
+
+
+def eac_triton(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None,
+               config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """EAC with the Triton kernels (differentiable in ``x`` and ``kernels``).
+
+    ``config`` overrides :func:`launch_config` as (BLOCK_H, BLOCK_W, num_warps), with
+    powers of two for the block sizes.
+    """
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = _common_dtype(x, kernels)
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"EAC: the triton backend supports float32, float16 and bfloat16, not {x.dtype}")
+    _check_device(x, kernels)
+    if x.device != kernels.device:
+        raise ValueError(f"EAC: x is on {x.device} but kernels are on {kernels.device}")
+    return _EACTriton.apply(x, kernels, G, k, bool(residual), config)
