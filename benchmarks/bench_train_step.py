@@ -15,11 +15,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import shlex
 import sys
 import time
 
 import torch
+
+# Run from a checkout without installing the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def bench(components, args, dtype_name: str) -> list[float]:
