@@ -550,9 +550,12 @@ class DeblurDiffPipeline(DiffusionPipeline):
         * ``channels_last`` (default: on CUDA only) stores conv weights NHWC, which
           tensor-core convolutions prefer.
         * ``compile`` wraps the UNet, the ControlNet and the LKPN's UNet in
-          ``torch.compile`` (``compile_mode``, default "max-autotune-no-cudagraphs"), then
-          runs a 2-step call at ``warmup`` (height, width) so compilation happens here, not
-          in the first real call. Ignored (with a warning) on CPU.
+          ``torch.compile`` (``compile_mode``: PyTorch's default unless given, e.g.
+          "max-autotune-no-cudagraphs", which tunes longer), then runs a 2-step call at
+          ``warmup`` (height, width) so that compilation happens here, not in the first
+          real call. Shapes are static: another image size (or, in tiled mode, a partial
+          last group of ``tile_batch_size`` tiles) compiles again. Ignored (with a
+          warning) on CPU.
         * ``xformers`` switches attention to xFormers (must be installed; PyTorch's SDPA,
           the default, is as fast on recent GPUs).
         * ``tile_batch_size`` tiles go through the networks at once in tiled mode.
@@ -576,9 +579,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
             if not cuda:
                 logger.warning("torch.compile is not used on %s: it only pays off on a GPU.", device)
             else:
-                mode = compile_mode or "max-autotune-no-cudagraphs"
                 for module in (self.unet, self.controlnet, self.lkpn.unet):
-                    module.compile(mode=mode, dynamic=False)
+                    module.compile(mode=compile_mode, dynamic=False)
                 if warmup:
                     self.warmup(*warmup)
         return self
