@@ -80,7 +80,12 @@ def run(args) -> None:
     paths = _paths(device)
     if args.paths:
         paths = {name: fn for name, fn in paths.items() if name in args.paths.split(",")}
-    info = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        info = torch.cuda.get_device_name(device)
+    else:
+        info = f"CPU, {torch.get_num_threads()} threads"
+        if hasattr(os, "getloadavg"):  # timings with several threads suffer on a busy machine
+            info += f" (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
     print(f"EAC benchmark: {info}, torch {torch.__version__}, dtype {args.dtype}, C={args.channels}, k={args.k}, "
           f"median of {args.reps}")
     peak = None

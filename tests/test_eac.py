@@ -178,6 +178,24 @@ def test_torch_path_blocks(monkeypatch, block):
         assert max(errors) <= TOL[torch.float32], (G, errors)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_torch_path_threads(threads):
+    # Several threads: blocks run concurrently on a pool (also under inference mode).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for G in (2, 4):
+            errors = errors_against_reference(eac_module.eac_torch, 3, 4, G, 5, 67, 129, torch.float32, True)
+            assert max(errors) <= TOL[torch.float32], (G, errors)
+        x, kernels, _ = make_inputs(2, 4, 4, 5, 70, 130, torch.bfloat16)
+        with torch.inference_mode():
+            out = eac(x, kernels, residual=True)
+        want = eac_reference(x.double(), kernels.double(), residual=True)
+        assert ((out.double() - want).abs().max() / want.abs().max()).item() <= TOL[torch.bfloat16]
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fn", [eac_module.eac_unfold, eac_module.eac_shifted], ids=["unfold", "shifted"])
 def test_baselines(fn):
     errors = errors_against_reference(fn, 2, 6, 3, 5, 7, 13, torch.float32, True)

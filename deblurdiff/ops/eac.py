@@ -17,8 +17,9 @@ Implementations:
 * :func:`eac_unfold`, :func:`eac_shifted` -- the usual PyTorch formulations, kept as
   benchmark baselines.
 * :func:`eac_torch` -- the fast PyTorch path (CPU, or CUDA without Triton): one
-  in-place multiply-add per tap over cache-sized blocks, float32 accumulation for
-  float16/bfloat16, and a hand-written backward.
+  in-place multiply-add per tap over cache-sized blocks (blocks run concurrently when
+  torch uses several threads), float32 accumulation for float16/bfloat16, and a
+  hand-written backward.
 * ``eac_triton.eac_triton`` -- fused Triton kernels (forward and both gradients).
 
 :func:`eac` picks one: Triton for CUDA tensors when ``triton`` imports, the PyTorch
@@ -29,6 +30,7 @@ path otherwise. The environment variable ``DEBLURDIFF_EAC_BACKEND`` (``auto``,
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -136,23 +138,59 @@ def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, 
 # The fast PyTorch path ----------------------------------------------------------------
 
 
-# Output elements per block (256 KiB of float32): a block's accumulator, input rows and
-# kernel rows stay in cache while the k*k taps sweep over them.
+# Output elements per block with one thread (256 KiB of float32): a block's
+# accumulator, input rows and kernel rows stay in cache while the k*k taps sweep
+# over them. With several threads, blocks are processed concurrently and kept below
+# ATen's grain size (32768 elements), so that every op runs on its calling thread:
+# no per-op thread synchronisation, which on a busy machine can cost milliseconds.
 _BLOCK = 1 << 16
+_PARALLEL_BLOCK = (1 << 15) - 1
+
+_pool_state: dict = {}
 
 
-def _blocks(planes: int, n: int, H: int, W: int):
-    """(plane slice, first row, end row) blocks of about ``_BLOCK`` output elements."""
+def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
+    """(plane slice, first row, end row) blocks of at most ``limit`` output elements
+    (or one row of one plane, if that is larger)."""
     plane = n * H * W
-    if plane >= _BLOCK:
-        rows = max(1, _BLOCK // (n * W))
-        for q in range(planes):
-            for h0 in range(0, H, rows):
-                yield slice(q, q + 1), h0, min(H, h0 + rows)
-    else:
-        step = max(1, _BLOCK // plane)
-        for q in range(0, planes, step):
-            yield slice(q, q + step), 0, H
+    if plane > limit:
+        rows = max(1, limit // (n * W))
+        return [(slice(q, q + 1), h0, min(H, h0 + rows)) for q in range(planes) for h0 in range(0, H, rows)]
+    step = max(1, limit // plane)
+    return [(slice(q, q + step), 0, H) for q in range(0, planes, step)]
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    key = (os.getpid(), threads)  # a forked child gets a new pool
+    if _pool_state.get("key") != key:
+        _pool_state["key"], _pool_state["pool"] = key, ThreadPoolExecutor(threads, thread_name_prefix="eac")
+    return _pool_state["pool"]
+
+
+def _run_blocks(work, planes: int, n: int, H: int, W: int, device: torch.device) -> None:
+    """``work(block)`` for every block; concurrently when torch uses several threads.
+
+    Blocks write disjoint parts of their outputs, so they need no locking. On other
+    devices than the CPU the whole tensor is one block (fewest kernel launches).
+    """
+    if device.type != "cpu":
+        work((slice(None), 0, H))
+        return
+    threads = torch.get_num_threads()
+    if threads > 1:
+        blocks = _blocks(planes, n, H, W, min(_BLOCK, _PARALLEL_BLOCK))
+        if len(blocks) > 1:
+            inference = torch.is_inference_mode_enabled()
+
+            def run(block):
+                with torch.inference_mode(inference), torch.no_grad():
+                    work(block)
+
+            for _ in _pool(min(threads, len(blocks))).map(run, blocks):
+                pass
+            return
+    for block in _blocks(planes, n, H, W, _BLOCK):
+        work(block)
 
 
 def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
@@ -166,9 +204,9 @@ def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
     """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
 
-    The planes (b, g) are processed in cache-sized blocks; inside a block each of the
-    k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's kernel plane)
-    into the accumulator. Half-precision inputs are widened block by block.
+    The planes (b, g) are processed in cache-sized blocks of rows; inside a block each
+    of the k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's
+    kernel rows) into the accumulator. Half-precision kernels are widened per block.
     """
     B, C, H, W = x.shape
     n, p, P = C // G, k // 2, B * G
@@ -180,7 +218,9 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
     else:
         out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
     acc = out.view(P, n, H, W)
-    for planes, h0, h1 in _blocks(P, n, H, W):
+
+    def work(block):
+        planes, h0, h1 = block
         rows = h1 - h0
         a = acc[planes, :, h0:h1]
         kb = kv[planes, :, h0:h1].to(acc_dtype)
@@ -188,6 +228,8 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
         for t in range(k * k):
             i, j = divmod(t, k)
             a.addcmul_(xb[:, :, i : i + rows, j : j + W], kb[:, t : t + 1])
+
+    _run_blocks(work, P, n, H, W, x.device)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -195,8 +237,9 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
                    residual: bool, need_x: bool, need_k: bool):
     """Gradients of :func:`_forward_taps`, blocked the same way.
 
-    grad_x[h + i - p, w + j - p] += grad[h, w] * kernel[i, j, h, w] (scattered into a
-    padded buffer); grad_kernels[g, i, j, h, w] = sum over the group's channels of
+    grad_x[h, w] = sum_{i,j} grad[h - i + p, w - j + p] * kernel[i, j, h - i + p, w - j + p]
+    (gathered over each tap's valid rectangle, so blocks write only their own rows);
+    grad_kernels[g, i, j, h, w] = sum over the group's channels of
     grad[h, w] * x[h + i - p, w + j - p].
     """
     B, C, H, W = x.shape
@@ -204,38 +247,44 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
     acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
     g = grad.to(acc_dtype).reshape(P, n, H, W)
     kv = kernels.reshape(P, k * k, H, W)
-    grad_x = grad_k = gxp = xp = None
+    gx = xp = grad_k = None
     if need_x:
-        gxp = torch.zeros((P, n, H + 2 * p, W + 2 * p), dtype=acc_dtype, device=x.device)
+        if residual:
+            gx = grad.to(acc_dtype, memory_format=torch.contiguous_format, copy=True).view(P, n, H, W)
+        else:
+            gx = torch.zeros((P, n, H, W), dtype=acc_dtype, device=x.device)
     if need_k:
         xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
         grad_k = torch.empty((P, k * k, H, W), dtype=kernels.dtype, device=x.device)
-    for planes, h0, h1 in _blocks(P, n, H, W):
+
+    def work(block):
+        planes, h0, h1 = block
         rows = h1 - h0
-        gb = g[planes, :, h0:h1]
         if need_x:
-            kb = kv[planes, :, h0:h1].to(acc_dtype)
-            dst = gxp[planes, :, h0 : h1 + 2 * p]
+            lo, hi = max(0, h0 - p), min(H, h1 + p)  # the rows of grad and kernels read
+            gs, ks = g[planes, :, lo:hi], kv[planes, :, lo:hi].to(acc_dtype)
+            dst = gx[planes]
             for t in range(k * k):
-                i, j = divmod(t, k)
-                dst[:, :, i : i + rows, j : j + W].addcmul_(gb, kb[:, t : t + 1])
+                di, dj = divmod(t, k)
+                di, dj = di - p, dj - p
+                r0, r1 = max(h0, di), min(h1, H + di)  # output rows with a source row inside
+                c0, c1 = max(0, dj), min(W, W + dj)
+                if r0 < r1 and c0 < c1:
+                    src = (slice(None), slice(None), slice(r0 - di - lo, r1 - di - lo), slice(c0 - dj, c1 - dj))
+                    dst[:, :, r0:r1, c0:c1].addcmul_(gs[src], ks[:, t : t + 1][src])
         if need_k:
-            xb = xp[planes, :, h0 : h1 + 2 * p]
-            gkb = grad_k[planes, :, h0:h1]
+            gb, xb, gkb = g[planes, :, h0:h1], xp[planes, :, h0 : h1 + 2 * p], grad_k[planes, :, h0:h1]
             for t in range(k * k):
                 i, j = divmod(t, k)
+                xs = xb[:, :, i : i + rows, j : j + W]
                 if n == 1:
-                    torch.mul(gb[:, 0], xb[:, 0, i : i + rows, j : j + W], out=gkb[:, t])
+                    torch.mul(gb[:, 0], xs[:, 0], out=gkb[:, t])
                 else:
-                    gkb[:, t] = (gb * xb[:, :, i : i + rows, j : j + W]).sum(1)
-    if need_x:
-        grad_x = gxp[:, :, p : p + H, p : p + W].reshape(B, C, H, W)
-        if residual:
-            grad_x = grad_x + grad.to(acc_dtype)
-        grad_x = grad_x.to(x.dtype)
-    if need_k:
-        grad_k = grad_k.view(B, G * k * k, H, W)
-    return grad_x, grad_k
+                    gkb[:, t] = (gb * xs).sum(1)
+
+    _run_blocks(work, P, n, H, W, x.device)
+    grad_x = gx.view(B, C, H, W).to(x.dtype) if need_x else None
+    return grad_x, (grad_k.view(B, G * k * k, H, W) if need_k else None)
 
 
 class _EACTorch(torch.autograd.Function):
