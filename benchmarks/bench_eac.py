@@ -27,7 +27,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff.ops import eac as _eac_entry  # noqa: E402,F401  (the package import)
 from deblurdiff.ops.eac import eac_reference, eac_shifted, eac_torch, eac_unfold  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -107,7 +106,9 @@ def run(args) -> None:
             grad = torch.randn(B, C, S, S, generator=gen).to(device, dtype)
             elems = x.numel() * 2 + kernels.numel()  # x, kernels, out
             for mode in ("fwd", "fwd+bwd"):
-                bytes_moved = elems * size if mode == "fwd" else (2 * elems + 2 * x.numel() + 2 * kernels.numel()) * size
+                # backward: grad_out, x, kernels read; grad_x, grad_kernels written
+                backward = 3 * x.numel() + 2 * kernels.numel()
+                bytes_moved = (elems if mode == "fwd" else elems + backward) * size
                 baseline = None
                 for name, fn in paths.items():
                     if mode == "fwd":

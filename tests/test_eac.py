@@ -31,7 +31,8 @@ from deblurdiff.ops import eac, eac_reference  # noqa: E402
 
 eac_module = importlib.import_module("deblurdiff.ops.eac")  # the module (``ops.eac`` is the function)
 
-# Largest error allowed, relative to max(1, max |reference|).
+# Largest error allowed, relative to max(1, max |reference|). (The Triton interpreter
+# rounds float32 -> bfloat16 toward zero, about twice the error of the GPU's rounding.)
 TOL = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
@@ -47,6 +48,12 @@ def _half_supported_on_cpu() -> bool:
 
 
 CPU_DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if _half_supported_on_cpu() else [])
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    """These tests choose backends themselves."""
+    monkeypatch.delenv(eac_module.BACKEND_ENV, raising=False)
 
 
 def make_inputs(B, C, G, k, H, W, dtype, layout="contiguous", seed=0):
@@ -169,9 +176,9 @@ def test_torch_path_non_contiguous(layout, dtype):
     assert max(errors) <= TOL[dtype], errors
 
 
-@pytest.mark.parametrize("block", [1, 40, 200])
+@pytest.mark.parametrize("block", [1, 20, 100])
 def test_torch_path_blocks(monkeypatch, block):
-    # Tiny blocks: row blocks inside a plane, and several planes per block.
+    # Tiny blocks: row blocks inside a plane, and several planes per block (x threads).
     monkeypatch.setattr(eac_module, "_BLOCK", block)
     for G in (1, 4):
         errors = errors_against_reference(eac_module.eac_torch, 2, 4, G, 5, 9, 6, torch.float32, True)
@@ -180,7 +187,7 @@ def test_torch_path_blocks(monkeypatch, block):
 
 @pytest.mark.parametrize("threads", [1, 3])
 def test_torch_path_threads(threads):
-    # Several threads: blocks run concurrently on a pool (also under inference mode).
+    # The block size depends on the thread count; also under inference mode.
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

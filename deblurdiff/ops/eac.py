@@ -17,9 +17,8 @@ Implementations:
 * :func:`eac_unfold`, :func:`eac_shifted` -- the usual PyTorch formulations, kept as
   benchmark baselines.
 * :func:`eac_torch` -- the fast PyTorch path (CPU, or CUDA without Triton): one
-  in-place multiply-add per tap over cache-sized blocks (blocks run concurrently when
-  torch uses several threads), float32 accumulation for float16/bfloat16, and a
-  hand-written backward.
+  in-place multiply-add per tap over cache-sized blocks, float32 accumulation for
+  float16/bfloat16, and a hand-written backward.
 * ``eac_triton.eac_triton`` -- fused Triton kernels (forward and both gradients).
 
 :func:`eac` picks one: Triton for CUDA tensors when ``triton`` imports, the PyTorch
@@ -30,7 +29,6 @@ path otherwise. The environment variable ``DEBLURDIFF_EAC_BACKEND`` (``auto``,
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -138,15 +136,11 @@ def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, 
 # The fast PyTorch path ----------------------------------------------------------------
 
 
-# Output elements per block with one thread (256 KiB of float32): a block's
-# accumulator, input rows and kernel rows stay in cache while the k*k taps sweep
-# over them. With several threads, blocks are processed concurrently and kept below
-# ATen's grain size (32768 elements), so that every op runs on its calling thread:
-# no per-op thread synchronisation, which on a busy machine can cost milliseconds.
-_BLOCK = 1 << 16
-_PARALLEL_BLOCK = (1 << 15) - 1
-
-_pool_state: dict = {}
+# Output elements per block and thread (512 KiB of float32): a block's accumulator,
+# input rows and kernel rows stay in cache while the k*k taps sweep over them. Blocks
+# grow with torch's thread count, so that each op's share per thread stays this size
+# (ATen splits every op across its threads) and there are few ops to synchronise.
+_BLOCK = 1 << 17
 
 
 def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
@@ -160,36 +154,15 @@ def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
     return [(slice(q, q + step), 0, H) for q in range(0, planes, step)]
 
 
-def _pool(threads: int) -> ThreadPoolExecutor:
-    key = (os.getpid(), threads)  # a forked child gets a new pool
-    if _pool_state.get("key") != key:
-        _pool_state["key"], _pool_state["pool"] = key, ThreadPoolExecutor(threads, thread_name_prefix="eac")
-    return _pool_state["pool"]
-
-
 def _run_blocks(work, planes: int, n: int, H: int, W: int, device: torch.device) -> None:
-    """``work(block)`` for every block; concurrently when torch uses several threads.
+    """``work(block)`` for every block of the (planes, n, H, W) output.
 
-    Blocks write disjoint parts of their outputs, so they need no locking. On other
-    devices than the CPU the whole tensor is one block (fewest kernel launches).
+    On other devices than the CPU the whole tensor is one block (fewest kernel launches).
     """
     if device.type != "cpu":
         work((slice(None), 0, H))
         return
-    threads = torch.get_num_threads()
-    if threads > 1:
-        blocks = _blocks(planes, n, H, W, min(_BLOCK, _PARALLEL_BLOCK))
-        if len(blocks) > 1:
-            inference = torch.is_inference_mode_enabled()
-
-            def run(block):
-                with torch.inference_mode(inference), torch.no_grad():
-                    work(block)
-
-            for _ in _pool(min(threads, len(blocks))).map(run, blocks):
-                pass
-            return
-    for block in _blocks(planes, n, H, W, _BLOCK):
+    for block in _blocks(planes, n, H, W, _BLOCK * max(1, torch.get_num_threads())):
         work(block)
 
 
