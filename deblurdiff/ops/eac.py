@@ -174,6 +174,13 @@ def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
     return xp
 
 
+def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
+    """View (P, n, k, k, rows, W) of a padded slab (P, n, rows + k - 1, W + k - 1):
+    element [..., i, j, h, w] is xb[..., h + i, w + j]."""
+    s0, s1, s2, s3 = xb.stride()
+    return xb.as_strided((xb.shape[0], xb.shape[1], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
+
+
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
     """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
 
@@ -248,14 +255,20 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
                     src = (slice(None), slice(None), slice(r0 - di - lo, r1 - di - lo), slice(c0 - dj, c1 - dj))
                     dst[:, :, r0:r1, c0:c1].addcmul_(gs[src], ks[:, t : t + 1][src])
         if need_k:
-            gb, xb, gkb = g[planes, :, h0:h1], xp[planes, :, h0 : h1 + 2 * p], grad_k[planes, :, h0:h1]
-            for t in range(k * k):
-                i, j = divmod(t, k)
-                xs = xb[:, :, i : i + rows, j : j + W]
-                if n == 1:
-                    torch.mul(gb[:, 0], xs[:, 0], out=gkb[:, t])
-                else:
-                    gkb[:, t] = (gb * xs).sum(1)
+            # All k*k taps in one op per channel: grad (broadcast over the taps) times
+            # a strided view of the k x k windows of x.
+            gb = g[planes, :, None, None, h0:h1]  # (P', n, 1, 1, rows, W)
+            windows = _windows(xp[planes, :, h0 : h1 + 2 * p], k, rows, W)  # (P', n, k, k, rows, W)
+            dst = grad_k[planes, :, h0:h1].unflatten(1, (k, k))  # (P', k, k, rows, W)
+            if n == 1:
+                torch.mul(gb[:, 0], windows[:, 0], out=dst)
+            else:
+                acc = dst if dst.dtype == acc_dtype else torch.empty(dst.shape, dtype=acc_dtype, device=x.device)
+                torch.mul(gb[:, 0], windows[:, 0], out=acc)
+                for c in range(1, n):
+                    acc.addcmul_(gb[:, c], windows[:, c])
+                if acc is not dst:
+                    dst.copy_(acc)
 
     _run_blocks(work, P, n, H, W, x.device)
     grad_x = gx.view(B, C, H, W).to(x.dtype) if need_x else None
