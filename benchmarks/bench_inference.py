@@ -20,7 +20,8 @@ Presets:
   cpu  512² (2 steps run; the second one's time extrapolated to the full count) and
        1024² untiled vs tiled (1 step). No compile (not used on CPU), no float16.
        Peak memory is the process's peak resident set size (weights included).
-Per-image times are VAE encode + decode + steps × time per step. On the CPU, other
+On the CPU denormals are flushed to zero (random weights produce them, and they slow
+float32 kernels erratically). Per-image times are VAE encode + decode + steps × time per step. On the CPU, other
 processes sharing the machine inflate times (the load average is printed).
 
 Wrap full-size runs in `flock /tmp/deblurdiff-fullsize.lock ...` on shared machines.
@@ -348,6 +349,10 @@ def main(argv=None) -> int:
     diffusers_logging.set_verbosity_error()  # casting notices from .to(dtype)
 
     device = pick_device(args.device)
+    if device.type == "cpu":
+        # Random weights give denormal activations, which slow float32 CPU kernels 1.5-3×
+        # (and erratically); flushing them to zero measures the arithmetic instead.
+        torch.set_flush_denormal(True)
     preset = args.preset or ("gpu" if device.type == "cuda" else "cpu")
     cases = gpu_cases() if preset == "gpu" else cpu_cases()
     if args.sizes:

@@ -403,6 +403,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             restored = restored[:n]
         return eps, restored.float()
 
+    @torch.no_grad()
     def predict_noise(
         self,
         latents: torch.Tensor,
