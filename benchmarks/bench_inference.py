@@ -24,7 +24,7 @@ On the CPU denormals are flushed to zero (random weights produce them, and they 
 float32 kernels erratically). Per-image times are VAE encode + decode + steps × time per step. On the CPU, other
 processes sharing the machine inflate times (the load average is printed).
 
-Wrap full-size runs in `flock /tmp/deblurdiff-fullsize.lock ...` on shared machines.
+On a shared machine, run full-size jobs one at a time (e.g. under `flock LOCKFILE ...`).
 """
 
 from __future__ import annotations

@@ -41,8 +41,9 @@ EOF
 )
   if [ -n "$MISSING" ]; then
     echo "installing from .whl: $(echo $MISSING | tr '\n' ' ')"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $MISSING \
-      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    SITE=$(mktemp -d)
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $MISSING \
+      && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
 $PY - <<'EOF' || { echo "cannot import the project's dependencies: stopping"; exit 2; }
