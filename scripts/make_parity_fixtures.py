@@ -1,0 +1,312 @@
+"""Record the reference implementation's outputs for the parity tests (run by hand).
+
+    python scripts/make_parity_fixtures.py REF_DIR OUT_DIR
+
+REF_DIR is a checkout of the authors' repository (kkkls/DeblurDiff); OUT_DIR is normally
+``tests/fixtures/parity``. The reference needs ``einops``, ``omegaconf`` and ``ftfy``
+(not dependencies of this project: install them in a throw-away environment).
+
+The reference ``ControlLDM`` is built at a small size with random weights (every layer
+randomised, zero-initialised ones included, and rounded to float16 so that the
+checkpoint can be stored in half precision without changing what was computed), and
+its state dict is saved in the official layout (prefixes ``unet.``, ``controlnet.``,
+``kpn.``, ``vae.``, ``clip.``). Recorded, all in float32 with fixed seeds:
+
+* VAE: posterior mean/std of a [0, 1] image, the noise of the reference's posterior
+  sample and that sample (the blurry latent ``c``), and the decoding of ``c``;
+* text: embeddings of the default negative prompt and of ``""`` (token ids are recorded:
+  OpenCLIP's ids, and the ids remapped into the small vocabulary that was run);
+* one model call (``eps`` and the LKPN output ``z_s``, and the LKPN's kernels) and one
+  classifier-free-guided call;
+* three steps of the reference's spaced DDPM sampler (5-step schedule) with the
+  injected noise, and the sampler's schedule (timesteps and coefficients);
+* the key -> shape list of the FULL-size reference state dict (built on the meta
+  device), for the converter's architecture test.
+
+Substitutions that let the reference run on a CPU: ``cupy`` is stubbed (never called);
+the CUDA EAC kernel is replaced by ``deblurdiff.ops.eac_reference``, which is first
+checked against a literal transcription of that kernel's index arithmetic; the LKPN's
+hard-coded UNet is shrunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from deblurdiff.ops import eac_reference  # noqa: E402
+
+SEED = 0
+HEAD_DIM = 16
+LATENT_SCALE = 0.18215
+VOCAB = 1000  # the real 49408-token embedding alone would be several MB
+MODEL_T = 500
+CFG_SCALE = 3.0
+SAMPLER_STEPS = 5
+STEPS_RUN = 3
+IMAGE_HW = (32, 48)  # non-square on purpose; the VAE below downsamples 4x
+NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
+
+SMALL = dict(
+    unet=dict(
+        use_checkpoint=False, image_size=32, in_channels=4, out_channels=4, model_channels=32,
+        attention_resolutions=[1], num_res_blocks=1, channel_mult=[1, 2], num_head_channels=HEAD_DIM,
+        use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=1,
+        context_dim=32, legacy=False,
+    ),
+    # The LKPN keeps the reference's in/out channels (8 -> 4·5·5); two layers per block.
+    lkpn_unet=dict(
+        use_checkpoint=False, model_channels=32, channel_mult=[1, 1], attention_resolutions=[1],
+        num_res_blocks=2, num_head_channels=HEAD_DIM, context_dim=32,
+    ),
+    vae=dict(
+        embed_dim=4,
+        ddconfig=dict(
+            double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=32,
+            ch_mult=[1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0,
+        ),
+    ),
+    clip=dict(
+        embed_dim=32,
+        vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=16),
+        text_cfg=dict(context_length=77, vocab_size=VOCAB, width=32, heads=32 // HEAD_DIM, layers=3),
+        layer="penultimate",
+    ),
+)
+SMALL["controlnet"] = {k: v for k, v in SMALL["unet"].items() if k != "out_channels"} | {"hint_channels": 8}
+
+_LKPN_OVERRIDES: dict = {}
+
+
+def import_reference(ref_dir: Path):
+    """Import the reference's modules with the CPU substitutions described above."""
+    sys.path.insert(0, str(ref_dir))
+    cupy = types.ModuleType("cupy")
+    cupy._util = types.SimpleNamespace(memoize=lambda **kw: (lambda f: f))
+    cupy.RawKernel = None
+    cupy.ndarray = type("ndarray", (), {})  # einops probes the modules already imported
+    sys.modules.setdefault("cupy", cupy)
+
+    import model.lkpn as lkpn_module
+    from model.unet import UNetModel
+
+    def eac_cpu(input, weight, bias=None, stride=1, padding=0, dilation=1):
+        b, _, k, _, h, w = weight.shape
+        assert stride == 1 and dilation == 1 and padding == (k - 1) // 2 and bias is None
+        return eac_reference(input, weight.reshape(b, -1, h, w))
+
+    lkpn_module._idynamic_cuda = eac_cpu
+    lkpn_module.UNetModel = lambda **kw: UNetModel(**{**kw, **_LKPN_OVERRIDES})
+
+    from model.cldm import ControlLDM
+    from model.gaussian_diffusion import Diffusion
+    from model.open_clip import tokenize
+    from utils.sampler import SpacedSampler
+
+    return types.SimpleNamespace(ControlLDM=ControlLDM, Diffusion=Diffusion, SpacedSampler=SpacedSampler, tokenize=tokenize)
+
+
+def check_eac_against_cuda_kernel() -> float:
+    """``eac_reference`` vs a literal transcription of the reference's CUDA forward kernel."""
+    g = torch.Generator().manual_seed(1)
+    n, channels, height, width, k = 1, 4, 5, 6, 5
+    for groups in (4, 2, 1):
+        x = torch.randn(n, channels, height, width, generator=g, dtype=torch.float64)
+        weight = torch.randn(n, groups, k, k, height, width, generator=g, dtype=torch.float64)
+        bottom, wflat = x.flatten().tolist(), weight.flatten().tolist()
+        pad = (k - 1) // 2
+        top = []
+        for index in range(n * channels * height * width):
+            nn_ = index // channels // height // width
+            c = (index // height // width) % channels
+            h = (index // width) % height
+            w = index % width
+            gg = c // (channels // groups)
+            value = 0.0
+            for kh in range(k):
+                for kw in range(k):
+                    h_in, w_in = -pad + h + kh, -pad + w + kw
+                    if 0 <= h_in < height and 0 <= w_in < width:
+                        offset = ((nn_ * channels + c) * height + h_in) * width + w_in
+                        offset_weight = ((((nn_ * groups + gg) * k + kh) * k + kw) * height + h) * width + w
+                        value += wflat[offset_weight] * bottom[offset]
+            top.append(value)
+        expected = torch.tensor(top, dtype=torch.float64).view_as(x)
+        got = eac_reference(x, weight.reshape(n, groups * k * k, height, width))
+        err = (got - expected).abs().max().item()
+        assert err < 1e-12, f"EAC differs from the CUDA kernel (groups={groups}): {err}"
+    return err
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int) -> None:
+    """Give every layer random weights: zero-initialised projections would hide mapping
+    errors, and so would the all-ones / all-zeros norms."""
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not m.weight.any():
+            m.reset_parameters()
+        if isinstance(m, (nn.GroupNorm, nn.LayerNorm)) and m.weight is not None:
+            m.weight.copy_(1 + 0.1 * torch.randn_like(m.weight))
+            m.bias.copy_(0.1 * torch.randn_like(m.bias))
+    for p in model.parameters():  # exactly representable in float16: the checkpoint is stored so
+        p.copy_(p.half().float())
+
+
+def remap_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """OpenCLIP ids -> ids of the small vocabulary (0 = padding stays 0; start/end last)."""
+    out = 1 + ids % (VOCAB - 3)
+    out[ids == 0] = 0
+    out[ids == 49406] = VOCAB - 2
+    out[ids == 49407] = VOCAB - 1
+    return out
+
+
+def full_size_shapes(ref, ref_dir: Path) -> dict[str, list[int]]:
+    import yaml
+
+    cfg = yaml.safe_load((ref_dir / "configs/inference/cldm.yaml").read_text())["params"]
+    _LKPN_OVERRIDES.clear()
+    with torch.device("meta"):
+        model = ref.ControlLDM(**cfg)
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref_dir", type=Path, help="checkout of kkkls/DeblurDiff")
+    parser.add_argument("out_dir", type=Path, help="where to write the fixtures (tests/fixtures/parity)")
+    args = parser.parse_args(argv)
+    ref_dir = args.ref_dir.resolve()
+    args.out_dir = args.out_dir.resolve()
+    os.chdir(ref_dir)  # the reference resolves some paths relative to its root
+    ref = import_reference(ref_dir)
+    from safetensors.torch import save_file
+
+    eac_err = check_eac_against_cuda_kernel()
+    print(f"EAC: eac_reference == CUDA kernel transcription (max abs diff {eac_err:.1e})")
+
+    # ------------------------------------------------------------ the small reference model
+    _LKPN_OVERRIDES.clear()
+    _LKPN_OVERRIDES.update(SMALL["lkpn_unet"])
+    torch.manual_seed(SEED)
+    cldm = ref.ControlLDM(
+        unet_cfg=SMALL["unet"], vae_cfg=SMALL["vae"], clip_cfg=SMALL["clip"],
+        controlnet_cfg=SMALL["controlnet"], latent_scale_factor=LATENT_SCALE,
+    )
+    randomise(cldm, SEED)
+    cldm.eval()
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in cldm.state_dict().items()}
+
+    g = torch.Generator().manual_seed(SEED + 1)
+    out: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ VAE
+    h, w = IMAGE_HW
+    image = F.interpolate(torch.rand(1, 3, h // 4, w // 4, generator=g), size=(h, w), mode="bilinear")
+    image = image.clamp(0, 1)
+    posterior = cldm.vae.encode(image)
+    noise = torch.randn(posterior.mean.shape, generator=g)
+    torch.manual_seed(SEED + 2)
+    sampled = cldm.vae_encode(image, sample=True)  # the reference's own sampling path
+    torch.manual_seed(SEED + 2)
+    drawn = torch.randn(posterior.mean.shape)
+    assert torch.allclose(sampled, (posterior.mean + posterior.std * drawn) * LATENT_SCALE)
+    c_img = (posterior.mean + posterior.std * noise) * LATENT_SCALE
+    out.update(
+        image=image, vae_mean=posterior.mean, vae_std=posterior.std, vae_noise=noise, condition=c_img,
+        decoded=cldm.vae_decode(c_img),
+    )
+
+    # ------------------------------------------------------------ text
+    openclip_ids = ref.tokenize([NEGATIVE_PROMPT, ""])
+    ids = remap_tokens(openclip_ids)
+    text = cldm.clip(ids)
+    out.update(
+        openclip_ids=openclip_ids, token_ids=ids, text_negative=text[:1].contiguous(), text_empty=text[1:].contiguous()
+    )
+
+    # ------------------------------------------------------------ one model call, and a guided one
+    x_t = torch.randn(c_img.shape, generator=g)
+    t = torch.tensor([MODEL_T], dtype=torch.long)
+    cond = {"c_img": c_img, "c_txt": out["text_empty"]}
+    uncond = {"c_img": c_img, "c_txt": out["text_negative"]}
+    eps, z_s = cldm(x_t, t, cond)
+    kernels = cldm.kpn.unet(x=torch.cat([c_img, x_t], 1), timesteps=t, context=out["text_empty"])
+    sampler = ref.SpacedSampler(ref.Diffusion(**_diffusion_params(ref_dir)).betas)
+    eps_guided, _ = sampler.predict_noise(cldm, x_t, t, cond, uncond, CFG_SCALE)
+    out.update(x_t=x_t, timestep=t, eps=eps, z_s=z_s, kernels=kernels, eps_guided=eps_guided)
+
+    # ------------------------------------------------------------ spaced DDPM sampler, noise injected
+    sampler.make_schedule(SAMPLER_STEPS)
+    for name in ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                 "posterior_mean_coef1", "posterior_mean_coef2"):
+        out[f"schedule_{name}"] = getattr(sampler, name).clone()
+    out["schedule_timesteps"] = torch.from_numpy(sampler.timesteps.astype("int64"))
+    x = torch.randn(c_img.shape, generator=g)
+    out["sample_x_T"] = x
+    timesteps = sampler.timesteps[::-1]
+    randn_like = torch.randn_like
+    try:
+        for i in range(STEPS_RUN):
+            step_noise = torch.randn(x.shape, generator=g)
+            torch.randn_like = lambda tensor, _n=step_noise, **kw: _n.clone()
+            ts = torch.full((1,), int(timesteps[i]), dtype=torch.long)
+            index = torch.full_like(ts, SAMPLER_STEPS - i - 1)
+            x, kpn = sampler.p_sample(cldm, x, ts, index, cond, None, 1.0, None, False, -1, -1)
+            out[f"sample_noise_{i}"] = step_noise
+            out[f"sample_x_{i}"] = x
+            out[f"sample_z_s_{i}"] = kpn
+    finally:
+        torch.randn_like = randn_like
+
+    # ------------------------------------------------------------ write
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(args.out_dir / "checkpoint.safetensors"))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(args.out_dir / "outputs.safetensors"))
+    shapes = full_size_shapes(ref, ref_dir)
+    with gzip.open(args.out_dir / "reference_full_shapes.json.gz", "wt") as f:
+        json.dump(shapes, f, separators=(",", ":"), sort_keys=True)
+    metadata = dict(
+        description="Reference (kkkls/DeblurDiff) outputs at a small size; see scripts/make_parity_fixtures.py",
+        attention_head_dim=HEAD_DIM,
+        latent_scale=LATENT_SCALE,
+        vocab_size=VOCAB,
+        negative_prompt=NEGATIVE_PROMPT,
+        model_timestep=MODEL_T,
+        cfg_scale=CFG_SCALE,
+        sampler_steps=SAMPLER_STEPS,
+        steps_run=STEPS_RUN,
+        sampler_timesteps_run=[int(s) for s in timesteps[:STEPS_RUN]],
+        image_size=list(IMAGE_HW),
+        diffusion=_diffusion_params(ref_dir),
+        configs=SMALL,
+        checkpoint_dtype="float16 (weights rounded to float16 before the reference ran)",
+        full_size_keys=len(shapes),
+    )
+    (args.out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")
+    sizes = {p.name: p.stat().st_size for p in sorted(args.out_dir.iterdir())}
+    print(json.dumps(sizes, indent=1))
+
+
+def _diffusion_params(ref_dir: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((ref_dir / "configs/inference/diffusion.yaml").read_text())["params"]
+
+
+if __name__ == "__main__":
+    main()
