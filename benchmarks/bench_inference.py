@@ -92,46 +92,37 @@ BASE = "fp32 eager (reference)"
 
 
 def gpu_cases() -> list[Case]:
-    c = []
-    # 512²: every step is run.
-    c += [
+    """In execution order: what the targets need first (the time budget may cut the tail),
+    few switches of precision and compilation; PSNR is computed once all have run."""
+    cl = dict(dtype="bf16", channels_last=True)
+    return [
         Case(BASE, 512),
         Case("fp16", 512, "fp16", compare_to=BASE),
         Case("bf16", 512, "bf16", compare_to=BASE),
-        Case("bf16 + channels_last", 512, "bf16", True, compare_to=BASE),
-        Case("bf16 + cl + compile", 512, "bf16", True, True, compare_to=BASE),
-        Case("bf16 + cl + compile, DPM-Solver++ 20", 512, "bf16", True, True, sampler="dpmsolver++", steps_run=20),
-        Case("bf16 + cl + compile, DDIM 20", 512, "bf16", True, True, sampler="ddim", steps_run=20),
-    ]
-    c += [
-        Case(BASE, 1024, steps_run=5),
-        Case("bf16 + channels_last", 1024, "bf16", True, steps_run=5, compare_to=BASE),
-        Case("bf16 + cl + compile, tiled", 1024, "bf16", True, True, tiled=True, steps_run=5, compare_to=BASE),
-    ]
-    c += [
-        Case(BASE, 2048, steps_run=2),
-        Case("bf16 + cl + compile, tiled", 2048, "bf16", True, True, tiled=True, steps_run=2, compare_to=BASE),
-        Case("bf16 + cl + compile, tiled, DPM-Solver++ 20", 2048, "bf16", True, True, tiled=True,
+        Case("bf16 + channels_last", 512, **cl, compare_to=BASE),
+        Case("bf16 + channels_last", 1024, **cl, steps_run=5, compare_to=BASE),
+        Case("bf16 + cl + compile", 512, **cl, compile=True, compare_to=BASE),
+        Case("bf16 + cl + compile, DPM-Solver++ 20", 512, **cl, compile=True, sampler="dpmsolver++", steps_run=20),
+        Case("bf16 + cl + compile, DDIM 20", 512, **cl, compile=True, sampler="ddim", steps_run=20),
+        Case("bf16 + cl + compile, tiled", 2048, **cl, compile=True, tiled=True, steps_run=2, compare_to=BASE),
+        Case("bf16 + cl + compile, tiled", 1024, **cl, compile=True, tiled=True, steps_run=5, compare_to=BASE),
+        Case("bf16 + cl + compile, tiled, DPM-Solver++ 20", 2048, **cl, compile=True, tiled=True,
              sampler="dpmsolver++", steps_run=2),
+        Case(BASE, 1024, steps_run=5),
+        Case(BASE, 2048, steps_run=2),
     ]
-    return c
 
 
 def cpu_cases() -> list[Case]:
+    """In execution order (float32 first: without master weights precision only goes down)."""
     return [
         Case(BASE, 512, steps_run=2),
-        Case("bf16", 512, "bf16", steps_run=2, compare_to=BASE),
         Case("fp32 + channels_last", 512, "fp32", True, steps_run=2, compare_to=BASE),
-        Case("bf16, DPM-Solver++ 20", 512, "bf16", sampler="dpmsolver++", steps_run=2),
         Case(BASE, 1024, steps_run=1),
         Case("fp32, tiled (9 tiles)", 1024, "fp32", tiled=True, steps_run=1, compare_to=BASE),
+        Case("bf16", 512, "bf16", steps_run=2, compare_to=BASE),
+        Case("bf16, DPM-Solver++ 20", 512, "bf16", sampler="dpmsolver++", steps_run=2),
     ]
-
-
-# Order of execution: few switches of dtype / memory format / compilation.
-def execution_order(cases: list[Case]) -> list[Case]:
-    rank = {"fp32": 0, "fp16": 1, "bf16": 2}
-    return sorted(cases, key=lambda c: (c.compile, rank[c.dtype], c.channels_last, c.tiled, c.size))
 
 
 class PeakRSS:
@@ -292,13 +283,17 @@ class Bench:
         res.peak_gb = (torch.cuda.max_memory_allocated() if self.cuda else rss.peak) / 2**30
         out = out.float().cpu()
         self.outputs[case.key] = out
-        if case.compare_to is not None:
-            ref = self.outputs.get(f"{case.compare_to}@{case.size}")
-            if ref is not None:
-                mse = (out - ref).pow(2).mean().item()
-                res.psnr_db = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
         res.extra["finite"] = bool(torch.isfinite(out).all())
         return res
+
+    def fill_psnr(self, results: list[Result]) -> None:
+        for r in results:
+            c = r.case
+            out = self.outputs.get(c.key)
+            ref = self.outputs.get(f"{c.compare_to}@{c.size}") if c.compare_to else None
+            if out is not None and ref is not None:
+                mse = (out - ref).pow(2).mean().item()
+                r.psnr_db = float("inf") if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def fmt(x, spec=".2f", suffix=""):
@@ -315,7 +310,8 @@ def table(results: list[Result], cuda: bool) -> str:
         f"| {'configuration':<44} | size  | steps (run) | s/step | s/image | speed-up | peak GB | mem ratio | PSNR vs fp32 |"
     )
     lines = [head, "|" + "|".join("-" * (len(p)) for p in head.split("|")[1:-1]) + "|"]
-    for r in sorted(results, key=lambda r: r.case.size):
+    order = {id(r): i for i, r in enumerate(results)}
+    for r in sorted(results, key=lambda r: (r.case.size, r.case.name != BASE, order[id(r)])):
         c, b = r.case, base.get(r.case.size)
         if r.status != "ok":
             lines.append(f"| {c.name:<44} | {c.size:>5} | {r.status}")
@@ -371,13 +367,13 @@ def main(argv=None) -> int:
         print(f"# CPU threads: {torch.get_num_threads()}, load average at start: {os.getloadavg()}", flush=True)
     print(f"# {args.model_size}-size models, RANDOM weights: real timings, outputs are not deblurring results", flush=True)
 
-    bench = Bench(device, keep_master=device.type == "cuda", model_size=args.model_size)
+    bench = Bench(device, keep_master=preset == "gpu", model_size=args.model_size)
     weights_gb = sum(p.numel() * p.element_size() for m in bench.modules.values() for p in m.parameters()) / 2**30
     print(f"# built in {bench.build_s:.0f} s; UNet+ControlNet+LKPN+VAE weights {weights_gb:.2f} GB in fp32 "
           "(text encoder not loaded: stored default-prompt embeddings)", flush=True)
 
     results = []
-    for case in execution_order(cases):
+    for case in cases:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
             results.append(Result(case, status="skipped (time budget)"))
             continue
@@ -390,9 +386,9 @@ def main(argv=None) -> int:
             r = Result(case, status=f"failed: {type(exc).__name__}: {exc}"[:160])
         results.append(r)
         print(f"  {case.key:<55} {r.status:<4} step {fmt(r.step_s, '.3f')} s, image {fmt(r.image_s)} s, "
-              f"peak {fmt(r.peak_gb)} GB, warm-up {fmt(r.warmup_s, '.1f')} s, "
-              f"PSNR {fmt(r.psnr_db, '.1f') if r.psnr_db is not None else '–'}", flush=True)
+              f"peak {fmt(r.peak_gb)} GB, warm-up {fmt(r.warmup_s, '.1f')} s", flush=True)
 
+    bench.fill_psnr(results)
     print()
     print(table(results, device.type == "cuda"))
     print()
