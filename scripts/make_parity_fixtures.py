@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -93,6 +92,7 @@ _LKPN_OVERRIDES: dict = {}
 def import_reference(ref_dir: Path):
     """Import the reference's modules with the CPU substitutions described above."""
     sys.path.insert(0, str(ref_dir))
+    sys.dont_write_bytecode = True  # leave the reference checkout as it is
     cupy = types.ModuleType("cupy")
     cupy._util = types.SimpleNamespace(memoize=lambda **kw: (lambda f: f))
     cupy.RawKernel = None
@@ -192,7 +192,6 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     ref_dir = args.ref_dir.resolve()
     args.out_dir = args.out_dir.resolve()
-    os.chdir(ref_dir)  # the reference resolves some paths relative to its root
     ref = import_reference(ref_dir)
     from safetensors.torch import save_file
 
