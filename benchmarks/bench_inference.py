@@ -5,7 +5,9 @@ random weights: timings and memory are the real ones, the images are NOT deblurr
 results and are only used to compare precisions (PSNR against float32, same seed).
 
 The baseline is the reference configuration reproduced with this code: float32, eager,
-untiled, the reference's 50-step DDPM, guidance 1. Every other row is one optimisation
+untiled, the reference's 50-step DDPM, guidance 1, PyTorch's default settings. The other
+GPU rows run with cuDNN autotuning (``torch.backends.cudnn.benchmark``, which
+``pipe.optimize()`` turns on). Every other row is one optimisation
 (or a stack of them) at the same size, reported as ratios against that baseline.
 
     python benchmarks/bench_inference.py                 # preset from the device
@@ -191,6 +193,8 @@ class Bench:
 
     def configure(self, case: Case) -> None:
         pipe = self.pipe
+        if self.cuda:  # the baseline runs with PyTorch's defaults; pipe.optimize() turns this on
+            torch.backends.cudnn.benchmark = case.name != BASE
         if case.dtype != self.state["dtype"]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

