@@ -9,17 +9,7 @@ from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
 from deblurdiff.pipeline import color_fix, image_to_tensor, pad_to_multiple
 
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = DeblurDiffPipeline(**build_components("tiny", seed=0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def random_image(h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+from conftest import random_image
 
 
 def run(pipe, image, seed=0, **kw):

@@ -1,13 +1,12 @@
 """The text encoder is only needed for custom prompts: saved folders carry the default
 prompts' embeddings and loading defers the text encoder (tiny random models)."""
 
-import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from deblurdiff import DeblurDiffPipeline, load_pipeline
 from deblurdiff.models.configs import build_components
+from conftest import random_image, tiny_pipeline
 from deblurdiff.pipeline import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT,
@@ -19,15 +18,14 @@ from deblurdiff.pipeline import (
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    pipe = DeblurDiffPipeline(**build_components("tiny", seed=0))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = tiny_pipeline()
     folder = tmp_path_factory.mktemp("pipeline")
     pipe.save_pretrained(folder)
     return pipe, folder
 
 
 def image():
-    return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return random_image(64, 64)
 
 
 def run(pipe, **kw):

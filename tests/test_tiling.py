@@ -14,13 +14,13 @@ Tolerances stated here:
 import warnings
 
 import numpy as np
-import PIL.Image
 import pytest
 import torch
 
 from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
 from deblurdiff.pipeline import AUTO_TILE_PIXELS, low_frequency
+from conftest import random_image
 from deblurdiff.tiling import (
     Window,
     blend_weights,
@@ -33,18 +33,6 @@ from deblurdiff.tiling import (
     vae_decode_tiled,
     vae_encode_tiled,
 )
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    pipe = DeblurDiffPipeline(**build_components("tiny", seed=0))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def random_image(h, w, seed=0):
-    rng = np.random.default_rng(seed)
-    return PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 def run(pipe, image, seed=0, **kw):
