@@ -53,6 +53,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
+from .models.windowed_attention import DEFAULT_WINDOW, attention_windows, enable_windowed_attention
 from .tiling import blend_weights, check_tiling, latent_windows, vae_decode_tiled, vae_encode_tiled
 
 logger = logging.get_logger(__name__)
@@ -192,6 +193,13 @@ class DeblurDiffPipeline(DiffusionPipeline):
             lkpn=lkpn,
             scheduler=scheduler,
         )
+        # The reference attends within windows (models/windowed_attention.py). The LKPN and
+        # the ControlNet keep their window in their config; the plain UNet follows the
+        # ControlNet's unless it was given one already.
+        if unet is not None and not any(
+            hasattr(unet.get_submodule(name), "attention_window") for name in attention_windows(unet)
+        ):
+            enable_windowed_attention(unet, getattr(controlnet.config, "attention_window", DEFAULT_WINDOW))
         self._prompt_cache: dict = {}
         # Embeddings known without the text encoder ({prompt: float32 CPU tensor}).
         self._stored_prompt_embeds: dict[str, torch.Tensor] = {}
@@ -584,6 +592,16 @@ class DeblurDiffPipeline(DiffusionPipeline):
                     module.compile(mode=compile_mode, dynamic=False)
                 if warmup:
                     self.warmup(*warmup)
+        return self
+
+    def set_attention_window(self, window: int | None = DEFAULT_WINDOW) -> "DeblurDiffPipeline":
+        """Attention windows of the UNet, ControlNet and LKPN: the reference's (side 64 at
+        the first level, the default) or ``None`` for global attention (which differs
+        from the reference above a 64×64 latent, 512 px)."""
+        for model in (self.unet, self.controlnet, self.lkpn):
+            enable_windowed_attention(model, window)
+        for model in (self.controlnet, self.lkpn):
+            model.register_to_config(attention_window=window)
         return self
 
     @torch.no_grad()

@@ -18,6 +18,8 @@ its state dict is saved in the official layout (prefixes ``unet.``, ``controlnet
   OpenCLIP's ids, and the ids remapped into the small vocabulary that was run);
 * one model call (``eps`` and the LKPN output ``z_s``, and the LKPN's kernels) and one
   classifier-free-guided call;
+* one model call at a 96×80 latent (random blurry latent, no VAE), where the reference's
+  windowed attention differs from global attention;
 * three steps of the reference's spaced DDPM sampler (5-step schedule) with the
   injected noise, and the sampler's schedule (timesteps and coefficients);
 * the key -> shape list of the FULL-size reference state dict (built on the meta
@@ -56,6 +58,7 @@ CFG_SCALE = 3.0
 SAMPLER_STEPS = 5
 STEPS_RUN = 3
 IMAGE_HW = (32, 48)  # non-square on purpose; the VAE below downsamples 4x
+LARGE_LATENT_HW = (96, 80)  # above the reference's 64×64 attention windows
 NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 
 SMALL = dict(
@@ -272,6 +275,16 @@ def main(argv=None) -> None:
     finally:
         torch.randn_like = randn_like
 
+    # ------------------------------------------------------------ one model call above 64×64
+    # The reference attends within windows (64 at the first level, halved per level in
+    # the UNets); at this latent they overlap and the last ones are clamped to the edge.
+    # No VAE: the blurry latent is drawn directly.
+    g_large = torch.Generator().manual_seed(SEED + 3)
+    c_large = torch.randn(1, 4, *LARGE_LATENT_HW, generator=g_large) * 0.8
+    x_large = torch.randn(1, 4, *LARGE_LATENT_HW, generator=g_large)
+    eps_large, z_s_large = cldm(x_large, t, {"c_img": c_large, "c_txt": out["text_empty"]})
+    out.update(large_condition=c_large, large_x_t=x_large, large_eps=eps_large, large_z_s=z_s_large)
+
     # ------------------------------------------------------------ write
     args.out_dir.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.out_dir / "checkpoint.safetensors"))
@@ -291,6 +304,7 @@ def main(argv=None) -> None:
         steps_run=STEPS_RUN,
         sampler_timesteps_run=[int(s) for s in timesteps[:STEPS_RUN]],
         image_size=list(IMAGE_HW),
+        large_latent_size=list(LARGE_LATENT_HW),
         diffusion=_diffusion_params(ref_dir),
         configs=SMALL,
         checkpoint_dtype="float16 (weights rounded to float16 before the reference ran)",

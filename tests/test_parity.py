@@ -107,6 +107,25 @@ def test_one_model_call(pipe, ref):
     check("eps", eps, ref["eps"])
 
 
+def test_model_call_above_the_attention_window(pipe, ref, meta):
+    """At a 96×80 latent the reference attends within overlapping windows (64 at the first
+    level, 32 in the UNets' middle block); global attention gives a clearly different result."""
+    x, c, text = ref["large_x_t"], ref["large_condition"], ref["text_empty"]
+    assert list(x.shape[-2:]) == meta["large_latent_size"]
+    eps, z_s = pipe.predict_noise(x, ref["timestep"], c, text)
+    check("lkpn z_s, 96x80 latent (windowed attention)", z_s, ref["large_z_s"])
+    check("eps, 96x80 latent (windowed attention)", eps, ref["large_eps"])
+    try:
+        pipe.set_attention_window(None)
+        eps_global, z_s_global = pipe.predict_noise(x, ref["timestep"], c, text)
+    finally:
+        pipe.set_attention_window()
+    for name, ours, theirs in (("z_s", z_s_global, ref["large_z_s"]), ("eps", eps_global, ref["large_eps"])):
+        err = ((ours - theirs).abs().max() / theirs.abs().max()).item()
+        ERRORS[f"{name}, 96x80 latent, global attention (must differ)"] = err
+        assert err > 100 * TOLERANCE, f"{name}: global attention matches the windowed reference ({err:.1e})"
+
+
 def test_guided_model_call(pipe, ref, meta):
     eps, _ = pipe.predict_noise(
         ref["x_t"], ref["timestep"], ref["condition"], ref["text_empty"],

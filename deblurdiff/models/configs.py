@@ -16,6 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .controlnet import LatentControlNetModel
 from .lkpn import LKPNModel
+from .windowed_attention import enable_windowed_attention
 
 LATENT_SCALE = 0.18215
 TEXT_CONTEXT_LENGTH = 77
@@ -163,11 +164,13 @@ def build_components(size: str = "tiny", seed: int = 0) -> dict:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     spec = SIZES[size]
     torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    enable_windowed_attention(unet)  # the reference's windows (the other models set theirs)
     return dict(
         vae=AutoencoderKL(**spec["vae"]),
         text_encoder=CLIPTextModel(text_config(**spec["text"])),
         tokenizer=make_test_tokenizer(),
-        unet=UNet2DConditionModel(**spec["unet"]),
+        unet=unet,
         controlnet=LatentControlNetModel(**spec["controlnet"]),
         lkpn=LKPNModel(**spec["lkpn"]),
         scheduler=make_scheduler(),

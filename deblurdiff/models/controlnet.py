@@ -17,6 +17,8 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
 
+from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
+
 
 def zero_module(module: nn.Module) -> nn.Module:
     for p in module.parameters():
@@ -28,7 +30,9 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
     """ControlNet conditioned on a latent hint concatenated to the noisy latent.
 
     ``attention_head_dim`` is the number of channels per head (the reference uses
-    64); each level gets ``channels // attention_head_dim`` heads.
+    64); each level gets ``channels // attention_head_dim`` heads. ``attention_window``
+    is the side of the reference's attention windows (the same at every level, see
+    :mod:`.windowed_attention`); ``None`` gives global attention.
     """
 
     _supports_gradient_checkpointing = True
@@ -51,6 +55,7 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
         use_linear_projection: bool = True,
         norm_num_groups: int = 32,
         norm_eps: float = 1e-5,
+        attention_window: int | None = DEFAULT_WINDOW,
     ):
         super().__init__()
         first = block_out_channels[0]
@@ -99,6 +104,7 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
             use_linear_projection=use_linear_projection,
         )
         self.controlnet_mid_block = zero_module(nn.Conv2d(mid_ch, mid_ch, 1))
+        enable_windowed_attention(self, attention_window)
 
     @classmethod
     def from_unet(cls, unet, hint_channels: int = 8) -> "LatentControlNetModel":

@@ -13,12 +13,15 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from ..ops import eac
+from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
 class LKPNModel(ModelMixin, ConfigMixin):
     """``z_s = c + EAC(c, UNet(cat(c, x_t), t, text))``.
 
     ``attention_head_dim`` is the number of channels per head (64 in the reference).
+    ``attention_window`` is the reference's attention window at the first level (halved
+    per level, see :mod:`.windowed_attention`); ``None`` gives global attention.
     """
 
     _supports_gradient_checkpointing = True
@@ -39,6 +42,7 @@ class LKPNModel(ModelMixin, ConfigMixin):
         attention_head_dim: int = 64,
         cross_attention_dim: int = 1024,
         norm_num_groups: int = 32,
+        attention_window: int | None = DEFAULT_WINDOW,
     ):
         super().__init__()
         self.unet = UNet2DConditionModel(
@@ -57,6 +61,7 @@ class LKPNModel(ModelMixin, ConfigMixin):
             flip_sin_to_cos=True,
             freq_shift=0,
         )
+        enable_windowed_attention(self, attention_window)
 
     def predict_kernels(self, condition, sample, timestep, encoder_hidden_states) -> torch.Tensor:
         """Per-pixel kernels, shape (B, C·k·k, h, w)."""

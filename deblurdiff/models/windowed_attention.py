@@ -1,0 +1,153 @@
+"""Windowed spatial transformers, as in the reference.
+
+The reference's ``SpatialTransformer`` does not attend over the whole feature map: it
+cuts the map into overlapping square windows, runs the whole block (GroupNorm, input
+projection, transformer blocks, output projection) on each window separately, averages
+the overlaps and adds the residual. The window side ``k`` depends on where the block is:
+
+* SD UNet and the LKPN's UNet: 64 at the first level, halved at each downsampling
+  (down block ``i``: ``64 >> i``; middle block: ``64 >> (levels - 1)``), doubled again in
+  the decoder (up block ``j``: ``64 >> (levels - 1 - j)``);
+* ControlNet: 64 everywhere, middle block included.
+
+Per dimension the window is ``min(k, side)``. Up to a 64×64 latent (512 px) every
+window covers its whole map, and the result is exactly global attention; above that
+it is not, and the official weights only reproduce the reference with windows.
+
+:func:`enable_windowed_attention` sets the windows of a model in place. It replaces the
+``forward`` of each diffusers ``Transformer2DModel`` instance (state-dict keys are not
+touched); a block whose map fits in one window calls the original ``forward`` unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import types
+
+import torch
+from torch import nn
+
+DEFAULT_WINDOW = 64
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "attention_windows",
+    "enable_windowed_attention",
+    "window_starts",
+    "windowed_transformer_forward",
+]
+
+
+def window_starts(side: int, k: int) -> list[int]:
+    """Start offsets of the windows along one dimension of length ``side``, as the
+    reference places them: ``n = ceil(side / k)`` windows spaced by
+    ``ceil((side - k) / (n - 1))``, the last one moved back to end at the edge."""
+    k = min(side, k)
+    count = -(-side // k)
+    step = k if count == 1 else math.ceil((side - k) / (count - 1) - 1e-8)
+    starts = []
+    pos = 0
+    while pos < side:
+        if pos + k >= side:
+            starts.append(side - k)
+            break
+        starts.append(pos)
+        pos += step
+    return starts
+
+
+def _repeat_batch(value, windows: int, batch: int):
+    """Repeat a per-sample tensor for every window (window-major order)."""
+    if torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == batch:
+        return value.repeat(windows, *([1] * (value.ndim - 1)))
+    return value
+
+
+def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+    """``Transformer2DModel.forward`` run on the reference's windows of ``hidden_states``."""
+    window = getattr(self, "attention_window", None)
+    original = type(self).forward
+    if window is None or hidden_states.ndim != 4:
+        return original(self, hidden_states, *args, **kwargs)
+    b, c, h, w = hidden_states.shape
+    if h <= window and w <= window:
+        return original(self, hidden_states, *args, **kwargs)
+    if args:
+        raise TypeError("windowed attention takes the transformer's arguments by keyword only")
+    if kwargs.get("attention_mask") is not None:
+        raise NotImplementedError("windowed attention does not support a spatial attention_mask")
+
+    kh, kw = min(window, h), min(window, w)
+    rows, cols = window_starts(h, window), window_starts(w, window)
+    positions = [(i, j) for i in rows for j in cols]
+    n = len(positions)
+    parts = torch.cat([hidden_states[:, :, i : i + kh, j : j + kw] for i, j in positions], dim=0)
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels"):
+        if name in kwargs:
+            kwargs[name] = _repeat_batch(kwargs[name], n, b)
+    if kwargs.get("added_cond_kwargs"):
+        kwargs["added_cond_kwargs"] = {k: _repeat_batch(v, n, b) for k, v in kwargs["added_cond_kwargs"].items()}
+    return_dict = kwargs.pop("return_dict", True)
+    out = original(self, parts, **kwargs, return_dict=False)[0]
+
+    # The residual is the same in every window covering a pixel, so averaging the
+    # full outputs equals averaging the transformer's part and adding the residual.
+    total = hidden_states.new_zeros(b, out.shape[1], h, w)
+    count = hidden_states.new_zeros(1, 1, h, w)
+    for index, (i, j) in enumerate(positions):
+        total[:, :, i : i + kh, j : j + kw] += out[index * b : (index + 1) * b]
+        count[:, :, i : i + kh, j : j + kw] += 1
+    result = total / count
+    if not return_dict:
+        return (result,)
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=result)
+
+
+def _set_window(module: nn.Module, window: int | None) -> None:
+    module.attention_window = window
+    if not isinstance(module.__dict__.get("forward"), types.MethodType):
+        module.forward = types.MethodType(windowed_transformer_forward, module)
+
+
+def attention_windows(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> dict[str, int | None]:
+    """The reference's window side for each spatial transformer of ``model``, by module name.
+
+    ``model`` is a ``UNet2DConditionModel`` (halving per level, mirrored in the decoder),
+    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet)."""
+    from .controlnet import LatentControlNetModel
+    from .lkpn import LKPNModel
+
+    if isinstance(model, LKPNModel):
+        return {f"unet.{k}": v for k, v in attention_windows(model.unet, base).items()}
+    per_level = not isinstance(model, LatentControlNetModel)
+    levels = len(model.down_blocks)
+
+    def size(level: int) -> int | None:
+        if base is None:
+            return None
+        return max(base >> level, 1) if per_level else base
+
+    windows: dict[str, int | None] = {}
+    for i, block in enumerate(model.down_blocks):
+        for a, _ in enumerate(getattr(block, "attentions", None) or []):
+            windows[f"down_blocks.{i}.attentions.{a}"] = size(i)
+    mid = getattr(model, "mid_block", None)
+    for a, _ in enumerate(getattr(mid, "attentions", None) or []):
+        windows[f"mid_block.attentions.{a}"] = size(levels - 1)
+    for j, block in enumerate(getattr(model, "up_blocks", None) or []):
+        for a, _ in enumerate(getattr(block, "attentions", None) or []):
+            windows[f"up_blocks.{j}.attentions.{a}"] = size(levels - 1 - j)
+    return windows
+
+
+def enable_windowed_attention(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> dict[str, int | None]:
+    """Give every spatial transformer of ``model`` the reference's window (in place).
+
+    ``base`` is the window at the first level (64 in the reference); ``None`` restores
+    global attention. Returns the window per module name."""
+    windows = attention_windows(model, base)
+    for name, window in windows.items():
+        _set_window(model.get_submodule(name), window)
+    return windows
