@@ -131,6 +131,14 @@ def low_frequency(images: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return images
 
 
+def encode_text(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+    """(1, 77, D): the prompt padded to the context length, through the whole encoder."""
+    ids = tokenizer(
+        [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(text_encoder.device)
+    return text_encoder(ids).last_hidden_state
+
+
 def save_prompt_embeds(path: str | os.PathLike, embeds: dict[str, torch.Tensor]) -> None:
     """Write ``{prompt: (1, 77, D) embedding}`` to a safetensors file (prompts in its metadata)."""
     from safetensors.torch import save_file
@@ -304,15 +312,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             else:
                 if self.tokenizer is None:
                     raise RuntimeError("This pipeline has no tokenizer, so it cannot encode custom prompts.")
-                encoder = self._load_text_encoder()
-                ids = self.tokenizer(
-                    [prompt],
-                    padding="max_length",
-                    max_length=self.tokenizer.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(encoder.device)
-                embeds = encoder(ids).last_hidden_state.to(device)
+                embeds = encode_text(self.tokenizer, self._load_text_encoder(), prompt).to(device)
             self._prompt_cache[key] = embeds
         return self._prompt_cache[key]
 

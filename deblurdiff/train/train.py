@@ -43,6 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
+from ..pipeline import encode_text
 from .config import ModelConfig, TrainConfig, load_config
 from .data import build_dataset
 
@@ -362,14 +363,7 @@ class Trainer:
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         for prompt in set(prompts) - set(self._text_cache):
-            ids = self.tokenizer(
-                [prompt],
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
-            self._text_cache[prompt] = self.text_encoder(ids).last_hidden_state[0]
+            self._text_cache[prompt] = encode_text(self.tokenizer, self.text_encoder, prompt)[0]
         return torch.stack([self._text_cache[p] for p in prompts])
 
     def step_generator(self, micro_step: int) -> torch.Generator:
