@@ -16,7 +16,6 @@ pipeline with validated parameters.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import re
 import sys
@@ -86,22 +85,10 @@ def is_untrained(pipe) -> bool:
 
 
 def available_samplers(pipe=None) -> tuple[str, ...]:
-    """Samplers the pipeline offers (just "ddpm" when it has no ``sampler`` argument)."""
-    from . import pipeline as pipeline_module
+    """Samplers the pipeline offers (the pipeline module is imported on first use)."""
+    from .pipeline import SAMPLERS
 
-    if pipe is not None and not supports_argument(pipe, "sampler"):
-        return (DEFAULT_SAMPLER,)
-    names = getattr(pipeline_module, "SAMPLERS", None)
-    if isinstance(names, dict):
-        names = tuple(names)
-    return tuple(names) if names else (DEFAULT_SAMPLER,)
-
-
-def supports_argument(pipe, name: str) -> bool:
-    try:
-        return name in inspect.signature(type(pipe).__call__).parameters
-    except (TypeError, ValueError):
-        return False
+    return tuple(SAMPLERS)
 
 
 def safe_stem(name: str, default: str = "image") -> str:
@@ -152,16 +139,12 @@ def pipeline_kwargs(
         kwargs["negative_prompt"] = negative_prompt
     if return_lkpn_images:
         kwargs["return_lkpn_images"] = True
-    if supports_argument(pipe, "tiled"):
-        kwargs["tiled"] = tiled
-    elif tiled:
-        raise InvalidInputError("Tiling is not available in this version of the pipeline; choose 'auto' or 'off'.")
+    kwargs["tiled"] = tiled
     if sampler is not None:
         choices = available_samplers(pipe)
         if sampler not in choices:
             raise InvalidInputError(f"The sampler must be one of {', '.join(choices)}; got {sampler!r}.")
-        if supports_argument(pipe, "sampler"):
-            kwargs["sampler"] = sampler
+        kwargs["sampler"] = sampler
     return kwargs
 
 
