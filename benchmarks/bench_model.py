@@ -7,8 +7,8 @@ then times one denoising step: LKPN (kernels + EAC) -> ControlNet -> UNet, batch
 
     python benchmarks/bench_model.py [--bf16] [--repeats 3] [--latent 64] [--threads N]
 
-Wrap it in ``flock /tmp/deblurdiff-fullsize.lock ...`` on shared machines (about 7 GB of
-float32 weights; the bfloat16 run converts the three networks in place).
+It needs about 7 GB of memory for the float32 weights (the bfloat16 run converts the
+three networks in place): run one such job at a time.
 """
 
 from __future__ import annotations
