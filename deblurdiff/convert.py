@@ -279,7 +279,7 @@ def controlnet_config_from_ldm(arch: dict, head_dim: int, latent_channels: int =
 
 
 def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
-    from .models.configs import LATENT_SCALE
+    from .models.configs import vae_config
 
     conv_in = _get(sd, "encoder.conv_in.weight")
     levels = _indices(sd, "encoder.down.")
@@ -291,25 +291,18 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     embed = int(_get(sd, "quant_conv.weight").shape[0]) // 2
     if z != embed:
         raise _ArchitectureError(f"VAE with z_channels {z} != embed_dim {embed} is not supported")
-    n = len(widths)
-    return dict(
+    return vae_config(
+        widths,
+        layers,
         in_channels=int(conv_in.shape[1]),
         out_channels=int(_get(sd, "decoder.conv_out.weight").shape[0]),
         latent_channels=z,
-        block_out_channels=tuple(widths),
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        layers_per_block=layers,
-        sample_size=512,
-        scaling_factor=LATENT_SCALE,
     )
 
 
 def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, num_heads: int | None = None):
     """``CLIPTextConfig`` of the penultimate-layer encoder of an OpenCLIP text tower
     (keys relative to ``clip.model.``), with the conventions of ``configs.text_config``."""
-    from transformers import CLIPTextConfig
-
     from .models.configs import text_config
 
     embedding = _get(sd, "token_embedding.weight")
@@ -319,31 +312,10 @@ def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, 
         raise _ArchitectureError(f"the text tower has {layers} layers; the penultimate-layer encoder needs at least 2")
     heads = num_heads or _heads(width, head_dim, f"text tower ({width} wide)")
     kwargs = dict(hidden_size=width, layers=layers - 1, heads=heads)
-    if vocab >= 49408:
-        config = text_config(vocab_size=vocab, **kwargs)
-    else:  # a scaled-down tower: start/end of text take the last ids of its vocabulary
-        config = CLIPTextConfig(**dict(_text_config_dict(kwargs), vocab_size=vocab, bos_token_id=vocab - 2, eos_token_id=vocab - 1))
+    config = text_config(vocab_size=vocab, **kwargs)
     config.intermediate_size = int(_get(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0])
     config.max_position_embeddings = int(_get(sd, "positional_embedding").shape[0])
     return config
-
-
-def _text_config_dict(kwargs: dict) -> dict:
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    from .models.configs import text_config
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity(logging.ERROR)  # the full-vocabulary ids do not fit a small vocabulary
-    try:
-        config = text_config(vocab_size=49408, **kwargs).to_dict()
-    finally:
-        hf_logging.set_verbosity(level)
-    keep = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
-            "hidden_act", "layer_norm_eps", "projection_dim", "pad_token_id")
-    return {k: config[k] for k in keep}
 
 
 # ---------------------------------------------------------------------------- conversion

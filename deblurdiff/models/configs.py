@@ -75,12 +75,12 @@ def side_network_config(block_out_channels, layers_per_block, head_dim, cross_at
     )
 
 
-def vae_config(block_out_channels, layers_per_block):
+def vae_config(block_out_channels, layers_per_block, in_channels=3, out_channels=3, latent_channels=4):
     n = len(block_out_channels)
     return dict(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        latent_channels=latent_channels,
         block_out_channels=tuple(block_out_channels),
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
@@ -102,8 +102,9 @@ def text_config(hidden_size, layers, heads, vocab_size=49408):
         layer_norm_eps=1e-5,
         projection_dim=hidden_size // 2 if hidden_size < 1024 else 512,
         pad_token_id=0,
-        bos_token_id=49406,
-        eos_token_id=49407,
+        # Start/end of text are the vocabulary's last two ids (49406/49407 in OpenCLIP's).
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
     )
 
 
