@@ -128,9 +128,9 @@ def pipeline_kwargs(
     sampler: str | None = None,
     return_lkpn_images: bool = False,
 ) -> dict:
-    """Keyword arguments for ``pipe(...)``: only what this pipeline version understands.
+    """Keyword arguments for ``pipe(...)`` from the shared app/CLI settings.
 
-    Raises InvalidInputError when an explicitly requested feature is not available.
+    Raises InvalidInputError for a sampler the pipeline does not offer.
     """
     kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, color_fix=bool(color_fix))
     if prompt is not None:
