@@ -634,6 +634,122 @@ def _check_int_option(value: Any, label: str, minimum: int) -> int:
     return int(value)
 
 
+def _decode_path(source: Any, max_pixels: int, notes: List[str]) -> Tuple[Image.Image, Optional[str]]:
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
+        raise InvalidInputError(
+            f"'{text}' looks like a web address. Loading images from URLs is not supported; "
+            "please download the image and upload the file instead."
+        )
+    if not text.strip():
+        raise InvalidInputError(f"No image was provided (the file name is empty). Please upload an image ({SUPPORTED_FORMATS}).")
+    if "\x00" in text:
+        raise InvalidInputError("The file name contains a NUL character, so it is not a valid path.")
+    name = _display_name(text)
+    path = Path(text)
+    try:
+        if not path.exists():
+            raise InvalidInputError(f"{name} was not found. Please check that the path is correct and the file exists.")
+        if path.is_dir():
+            raise InvalidInputError(f"{name} is a folder, not an image file. Please choose an image file.")
+        if path.stat().st_size == 0:
+            raise _empty_error(name)
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+            fh.seek(0)
+            return _decode_encoded(fh, name, max_pixels, notes, head)
+    except PermissionError:
+        raise InvalidInputError(f"{name} cannot be read (permission denied). Please check its permissions.") from None
+    except InvalidInputError:
+        raise
+    except OSError as exc:
+        raise InvalidInputError(f"{name} could not be read ({exc.strerror or exc}).") from None
+
+
+def _decode_bytes(data: bytes, name: str, max_pixels: int, notes: List[str]) -> Tuple[Image.Image, Optional[str]]:
+    if not data:
+        raise _empty_error(name)
+    return _decode_encoded(io.BytesIO(data), name, max_pixels, notes, data[:512])
+
+
+def _decode_file_object(source: Any, max_pixels: int, notes: List[str]) -> Tuple[Image.Image, Optional[str]]:
+    raw_name = getattr(source, "name", None)
+    name = _display_name(raw_name) if isinstance(raw_name, (str, os.PathLike)) and os.fspath(raw_name) else "The uploaded file"
+    try:
+        if getattr(source, "seekable", lambda: False)():
+            source.seek(0)
+        data = source.read()
+    except Exception as exc:
+        raise InvalidInputError(f"{name} could not be read ({exc}).") from None
+    if isinstance(data, str):
+        raise InvalidInputError(f"{name} was opened in text mode. Please open image files in binary mode ('rb').")
+    return _decode_bytes(bytes(data) if data else b"", name, max_pixels, notes)
+
+
+def _from_pil(source: Image.Image, max_pixels: int, notes: List[str]) -> Tuple[Image.Image, Optional[str]]:
+    name = "The image"
+    try:
+        with _pil_pixel_guard(max_pixels):
+            return _prepare_pil(source, name, max_pixels, notes), source.format
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb_error(exc, max_pixels, name) from None
+
+
+def _decode_any(source: Any, max_pixels: int, notes: List[str]) -> Tuple[Image.Image, Optional[str]]:
+    """Decode whatever kind of source was given; returns the RGB image and its file format."""
+    if source is None:
+        raise InvalidInputError(f"No image was provided. Please upload an image ({SUPPORTED_FORMATS}).")
+    if isinstance(source, Image.Image):
+        return _from_pil(source, max_pixels, notes)
+    if isinstance(source, np.ndarray):
+        return _from_array(source, max_pixels, notes), None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _decode_bytes(bytes(source), "The uploaded file", max_pixels, notes)
+    if isinstance(source, (str, os.PathLike)):
+        return _decode_path(source, max_pixels, notes)
+    if hasattr(source, "read"):
+        return _decode_file_object(source, max_pixels, notes)
+    if hasattr(source, "__array__") or hasattr(source, "__array_interface__"):
+        return _from_array(source, max_pixels, notes), None
+    raise InvalidInputError(
+        f"Unsupported input of type '{type(source).__name__}'. Please provide an image file "
+        "(path, bytes or file object), a PIL image or a numpy array."
+    )
+
+
+def _ensure_min_side(image: Image.Image, min_side: int, upscale_small: bool, max_pixels: int, notes: List[str]) -> Image.Image:
+    """Upscale (or refuse) an image whose short side is under ``min_side``."""
+    original_size = image.size
+    short = min(original_size)
+    if short >= min_side:
+        return image
+    if not upscale_small:
+        raise InvalidInputError(
+            f"The image is only {_dims(original_size)} pixels, but each side must be at "
+            f"least {min_side} pixels. Please use a larger image."
+        )
+    scale = min_side / short
+    w, h = original_size
+    new_size = (
+        min_side if w == short else max(min_side, int(round(w * scale))),
+        min_side if h == short else max(min_side, int(round(h * scale))),
+    )
+    if new_size[0] * new_size[1] > max_pixels:
+        raise InvalidInputError(
+            f"The image is {_dims(original_size)} pixels: too narrow to process. It would have "
+            f"to be enlarged to {_dims(new_size)} to reach the minimum side of {min_side} pixels, "
+            f"which exceeds the limit of {_limit_text(max_pixels)}. Please crop it to a less "
+            "extreme shape."
+        )
+    notes.append(
+        f"The image was small ({_dims(original_size)}), so it was upscaled to {_dims(new_size)} "
+        f"(the minimum side is {min_side} pixels); expect limited detail."
+    )
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
 def load_image_with_notes(
     source: Any,
     *,
@@ -668,114 +784,9 @@ def load_image_with_notes(
     max_pixels = _check_int_option(max_pixels, "max_pixels", 1)
     min_side = _check_int_option(min_side, "min_side", 1)
     notes: List[str] = []
-    fmt: Optional[str] = None
-
-    if source is None:
-        raise InvalidInputError(
-            f"No image was provided. Please upload an image ({SUPPORTED_FORMATS})."
-        )
-    if isinstance(source, Image.Image):
-        name = "The image"
-        try:
-            with _pil_pixel_guard(max_pixels):
-                image = _prepare_pil(source, name, max_pixels, notes)
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb_error(exc, max_pixels, name) from None
-        fmt = source.format
-    elif isinstance(source, np.ndarray):
-        image = _from_array(source, max_pixels, notes)
-    elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        name = "The uploaded file"
-        if not data:
-            raise _empty_error(name)
-        image, fmt = _decode_encoded(io.BytesIO(data), name, max_pixels, notes, data[:512])
-    elif isinstance(source, (str, os.PathLike)):
-        text = os.fspath(source)
-        if isinstance(text, bytes):
-            text = os.fsdecode(text)
-        if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.IGNORECASE):
-            raise InvalidInputError(
-                f"'{text}' looks like a web address. Loading images from URLs is not supported; "
-                "please download the image and upload the file instead."
-            )
-        if not text.strip():
-            raise InvalidInputError(f"No image was provided (the file name is empty). Please upload an image ({SUPPORTED_FORMATS}).")
-        if "\x00" in text:
-            raise InvalidInputError("The file name contains a NUL character, so it is not a valid path.")
-        name = _display_name(text)
-        path = Path(text)
-        try:
-            if not path.exists():
-                raise InvalidInputError(
-                    f"{name} was not found. Please check that the path is correct and the file exists."
-                )
-            if path.is_dir():
-                raise InvalidInputError(f"{name} is a folder, not an image file. Please choose an image file.")
-            if path.stat().st_size == 0:
-                raise _empty_error(name)
-            with open(path, "rb") as fh:
-                head = fh.read(512)
-                fh.seek(0)
-                image, fmt = _decode_encoded(fh, name, max_pixels, notes, head)
-        except PermissionError:
-            raise InvalidInputError(f"{name} cannot be read (permission denied). Please check its permissions.") from None
-        except InvalidInputError:
-            raise
-        except OSError as exc:
-            raise InvalidInputError(f"{name} could not be read ({exc.strerror or exc}).") from None
-    elif hasattr(source, "read"):
-        raw_name = getattr(source, "name", None)
-        name = _display_name(raw_name) if isinstance(raw_name, (str, os.PathLike)) and os.fspath(raw_name) else "The uploaded file"
-        try:
-            if getattr(source, "seekable", lambda: False)():
-                source.seek(0)
-            data = source.read()
-        except Exception as exc:
-            raise InvalidInputError(f"{name} could not be read ({exc}).") from None
-        if isinstance(data, str):
-            raise InvalidInputError(
-                f"{name} was opened in text mode. Please open image files in binary mode ('rb')."
-            )
-        if not data:
-            raise _empty_error(name)
-        data = bytes(data)
-        image, fmt = _decode_encoded(io.BytesIO(data), name, max_pixels, notes, data[:512])
-    elif hasattr(source, "__array__") or hasattr(source, "__array_interface__"):
-        image = _from_array(source, max_pixels, notes)
-    else:
-        raise InvalidInputError(
-            f"Unsupported input of type '{type(source).__name__}'. Please provide an image file "
-            "(path, bytes or file object), a PIL image or a numpy array."
-        )
-
+    image, fmt = _decode_any(source, max_pixels, notes)
     original_size = image.size
-    short = min(original_size)
-    if short < min_side:
-        if not upscale_small:
-            raise InvalidInputError(
-                f"The image is only {_dims(original_size)} pixels, but each side must be at "
-                f"least {min_side} pixels. Please use a larger image."
-            )
-        scale = min_side / short
-        w, h = original_size
-        new_size = (
-            min_side if w == short else max(min_side, int(round(w * scale))),
-            min_side if h == short else max(min_side, int(round(h * scale))),
-        )
-        if new_size[0] * new_size[1] > max_pixels:
-            raise InvalidInputError(
-                f"The image is {_dims(original_size)} pixels: too narrow to process. It would have "
-                f"to be enlarged to {_dims(new_size)} to reach the minimum side of {min_side} pixels, "
-                f"which exceeds the limit of {_limit_text(max_pixels)}. Please crop it to a less "
-                "extreme shape."
-            )
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-        notes.append(
-            f"The image was small ({_dims(original_size)}), so it was upscaled to {_dims(new_size)} "
-            f"(the minimum side is {min_side} pixels); expect limited detail."
-        )
-
+    image = _ensure_min_side(image, min_side, upscale_small, max_pixels, notes)
     image.info = {"deblurdiff_notes": list(notes), "deblurdiff_original_size": original_size}
     return LoadedImage(image=image, notes=notes, original_size=original_size, source_format=fmt)
 
