@@ -8,25 +8,32 @@ Every input file (folders are searched recursively for images) is written to
 Unreadable inputs are reported and skipped; the exit status is then 1. Missing
 weights or invalid options end the run with exit status 2.
 
-This module also holds the pieces the web app shares with the command line:
-option parsing (tiling), safe output names and :func:`deblur`, which runs the
-pipeline with validated parameters.
+Running one image with given options is :mod:`deblurdiff.service`, shared with the web app.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
-import time
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from . import image_io
 from .image_io import InvalidInputError
+from .service import (
+    DEFAULT_SAMPLER,
+    DEFAULT_TILING,
+    TILING_CHOICES,
+    UNTRAINED_LABEL,
+    UNTRAINED_WARNING,
+    is_untrained,
+    make_options,
+    png_metadata,
+    restore,
+    safe_stem,
+)
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -37,207 +44,6 @@ EXIT_INTERRUPTED = 130
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 )
-
-#: Tiling of large images: "auto" lets the pipeline decide from the image size.
-TILING_CHOICES = ("auto", "on", "off")
-DEFAULT_TILING = "auto"
-DEFAULT_SAMPLER = "ddpm"
-#: Longest prompt accepted (the text encoder reads 77 tokens anyway).
-MAX_PROMPT_CHARS = 1000
-UNTRAINED_LABEL = "UNTRAINED"
-UNTRAINED_WARNING = (
-    "UNTRAINED development weights (random-tiny): the output is NOT a deblurred image, "
-    "it only exercises the code."
-)
-_MAX_STEM_CHARS = 100
-
-
-# --------------------------------------------------------------------------
-# Shared with the web app
-# --------------------------------------------------------------------------
-
-
-def parse_tiling(value) -> bool | None:
-    """``"auto"`` → None (the pipeline decides), ``"on"`` → True, ``"off"`` → False."""
-    if value is None or value is True or value is False:
-        return value
-    text = str(value).strip().lower()
-    mapping = {"auto": None, "": None, "on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
-    if text not in mapping:
-        raise InvalidInputError(f"Tiling must be one of {', '.join(TILING_CHOICES)}; got {value!r}.")
-    return mapping[text]
-
-
-def validate_prompt(value, label: str, default: str) -> str:
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise InvalidInputError(f"The {label} must be text; got a value of type '{type(value).__name__}'.")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InvalidInputError(
-            f"The {label} is too long ({len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted)."
-        )
-    return value
-
-
-def is_untrained(pipe) -> bool:
-    return bool(getattr(pipe, "untrained", False))
-
-
-def available_samplers(pipe=None) -> tuple[str, ...]:
-    """Samplers the pipeline offers (the pipeline module is imported on first use)."""
-    from .pipeline import SAMPLERS
-
-    return tuple(SAMPLERS)
-
-
-def safe_stem(name: str, default: str = "image") -> str:
-    """A file name stem that is safe on every platform and cannot leave its folder."""
-    stem = Path(str(name).replace("\\", "/")).name
-    stem = Path(stem).stem if "." in stem.lstrip(".") else stem
-    stem = unicodedata.normalize("NFKC", stem)
-    stem = re.sub(r"[^\w.-]+", "_", stem, flags=re.UNICODE)
-    stem = re.sub(r"_+", "_", stem).strip("._-")
-    stem = stem[:_MAX_STEM_CHARS].rstrip("._-")
-    if not stem or stem.upper() in {"CON", "PRN", "AUX", "NUL"} or re.fullmatch(r"(?i)(COM|LPT)\d", stem):
-        stem = f"{stem}_{default}" if stem else default
-    return stem
-
-
-@dataclass
-class DeblurResult:
-    image: object  # PIL.Image.Image
-    lkpn_image: object | None
-    seed: int
-    steps: int
-    guidance_scale: float
-    seconds: float
-    interrupted: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
-def pipeline_kwargs(
-    pipe,
-    *,
-    steps: int,
-    guidance_scale: float,
-    prompt: str | None = None,
-    negative_prompt: str | None = None,
-    color_fix: bool = True,
-    tiled: bool | None = None,
-    sampler: str | None = None,
-    return_lkpn_images: bool = False,
-) -> dict:
-    """Keyword arguments for ``pipe(...)`` from the shared app/CLI settings.
-
-    Raises InvalidInputError for a sampler the pipeline does not offer.
-    """
-    kwargs = dict(num_inference_steps=steps, guidance_scale=guidance_scale, color_fix=bool(color_fix))
-    if prompt is not None:
-        kwargs["prompt"] = prompt
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = negative_prompt
-    if return_lkpn_images:
-        kwargs["return_lkpn_images"] = True
-    kwargs["tiled"] = tiled
-    if sampler is not None:
-        choices = available_samplers(pipe)
-        if sampler not in choices:
-            raise InvalidInputError(f"The sampler must be one of {', '.join(choices)}; got {sampler!r}.")
-        kwargs["sampler"] = sampler
-    return kwargs
-
-
-def deblur(
-    pipe,
-    image,
-    *,
-    steps: int,
-    seed: int,
-    guidance_scale: float,
-    prompt: str | None = None,
-    negative_prompt: str | None = None,
-    color_fix: bool = True,
-    tiled: bool | None = None,
-    sampler: str | None = None,
-    return_lkpn_image: bool = False,
-    on_step: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> DeblurResult:
-    """Run ``pipe`` on one RGB PIL image with validated parameters.
-
-    ``on_step(done, total)`` is called after every denoising step; when
-    ``should_stop()`` returns True the pipeline is interrupted (the result then
-    has ``interrupted=True``). The noise comes from a CPU generator, so a seed
-    gives the same noise on every device.
-    """
-    import torch
-
-    kwargs = pipeline_kwargs(
-        pipe,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        color_fix=color_fix,
-        tiled=tiled,
-        sampler=sampler,
-        return_lkpn_images=return_lkpn_image,
-    )
-    interrupted = False
-
-    def callback(p, i, t, tensors):
-        nonlocal interrupted
-        if on_step is not None:
-            on_step(min(i + 1, steps), steps)
-        if should_stop is not None and should_stop():
-            p.interrupt = True
-            interrupted = True
-        return {}
-
-    start = time.perf_counter()
-    out = pipe(
-        image,
-        generator=torch.Generator("cpu").manual_seed(int(seed)),
-        output_type="pil",
-        callback_on_step_end=callback,
-        **kwargs,
-    )
-    seconds = time.perf_counter() - start
-    lkpn = out.lkpn_images[0] if return_lkpn_image and out.lkpn_images is not None else None
-    return DeblurResult(
-        image=out.images[0],
-        lkpn_image=lkpn,
-        seed=int(seed),
-        steps=steps,
-        guidance_scale=guidance_scale,
-        seconds=seconds,
-        interrupted=interrupted,
-    )
-
-
-def png_metadata(result: DeblurResult, *, model: str | None, untrained: bool, extra: dict | None = None):
-    """PNG text chunks recording how an output was made."""
-    from PIL import PngImagePlugin
-
-    from . import __version__
-
-    info = PngImagePlugin.PngInfo()
-    fields = {
-        "Software": f"deblurdiff {__version__}",
-        "deblurdiff:steps": str(result.steps),
-        "deblurdiff:seed": str(result.seed),
-        "deblurdiff:guidance_scale": f"{result.guidance_scale:g}",
-    }
-    if model:
-        fields["deblurdiff:model"] = str(model)
-    if untrained:
-        fields["deblurdiff:warning"] = UNTRAINED_WARNING
-    for key, value in (extra or {}).items():
-        fields[f"deblurdiff:{key}"] = str(value)
-    for key, value in fields.items():
-        info.add_text(key, value)
-    return info
 
 
 # --------------------------------------------------------------------------
@@ -394,10 +200,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        params = image_io.validate_parameters(args.steps, args.seed, args.guidance)
-        tiled = parse_tiling(args.tiled)
-        prompt = validate_prompt(args.prompt, "prompt", "")
-        negative_prompt = validate_prompt(args.negative_prompt, "negative prompt", None)
+        options = make_options(
+            steps=args.steps,
+            seed=args.seed,
+            guidance_scale=args.guidance,
+            prompt=args.prompt,
+            negative_prompt=args.negative_prompt,
+            color_fix=args.color_fix,
+            tiling=args.tiled,
+            sampler=args.sampler,
+            return_lkpn_image=args.save_lkpn,
+        )
     except InvalidInputError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -429,18 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if untrained:
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
 
-    try:
-        sampler = args.sampler
-        pipeline_kwargs(pipe, steps=params.steps, guidance_scale=params.guidance_scale, tiled=tiled, sampler=sampler)
-    except InvalidInputError as exc:
-        _error(str(exc))
-        return EXIT_USAGE
-
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = plan_outputs(items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite)
     model_name = RANDOM_TINY if untrained else (args.model or os.environ.get("DEBLURDIFF_MODEL"))
     print(
-        f"{len(items)} image(s), {params.steps} steps, seed {params.seed}, guidance {params.guidance_scale:g}, "
+        f"{len(items)} image(s), {options.steps} steps, seed {options.seed}, guidance {options.guidance_scale:g}, "
         f"device {pipe.device} → {out_dir}",
         file=sys.stderr,
     )
@@ -462,26 +268,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             for note in loaded.notes:
                 images_bar.write(f"{item.display}: {note}", file=sys.stderr)
-            steps_bar = tqdm(total=params.steps, unit="step", leave=False, disable=args.quiet, position=1 if len(items) > 1 else 0)
+            steps_bar = tqdm(total=options.steps, unit="step", leave=False, disable=args.quiet, position=1 if len(items) > 1 else 0)
 
             def on_step(done, total, bar=steps_bar):
                 bar.update(done - bar.n)
 
             try:
-                result = deblur(
-                    pipe,
-                    loaded.image,
-                    steps=params.steps,
-                    seed=params.seed,
-                    guidance_scale=params.guidance_scale,
-                    prompt=prompt,
-                    negative_prompt=negative_prompt,
-                    color_fix=args.color_fix,
-                    tiled=tiled,
-                    sampler=sampler,
-                    return_lkpn_image=args.save_lkpn,
-                    on_step=on_step,
-                )
+                result = restore(pipe, loaded.image, options, on_step=on_step)
             except InvalidInputError as exc:
                 images_bar.write(f"skipped {item.display}: {exc}", file=sys.stderr)
                 failures += 1

@@ -1,0 +1,122 @@
+"""Run-time estimates: how long an image takes, and what fits in a ZeroGPU run.
+
+Seconds ≈ megapixels processed × (fixed + steps × branches × per-step), where
+"megapixels processed" is the padded image, or the sum of its overlapping tiles.
+The constants below are estimates until a GPU has measured them (the app replaces
+them by a measurement of the loaded model where it can run one before a request).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .tiling import count_tiles
+
+SIZE_MULTIPLE = 64
+DEFAULT_TILE = 512
+DEFAULT_STRIDE = 256
+
+# Seconds per megapixel: (one denoising step, VAE encode + decode), full-size model.
+# "cuda": an ESTIMATE for an H100/H200-class GPU in half precision, not yet measured on a GPU.
+# "mps": an estimate. "cpu": fp32 on 2 cores (see benchmarks/results/).
+DEFAULT_SPEEDS = {
+    "cuda": (0.35, 0.6),
+    "mps": (8.0, 6.0),
+    "cpu": (60.0, 30.0),
+}
+
+#: ZeroGPU: seconds asked for one run are clamped to this range. The upper end is the
+#: longest task ZeroGPU accepts (5 minutes, as its maintainers state; not documented).
+MIN_GPU_SECONDS = 20
+MAX_GPU_SECONDS = 300
+#: Seconds asked for = overhead + margin × estimate.
+GPU_OVERHEAD_SECONDS = 10
+GPU_MARGIN = 1.5
+
+
+def padded(n: int) -> int:
+    return -(-int(n) // SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
+def processed_megapixels(
+    width: int, height: int, tiled: bool, tile: int = DEFAULT_TILE, stride: int = DEFAULT_STRIDE
+) -> float:
+    """Megapixels the networks process: the padded image, or the sum of its tiles."""
+    w, h = padded(width), padded(height)
+    if not tiled or max(w, h) <= tile:
+        return w * h / 1e6
+    return count_tiles(h, w, tile, stride) * min(w, tile) * min(h, tile) / 1e6
+
+
+def branches(guidance_scale: float) -> int:
+    """Classifier-free guidance runs the networks twice per step."""
+    return 2 if guidance_scale is not None and float(guidance_scale) != 1.0 else 1
+
+
+@dataclass
+class SpeedModel:
+    """Seconds ≈ megapixels × (fixed + steps × branches × step)."""
+
+    step_s_per_mpx: float
+    fixed_s_per_mpx: float
+    device: str
+    measured: bool = False
+    #: The pipeline's tiling rule ``(height, width, tiled) -> bool``; default: never tile.
+    should_tile: Callable[[int, int, bool | None], bool] | None = None
+
+    @classmethod
+    def default(cls, device_type: str, should_tile=None) -> "SpeedModel":
+        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["cpu"])
+        return cls(step, fixed, device_type, should_tile=should_tile)
+
+    def _tiled(self, width: int, height: int, tiled: bool | None) -> bool:
+        if self.should_tile is not None:
+            return bool(self.should_tile(height, width, tiled))
+        return bool(tiled)
+
+    def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
+        mpx = processed_megapixels(width, height, self._tiled(width, height, tiled))
+        return mpx * (self.fixed_s_per_mpx + steps * branches(guidance_scale) * self.step_s_per_mpx)
+
+
+def gpu_request_seconds(estimate: float) -> int:
+    """Seconds of GPU time to ask ZeroGPU for: the estimate with a margin, clamped."""
+    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate)))
+
+
+def fits_gpu_limit(estimate: float) -> bool:
+    return GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate <= MAX_GPU_SECONDS
+
+
+def gpu_limit_advice(
+    speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None
+) -> str | None:
+    """None when the run fits in one ZeroGPU task; otherwise what would fit, for the user."""
+    if fits_gpu_limit(speed.seconds(width, height, steps, guidance_scale, tiled)):
+        return None
+    budget = (MAX_GPU_SECONDS - GPU_OVERHEAD_SECONDS) / GPU_MARGIN
+    most_steps = max(s for s in range(0, steps) if s == 0 or speed.seconds(width, height, s, guidance_scale, tiled) <= budget)
+    head = (
+        f"This run would take about {speed.seconds(width, height, steps, guidance_scale, tiled):.0f} s of GPU time "
+        f"(an estimate), more than the {MAX_GPU_SECONDS} s one ZeroGPU run may last."
+    )
+    # The largest image of the same aspect ratio on which the requested steps fit.
+    scale = 1.0
+    while scale > 0.02 and speed.seconds(int(width * scale), int(height * scale), steps, guidance_scale, tiled) > budget:
+        scale *= 0.97
+    resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
+    if most_steps >= 1:
+        return f"{head} At {width}×{height}, at most {most_steps} steps fit: choose {most_steps} or fewer steps, or {resize}."
+    return f"{head} To run {steps} steps, {resize}."
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return "under a second"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -1,0 +1,226 @@
+"""Restore one image with given options: the step the web app and the command line share.
+
+:func:`make_options` turns user input (text from a form, a command line or an API call)
+into validated :class:`RestoreOptions`, raising :class:`InvalidInputError` with a message
+for the user; :func:`restore` runs the pipeline on one RGB image with them;
+:func:`png_metadata` records in the output file how it was made.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import image_io
+from .image_io import InvalidInputError
+from .pipeline import SAMPLERS
+
+#: Tiling of large images: "auto" lets the pipeline decide.
+TILING_CHOICES = ("auto", "on", "off")
+DEFAULT_TILING = "auto"
+DEFAULT_SAMPLER = "ddpm"
+#: Longest prompt accepted (the text encoder reads 77 tokens anyway).
+MAX_PROMPT_CHARS = 1000
+UNTRAINED_LABEL = "UNTRAINED"
+UNTRAINED_WARNING = (
+    "UNTRAINED development weights (random-tiny): the output is NOT a deblurred image, "
+    "it only exercises the code."
+)
+_MAX_STEM_CHARS = 100
+
+
+def parse_tiling(value) -> bool | None:
+    """``"auto"`` → None (the pipeline decides), ``"on"`` → True, ``"off"`` → False."""
+    if value is None or value is True or value is False:
+        return value
+    text = str(value).strip().lower()
+    mapping = {"auto": None, "": None, "on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
+    if text not in mapping:
+        raise InvalidInputError(f"Tiling must be one of {', '.join(TILING_CHOICES)}; got {value!r}.")
+    return mapping[text]
+
+
+def validate_prompt(value, label: str, default: str | None) -> str | None:
+    """The prompt as given ("" included); ``default`` when it is None."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidInputError(f"The {label} must be text; got a value of type '{type(value).__name__}'.")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidInputError(
+            f"The {label} is too long ({len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted)."
+        )
+    return value
+
+
+def validate_sampler(value) -> str:
+    sampler = DEFAULT_SAMPLER if value in (None, "") else value
+    if sampler not in SAMPLERS:
+        raise InvalidInputError(f"The sampler must be one of {', '.join(SAMPLERS)}; got {value!r}.")
+    return sampler
+
+
+def is_untrained(pipe) -> bool:
+    return bool(getattr(pipe, "untrained", False))
+
+
+def safe_stem(name: str, default: str = "image") -> str:
+    """A file name stem that is safe on every platform and cannot leave its folder."""
+    stem = Path(str(name).replace("\\", "/")).name
+    stem = Path(stem).stem if "." in stem.lstrip(".") else stem
+    stem = unicodedata.normalize("NFKC", stem)
+    stem = re.sub(r"[^\w.-]+", "_", stem, flags=re.UNICODE)
+    stem = re.sub(r"_+", "_", stem).strip("._-")
+    stem = stem[:_MAX_STEM_CHARS].rstrip("._-")
+    if not stem or stem.upper() in {"CON", "PRN", "AUX", "NUL"} or re.fullmatch(r"(?i)(COM|LPT)\d", stem):
+        stem = f"{stem}_{default}" if stem else default
+    return stem
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """Validated settings of one run (see :func:`make_options`)."""
+
+    steps: int = image_io.DEFAULT_STEPS
+    seed: int = 0
+    guidance_scale: float = image_io.DEFAULT_GUIDANCE
+    prompt: str = ""
+    negative_prompt: str | None = None  # None: the model's default negative prompt
+    color_fix: bool = True
+    tiled: bool | None = None  # None: the pipeline decides
+    sampler: str = DEFAULT_SAMPLER
+    return_lkpn_image: bool = False
+
+    def pipeline_kwargs(self) -> dict:
+        """Keyword arguments for ``pipe(...)``."""
+        kwargs = dict(
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            prompt=self.prompt,
+            color_fix=self.color_fix,
+            tiled=self.tiled,
+            sampler=self.sampler,
+            return_lkpn_images=self.return_lkpn_image,
+        )
+        if self.negative_prompt is not None:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
+
+
+def make_options(
+    *,
+    steps=image_io.DEFAULT_STEPS,
+    seed=None,
+    guidance_scale=image_io.DEFAULT_GUIDANCE,
+    prompt=None,
+    negative_prompt=None,
+    color_fix: bool = True,
+    tiling=None,
+    sampler=None,
+    return_lkpn_image: bool = False,
+) -> RestoreOptions:
+    """Validate user input; ``seed=None`` draws a random seed. Raises InvalidInputError."""
+    params = image_io.validate_parameters(steps, seed, guidance_scale)
+    return RestoreOptions(
+        steps=params.steps,
+        seed=params.seed,
+        guidance_scale=params.guidance_scale,
+        prompt=validate_prompt(prompt, "prompt", ""),
+        negative_prompt=validate_prompt(negative_prompt, "negative prompt", None),
+        color_fix=bool(color_fix),
+        tiled=parse_tiling(tiling),
+        sampler=validate_sampler(sampler),
+        return_lkpn_image=bool(return_lkpn_image),
+    )
+
+
+@dataclass
+class DeblurResult:
+    image: object  # PIL.Image.Image
+    lkpn_image: object | None
+    options: RestoreOptions
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def seed(self) -> int:
+        return self.options.seed
+
+    @property
+    def steps(self) -> int:
+        return self.options.steps
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.options.guidance_scale
+
+
+def restore(
+    pipe,
+    image,
+    options: RestoreOptions,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> DeblurResult:
+    """Run ``pipe`` on one RGB PIL image.
+
+    ``on_step(done, total)`` is called after every denoising step; when ``should_stop()``
+    returns True the pipeline stops after the current step (the result then has
+    ``interrupted=True``). The initial noise is drawn by a CPU generator, so a seed gives
+    the same starting noise on every device; the result can still differ slightly
+    between devices and precisions, whose arithmetic differs.
+    """
+    interrupted = False
+    total = options.steps
+
+    def callback(p, i, t, tensors):
+        nonlocal interrupted
+        if on_step is not None:
+            on_step(min(i + 1, total), total)
+        if should_stop is not None and should_stop():
+            p.interrupt = True
+            interrupted = True
+        return {}
+
+    start = time.perf_counter()
+    out = pipe(
+        image,
+        generator=torch.Generator("cpu").manual_seed(options.seed),
+        output_type="pil",
+        callback_on_step_end=callback,
+        **options.pipeline_kwargs(),
+    )
+    seconds = time.perf_counter() - start
+    lkpn = out.lkpn_images[0] if options.return_lkpn_image and out.lkpn_images is not None else None
+    return DeblurResult(image=out.images[0], lkpn_image=lkpn, options=options, seconds=seconds, interrupted=interrupted)
+
+
+def png_metadata(result: DeblurResult, *, model: str | None, untrained: bool, extra: dict | None = None):
+    """PNG text chunks recording how an output was made."""
+    from PIL import PngImagePlugin
+
+    from . import __version__
+
+    options = asdict(result.options)
+    options.pop("return_lkpn_image")
+    fields = {"Software": f"deblurdiff {__version__}"}
+    for key, value in options.items():
+        if value is not None and value != "":
+            fields[f"deblurdiff:{key}"] = f"{value:g}" if isinstance(value, float) else str(value)
+    if model:
+        fields["deblurdiff:model"] = str(model)
+    if untrained:
+        fields["deblurdiff:warning"] = UNTRAINED_WARNING
+    for key, value in (extra or {}).items():
+        fields[f"deblurdiff:{key}"] = str(value)
+    info = PngImagePlugin.PngInfo()
+    for key, value in fields.items():
+        info.add_text(key, value)
+    return info
