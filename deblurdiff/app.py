@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextvars
 import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -39,23 +39,32 @@ import gradio as gr
 import spaces
 
 from . import image_io
-from .cli import (
+from .estimates import (
+    MAX_GPU_SECONDS,
+    SpeedModel,
+    format_seconds,
+    gpu_limit_advice,
+    gpu_request_seconds,
+    processed_megapixels,
+)
+from .image_io import InvalidInputError
+from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
+from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
+from .run_control import RunControl
+from .service import (
     DEFAULT_SAMPLER,
     DEFAULT_TILING,
     TILING_CHOICES,
     UNTRAINED_LABEL,
     DeblurResult,
-    available_samplers,
-    deblur,
+    RestoreOptions,
     is_untrained,
+    make_options,
     parse_tiling,
-    pipeline_kwargs,
     png_metadata,
+    restore,
     safe_stem,
-    validate_prompt,
 )
-from .image_io import InvalidInputError
-from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +80,6 @@ EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
 PAPER_URL = "https://arxiv.org/abs/2502.03810"
 PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
 
-#: ZeroGPU: seconds asked for one run are clamped to this range.
-MIN_GPU_SECONDS = 20
-MAX_GPU_SECONDS = 300
 #: Results older than this are deleted from the app's temporary folder.
 KEEP_RESULTS_SECONDS = 2 * 3600
 #: Requests waiting in the queue (beyond that, new ones are turned away with a message).
@@ -132,77 +138,8 @@ def pass_raw(component, image: bool = False):
     return component
 
 
-# --------------------------------------------------------------------------
-# Time estimates
-# --------------------------------------------------------------------------
-
-# Rough speeds of the full-size model (seconds per megapixel), used until the loaded
-# model has been measured (and on ZeroGPU, where nothing can run before a request).
-DEFAULT_SPEEDS = {
-    "cuda": (0.35, 0.6),  # (one denoising step, VAE encode + decode): H100/H200-class, half precision
-    "mps": (8.0, 6.0),
-    "cpu": (60.0, 30.0),
-}
-
-
-#: Images above this many pixels (padded to 64) run tiled when tiling is "auto"
-#: (the pipeline's ``auto_tile_pixels`` when it has one).
-AUTO_TILE_PIXELS = 1024 * 1024
-
-
-def tile_megapixels(width: int, height: int, tiled: bool | None, tile: int = 512, stride: int = 256, should_tile=None) -> float:
-    """Megapixels the networks process: the padded image, or the sum of its (overlapping) tiles."""
-
-    def padded(n):
-        return -(-n // 64) * 64
-
-    w, h = padded(width), padded(height)
-    if should_tile is not None:
-        tiled = should_tile(height, width, tiled, tile)
-    elif tiled is None:
-        tiled = w * h > AUTO_TILE_PIXELS and max(w, h) > tile
-    if not tiled or max(w, h) <= tile:
-        return w * h / 1e6
-
-    def count(n):
-        return 1 if n <= tile else math.ceil((n - tile) / stride) + 1
-
-    return count(w) * count(h) * min(w, tile) * min(h, tile) / 1e6
-
-
-@dataclass
-class SpeedModel:
-    """Seconds ≈ megapixels × (fixed + steps × branches × step)."""
-
-    step_s_per_mpx: float
-    fixed_s_per_mpx: float
-    device: str
-    measured: bool = False
-    should_tile: object = None  # the pipeline's automatic tiling rule, when known
-
-    @classmethod
-    def default(cls, device_type: str, should_tile=None) -> "SpeedModel":
-        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["cpu"])
-        return cls(step, fixed, device_type, should_tile=should_tile)
-
-    def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
-        mpx = tile_megapixels(width, height, tiled, should_tile=self.should_tile)
-        branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
-        return mpx * (self.fixed_s_per_mpx + steps * branches * self.step_s_per_mpx)
-
-
 def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
-
-
-def format_seconds(seconds: float) -> str:
-    if seconds < 1:
-        return "under a second"
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 # --------------------------------------------------------------------------
@@ -216,44 +153,34 @@ def format_seconds(seconds: float) -> str:
 class Runtime:
     pipe: object
     lock: threading.Lock
-    cancelled: set
+    control: RunControl  # shared memory: made at start-up, before ZeroGPU forks its worker
     speed: SpeedModel
 
 
 _RUNTIMES: dict[int, Runtime] = {}
 
 
-def _gpu_duration(runtime_id, image, steps, seed, guidance_scale, prompt, negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress=None):
+def _gpu_duration(runtime_id: int, image, options: RestoreOptions, slot: int) -> int:
     """Seconds of GPU time to ask ZeroGPU for: the time estimate with a margin."""
     runtime = _RUNTIMES.get(runtime_id)
     speed = runtime.speed if runtime and runtime.speed.device == "cuda" else SpeedModel.default("cuda")
-    estimate = speed.seconds(image.width, image.height, steps, guidance_scale, tiled)
-    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, 10 + 1.5 * estimate)))
+    return gpu_request_seconds(speed.seconds(image.width, image.height, options.steps, options.guidance_scale, options.tiled))
 
 
 @spaces.GPU(duration=_gpu_duration)
-def _deblur_on_device(runtime_id, image, steps, seed, guidance_scale, prompt, negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress=None) -> DeblurResult:
+def run_on_device(runtime_id: int, image, options: RestoreOptions, slot: int) -> DeblurResult:
+    """The GPU function. On ZeroGPU it runs in a forked worker: it reports its steps and
+    reads its cancel flag through the runtime's shared-memory :class:`RunControl`, and
+    uses the pipeline that was placed on the GPU at start-up (nothing is moved here)."""
     runtime = _RUNTIMES[runtime_id]
-
-    def on_step(done, total):
-        if progress is not None:
-            progress((done, total), desc="Denoising", unit="steps")
-
+    control = runtime.control
     with runtime.lock:  # a cancelled run may still be finishing its current step
-        return deblur(
+        return restore(
             runtime.pipe,
             image,
-            steps=steps,
-            seed=seed,
-            guidance_scale=guidance_scale,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            color_fix=color_fix,
-            tiled=tiled,
-            sampler=sampler,
-            return_lkpn_image=show_lkpn,
-            on_step=on_step,
-            should_stop=lambda: session in runtime.cancelled,
+            options,
+            on_step=lambda done, total: control.report(slot, done, total),
+            should_stop=lambda: control.cancelled(slot),
         )
 
 
@@ -320,10 +247,10 @@ class DeblurApp:
         atexit.register(shutil.rmtree, self.output_root, True)
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.should_tile = getattr(pipe, "should_tile", None)
-        self.runtime = Runtime(pipe, threading.Lock(), set(), SpeedModel.default(device_type, self.should_tile))
+        self.runtime = Runtime(pipe, threading.Lock(), RunControl(), SpeedModel.default(device_type, self.should_tile))
         self.runtime_id = id(self.runtime)
         _RUNTIMES[self.runtime_id] = self.runtime
-        self.samplers = available_samplers(pipe) if pipe is not None else (DEFAULT_SAMPLER,)
+        self.active_runs: dict[str, int] = {}  # session -> run-control slot
         self.speed_ready = threading.Event()
         if pipe is not None and measure_speed and not on_zero_gpu():
             threading.Thread(target=self._measure_speed, name="deblurdiff-speed-probe", daemon=True).start()
@@ -344,9 +271,9 @@ class DeblurApp:
                 # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
                 for steps in ((1, 1, 3) if self.pipe.device.type != "cpu" else (1, 3)):
                     start = time.perf_counter()
-                    deblur(self.pipe, probe, steps=steps, seed=0, guidance_scale=1.0)
+                    restore(self.pipe, probe, RestoreOptions(steps=steps, tiled=False))
                     timings[steps] = time.perf_counter() - start
-            mpx = tile_megapixels(PROBE_SIDE, PROBE_SIDE, False)
+            mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
             step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
             fixed = max(timings[1] / mpx - step, 0.0)
             self.runtime.speed = SpeedModel(step, fixed, self.pipe.device.type, measured=True, should_tile=self.should_tile)
@@ -371,7 +298,12 @@ class DeblurApp:
         basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
         text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {_steps(n_steps)} (an estimate, {basis})."
         if on_zero_gpu():
+            speed = self._gpu_speed()
+            seconds = speed.seconds(size[0], size[1], n_steps, guidance, tiled)
             text = f"Estimated GPU time: **about {format_seconds(seconds)}** for {_steps(n_steps)}, plus waiting for a GPU (an estimate)."
+            advice = gpu_limit_advice(speed, size[0], size[1], n_steps, guidance, tiled)
+            if advice:
+                text += f" ⚠️ {advice}"
         if seconds > 120 and speed.device != "cuda":
             text += " ⏳ That is long: fewer steps or a smaller image make it faster."
         return text
@@ -477,31 +409,37 @@ class DeblurApp:
                 "Internal error",
             ) from None
 
+    def run_example(self, image, request: gr.Request = None, progress=gr.Progress()):
+        """An example with the default settings and seed 0 (its result is cached)."""
+        return self.deblur(image, seed=0, randomize_seed=False, request=request, progress=progress)
+
     def _deblur(self, image, steps, seed, randomize_seed, guidance_scale, prompt, negative_prompt, color_fix, tiling, show_lkpn, sampler, request, progress):
         if self.pipe is None:
             raise _user_error(self.model_error, "No model weights loaded")
         randomize = _to_bool(randomize_seed, "Randomize seed", True)
-        params = image_io.validate_parameters(steps, None if randomize else seed, guidance_scale)
-        tiled = parse_tiling(tiling)
-        prompt = validate_prompt(prompt, "prompt", "")
-        negative_prompt = validate_prompt(negative_prompt, "negative prompt", None) or None
-        color_fix = _to_bool(color_fix, "Colour fix", True)
-        show_lkpn = _to_bool(show_lkpn, "Show the LKPN view", False)
-        sampler = sampler or DEFAULT_SAMPLER
-        pipeline_kwargs(self.pipe, steps=params.steps, guidance_scale=params.guidance_scale, tiled=tiled, sampler=sampler)
+        options = make_options(
+            steps=steps,
+            seed=None if randomize else seed,
+            guidance_scale=guidance_scale,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            color_fix=_to_bool(color_fix, "Colour fix", True),
+            tiling=tiling,
+            sampler=sampler,
+            return_lkpn_image=_to_bool(show_lkpn, "Show the LKPN view", False),
+        )
         if image is None:
             raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
         loaded = image_io.load_image_with_notes(image)
+        if on_zero_gpu():
+            w, h = loaded.size
+            advice = gpu_limit_advice(self._gpu_speed(), w, h, options.steps, options.guidance_scale, options.tiled)
+            if advice:
+                raise _user_error(advice, "Too long for one GPU run")
 
         session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
-        self.runtime.cancelled.discard(session)
-        progress(0, desc="Starting")
-        result = _deblur_on_device(
-            self.runtime_id, loaded.image, params.steps, params.seed, params.guidance_scale, prompt,
-            negative_prompt, color_fix, tiled, sampler, show_lkpn, session, progress,
-        )
-        if result.interrupted or session in self.runtime.cancelled:
-            self.runtime.cancelled.discard(session)
+        result = self._run_with_progress(loaded.image, options, session, progress)
+        if result.interrupted:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
 
         progress(1.0, desc="Saving")
@@ -524,15 +462,59 @@ class DeblurApp:
             summary.append(f"⚠️ **{UNTRAINED_LABEL}**: made with random development weights, not a deblurred image.")
         summary.append(
             f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {_steps(result.steps)}, "
-            f"guidance {result.guidance_scale:g}, colour fix {'on' if color_fix else 'off'}, tiling {tiling or DEFAULT_TILING}."
+            f"guidance {result.guidance_scale:g}, colour fix {'on' if options.color_fix else 'off'}, tiling {tiling or DEFAULT_TILING}."
         )
         summary += [f"- {note}" for note in loaded.notes]
         return (str(before), str(after)), str(after), str(lkpn) if lkpn else None, "\n".join(summary), result.seed
 
+    def _gpu_speed(self) -> SpeedModel:
+        speed = self.runtime.speed
+        return speed if speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
+
+    def _run_with_progress(self, image, options: RestoreOptions, session: str, progress) -> DeblurResult:
+        """Run the GPU function; a thread here relays its step count to the progress bar.
+
+        The count comes through shared memory, so it also arrives from ZeroGPU's forked
+        worker; until the first step is done the bar shows the time elapsed."""
+        control = self.runtime.control
+        slot = control.acquire(options.steps)
+        self.active_runs[session] = slot
+        finished = threading.Event()
+        started = time.monotonic()
+
+        shown = None
+
+        def show():
+            nonlocal shown
+            done, total = control.progress(slot)
+            if done == 0:
+                progress(None, desc=f"Starting ({time.monotonic() - started:.0f} s)")
+            elif (done, total) != shown:
+                progress((done, total), desc="Denoising", unit="steps")
+                shown = (done, total)
+
+        def relay():
+            while not finished.wait(0.1):
+                show()
+
+        relay_thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True)
+        progress(0, desc="Starting")
+        relay_thread.start()
+        try:
+            result = run_on_device(self.runtime_id, image, options, slot)
+            result.interrupted = result.interrupted or control.cancelled(slot)
+            return result
+        finally:
+            finished.set()
+            relay_thread.join()
+            show()  # the last step, had the run ended between two looks
+            self.active_runs.pop(session, None)
+            control.release(slot)
+
     def cancel(self, request: gr.Request = None):
-        session = getattr(request, "session_hash", None)
-        if session:
-            self.runtime.cancelled.add(session)
+        slot = self.active_runs.get(getattr(request, "session_hash", None))
+        if slot is not None:
+            self.runtime.control.cancel(slot)
         return "Cancelled."
 
     # ------------------------------------------------------------------ layout
@@ -575,11 +557,11 @@ class DeblurApp:
                     with gr.Accordion("Advanced", open=False):
                         prompt = gr.Textbox(label="Prompt", value="", placeholder="optional, e.g. 'a photo of a cat'")
                         negative = gr.Textbox(
-                            label="Negative prompt (used when guidance > 1)", value=self._default_negative_prompt()
+                            label="Negative prompt (used when guidance > 1)", value=DEFAULT_NEGATIVE_PROMPT
                         )
                         color_fix = gr.Checkbox(value=True, label="Colour fix (match the input's colours)")
                         tiling = gr.Radio(list(TILING_CHOICES), value=DEFAULT_TILING, label="Tiling for large images", info="auto: by image size; tiles use less memory.")
-                        sampler = gr.Dropdown(list(self.samplers), value=DEFAULT_SAMPLER, label="Sampler", visible=len(self.samplers) > 1)
+                        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
                         show_lkpn = gr.Checkbox(value=False, label="Also show the LKPN-restored latent (decoded)")
                 with gr.Column():
                     slider = gr.ImageSlider(
@@ -606,7 +588,15 @@ class DeblurApp:
 
             example_files, example_labels = _load_examples(self.examples_dir)
             cancellable = [run_event]
-            if example_files:
+            if example_files and not self.untrained and self.pipe is not None:
+                # Computed once on first click, then served from the cache: visitors spend no GPU time.
+                gr.Examples(
+                    [[f] for f in example_files], inputs=[image_in], outputs=outputs, fn=self.run_example,
+                    cache_examples=True, cache_mode="lazy", elem_id="examples",
+                    label="Examples (click one: results are computed once, then cached): " + " · ".join(example_labels),
+                )
+            elif example_files:
+                # Untrained or missing weights: never cache; a click loads the image and runs it.
                 examples = gr.Examples(
                     [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
                     label="Examples (click one to run it): " + " · ".join(example_labels),
@@ -634,11 +624,6 @@ class DeblurApp:
         estimate = self.estimate_text(size, steps, guidance_scale, tiling)
         return "\n".join(lines + ([estimate] if estimate else []))
 
-    def _default_negative_prompt(self) -> str:
-        from .pipeline import DEFAULT_NEGATIVE_PROMPT
-
-        return DEFAULT_NEGATIVE_PROMPT
-
 
 CSS = """
 #model-status.status-missing, #model-status.status-untrained {
@@ -664,9 +649,12 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
         from .loading import describe_missing_model
 
         return None, describe_missing_model(), None
-    if on_zero_gpu() and dtype in (None, "auto"):
-        # ZeroGPU lends H200 slices; choosing here avoids querying CUDA outside a GPU call.
-        dtype = "bf16"
+    if on_zero_gpu():
+        # ZeroGPU: the model is placed on `cuda` here, at start-up, as its docs ask (CUDA is
+        # emulated until a GPU function runs); the GPU function never moves it. Its GPUs
+        # (RTX Pro 6000 Blackwell) run bf16 natively; choosing here avoids querying CUDA.
+        device = "cuda" if device in (None, "auto") else device
+        dtype = "bf16" if dtype in (None, "auto") else dtype
     try:
         logger.info("loading weights from %s", reference)
         return load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype), None, reference

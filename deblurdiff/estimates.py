@@ -108,7 +108,8 @@ def gpu_limit_advice(
         scale *= 0.97
     resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
     if most_steps >= 1:
-        return f"{head} At {width}×{height}, at most {most_steps} steps fit: choose {most_steps} or fewer steps, or {resize}."
+        plural = "s" if most_steps > 1 else ""
+        return f"{head} At {width}×{height}, at most {most_steps} step{plural} fit{'' if plural else 's'}: choose {most_steps} or fewer, or {resize}."
     return f"{head} To run {steps} steps, {resize}."
 
 

@@ -23,3 +23,42 @@ def random_image(h: int, w: int, seed: int = 0) -> PIL.Image.Image:
 def pipe():
     """A tiny random pipeline shared by a module's tests (files may override it)."""
     return tiny_pipeline()
+
+
+# ---------------------------------------------------------------- the web app, served in-process
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(demo) -> str:
+    """Launch ``demo`` on a free local port without blocking; returns its URL."""
+    from deblurdiff.app import launch
+
+    port = free_port()
+    launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    return f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Server, client and model share this process: torch's worker threads would spin
+    against the server's threads (calls take seconds instead of a fraction of one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def random_tiny_pipe():
+    from deblurdiff.loading import load_pipeline
+
+    return load_pipeline("random-tiny", device="cpu")

@@ -5,9 +5,11 @@ second; the app must label such results UNTRAINED.
 """
 
 import io
+import json
+import multiprocessing
 import os
-import socket
 import struct
+import time
 import threading
 import zlib
 
@@ -21,37 +23,23 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from deblurdiff import app as app_module  # noqa: E402
-from deblurdiff.app import DeblurApp, SpeedModel, build_demo, launch, tile_megapixels  # noqa: E402
-from deblurdiff.loading import MODEL_ENV, load_pipeline  # noqa: E402
+from deblurdiff import estimates  # noqa: E402
+from deblurdiff.app import DeblurApp, build_demo  # noqa: E402
+from deblurdiff.estimates import SpeedModel  # noqa: E402
+from deblurdiff.loading import MODEL_ENV  # noqa: E402
+from deblurdiff.service import RestoreOptions  # noqa: E402
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(demo):
-    port = free_port()
-    launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    return f"http://127.0.0.1:{port}/"
+from conftest import serve  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Server, client and model share this process: torch's worker threads would spin
-    against the server's threads (calls take seconds instead of a fraction of one)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_torch_thread(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    return load_pipeline("random-tiny", device="cpu")
+def pipe(random_tiny_pipe):
+    return random_tiny_pipe
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +253,7 @@ def test_unexpected_errors_are_logged_not_shown(client, tmp_path, monkeypatch, c
     def broken(*args, **kwargs):
         raise RuntimeError("internal detail /secret/path")
 
-    monkeypatch.setattr(app_module, "deblur", broken)
+    monkeypatch.setattr(app_module, "restore", broken)
     message = error_of(client, write(tmp_path, "p.png", gradient(64, 64)))
     assert "Something went wrong" in message and "RuntimeError" in message
     assert "secret" not in message and "Traceback" not in message
@@ -334,7 +322,8 @@ def test_progress_reports_each_step(pipe, tmp_path):
     progress = RecordingProgress()
     path = write(tmp_path, "p.png", gradient(64, 64))
     app.deblur(str(path), 3, 1, False, 1.0, "", None, True, "auto", False, "ddpm", FakeRequest(), progress)
-    assert [c for c in progress.calls if isinstance(c, tuple)] == [(1, 3), (2, 3), (3, 3)]
+    steps = [c for c in progress.calls if isinstance(c, tuple)]
+    assert steps[-1] == (3, 3) and steps == sorted(set(steps))  # each shown once, in order, ending at the last
 
 
 def test_cancel_interrupts_the_pipeline(pipe, tmp_path):
@@ -380,15 +369,180 @@ def test_speed_model_and_gpu_duration():
     small = speed.seconds(512, 512, 10)
     assert speed.seconds(512, 512, 50) > small and speed.seconds(1024, 1024, 10) > 3 * small
     assert speed.seconds(512, 512, 10, guidance_scale=2.0) > small
-    assert tile_megapixels(2048, 2048, True) > tile_megapixels(2048, 2048, False)
-    small_request = app_module._gpu_duration(0, gradient(512, 512), 10, 0, 1.0, "", None, True, None, "ddpm", False, "s")
-    big_request = app_module._gpu_duration(0, gradient(2048, 2048), 100, 0, 5.0, "", None, True, None, "ddpm", False, "s")
-    assert app_module.MIN_GPU_SECONDS <= small_request < big_request <= app_module.MAX_GPU_SECONDS
+    assert estimates.processed_megapixels(2048, 2048, True) > estimates.processed_megapixels(2048, 2048, False)
+    small_request = app_module._gpu_duration(0, gradient(512, 512), RestoreOptions(steps=10), 0)
+    big_request = app_module._gpu_duration(0, gradient(2048, 2048), RestoreOptions(steps=100, guidance_scale=5.0), 0)
+    assert estimates.MIN_GPU_SECONDS <= small_request < big_request <= estimates.MAX_GPU_SECONDS
 
 
-def test_examples_gallery_comes_from_examples_folder(demo):
-    app = demo.deblurdiff_app
-    files, labels = app_module._load_examples(app.examples_dir)
-    assert len(files) >= 1 and len(labels) == len(files) and all(os.path.isfile(f) for f in files)
-    datasets = [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
-    assert datasets and len(datasets[0].samples) == len(files)
+def test_gpu_limit_advice_says_what_fits():
+    speed = SpeedModel.default("cuda")
+    assert estimates.gpu_limit_advice(speed, 512, 512, 50) is None
+    advice = estimates.gpu_limit_advice(speed, 4096, 4096, 50)
+    most = int(advice.split("at most ")[1].split(" step")[0])
+    assert 1 <= most < 50
+    assert estimates.fits_gpu_limit(speed.seconds(4096, 4096, most))
+    assert not estimates.fits_gpu_limit(speed.seconds(4096, 4096, most + 1))
+    w, h = (int(v) for v in advice.split("resize the image to ")[1].split(" pixels")[0].split("×"))
+    assert w == h and estimates.fits_gpu_limit(speed.seconds(w, h, 50)) and w < 4096
+    # Where not even one step fits, only the resize is offered.
+    slow = SpeedModel(step_s_per_mpx=100.0, fixed_s_per_mpx=1.0, device="cuda")
+    only_resize = estimates.gpu_limit_advice(slow, 4096, 2048, 10)
+    assert "at most" not in only_resize and "To run 10 steps, resize the image to" in only_resize
+
+
+def test_on_zero_gpu_a_run_that_cannot_fit_is_refused_before_it_starts(pipe, tmp_path, monkeypatch):
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    monkeypatch.setattr(app_module, "on_zero_gpu", lambda: True)
+    monkeypatch.setattr(app, "_gpu_speed", lambda: SpeedModel(step_s_per_mpx=400.0, fixed_s_per_mpx=1.0, device="cuda"))
+    started = []
+    monkeypatch.setattr(app_module, "restore", lambda *a, **k: started.append(1))
+    path = write(tmp_path, "p.png", gradient(256, 256))
+    with pytest.raises(gr.Error) as err:
+        app.deblur(str(path), 50, 1, False, 1.0, "", None, True, "auto", False, "ddpm", FakeRequest(), RecordingProgress())
+    assert "at most" in err.value.message and "300 s" in err.value.message and not started
+    text, _ = app.describe_input(str(path), 50, 1.0, "auto")
+    assert "Estimated GPU time" in text and "at most" in text
+
+
+def test_on_zero_gpu_the_model_is_placed_on_cuda_at_start_up(monkeypatch):
+    calls = []
+    monkeypatch.setattr(app_module, "on_zero_gpu", lambda: True)
+    monkeypatch.setattr(app_module, "load_pipeline", lambda ref, **kw: calls.append(kw) or "pipe")
+    pipe, error, _ = app_module.load_app_model("owner/weights")
+    assert pipe == "pipe" and error is None
+    assert calls == [dict(tokenizer=None, device="cuda", dtype="bf16")]
+
+
+def test_empty_negative_prompt_is_kept(pipe, tmp_path, monkeypatch):
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    seen = []
+    real = app_module.restore
+    monkeypatch.setattr(app_module, "restore", lambda p, image, options, **kw: seen.append(options) or real(p, image, options, **kw))
+    path = write(tmp_path, "p.png", gradient(64, 64))
+    app.deblur(str(path), 1, 1, False, 2.0, "", "", True, "auto", False, "ddpm", FakeRequest(), RecordingProgress())
+    assert seen[0].negative_prompt == "" and seen[0].pipeline_kwargs()["negative_prompt"] == ""
+
+
+# ---------------------------------------------------------------- the GPU function in a forked worker, as on ZeroGPU
+
+
+def _slow_steps(pipe, seconds):
+    """Make each denoising step of ``pipe`` take at least ``seconds`` (wraps the UNet)."""
+    unet_forward = pipe.unet.forward
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return unet_forward(*args, **kwargs)
+
+    pipe.unet.forward = slow
+    return lambda: setattr(pipe.unet, "forward", unet_forward)
+
+
+def _forked_run(app, options):
+    """Start ``run_on_device`` in a forked process, as ZeroGPU's worker does; the result
+    (steps reported, interrupted) comes back through a pipe."""
+    ctx = multiprocessing.get_context("fork")
+    slot = app.runtime.control.acquire(options.steps)
+    receiver, sender = ctx.Pipe(duplex=False)
+    image = gradient(64, 64)
+
+    def worker():
+        result = app_module.run_on_device(app.runtime_id, image, options, slot)
+        sender.send((app.runtime.control.progress(slot), result.interrupted))
+
+    process = ctx.Process(target=worker, daemon=True)
+    process.start()
+    return process, slot, receiver
+
+
+@pytest.mark.slow
+def test_cancel_reaches_a_forked_worker_within_a_step(tmp_path):
+    pipe = app_module.load_pipeline("random-tiny", device="cpu")
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    undo = _slow_steps(pipe, 0.2)
+    try:
+        process, slot, receiver = _forked_run(app, RestoreOptions(steps=60))
+    finally:
+        undo()
+    control = app.runtime.control
+    deadline = time.monotonic() + 60
+    while control.progress(slot)[0] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done_at_cancel = control.progress(slot)[0]
+    assert done_at_cancel >= 3, "the worker's steps were not seen by the parent"
+    control.cancel(slot)
+    assert receiver.poll(30), "the worker did not stop"
+    (done, total), interrupted = receiver.recv()
+    process.join(10)
+    assert interrupted and total == 60
+    assert done <= done_at_cancel + 1  # the step under way when Cancel came, and no more
+
+
+@pytest.mark.slow
+def test_progress_of_a_forked_worker_reaches_the_progress_bar(tmp_path, monkeypatch):
+    """The app's relay reads the forked worker's steps from shared memory and reports each
+    one to Gradio's progress bar, as it would from ZeroGPU's worker process."""
+    pipe = app_module.load_pipeline("random-tiny", device="cpu")
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    undo = _slow_steps(pipe, 0.5)  # several looks per step by the relay (every 0.1 s)
+    ctx = multiprocessing.get_context("fork")
+    run_on_device = app_module.run_on_device
+
+    def in_forked_worker(runtime_id, image, options, slot):
+        receiver, sender = ctx.Pipe(duplex=False)
+
+        def worker():
+            result = run_on_device(runtime_id, image, options, slot)
+            sender.send((result.image, result.interrupted, result.seconds))
+
+        process = ctx.Process(target=worker, daemon=True)
+        process.start()
+        assert receiver.poll(60)
+        image_out, interrupted, seconds = receiver.recv()
+        process.join(10)
+        return app_module.DeblurResult(image_out, None, options, seconds, interrupted)
+
+    monkeypatch.setattr(app_module, "run_on_device", in_forked_worker)
+    progress = RecordingProgress()
+    path = write(tmp_path, "p.png", gradient(64, 64))
+    try:
+        result = app.deblur(str(path), 4, 1, False, 1.0, "", None, True, "auto", False, "ddpm", FakeRequest(), progress)
+    finally:
+        undo()
+    assert Image.open(result[1]).size == (64, 64)
+    assert [c for c in progress.calls if isinstance(c, tuple)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+# ---------------------------------------------------------------- examples
+
+
+def _gallery(demo):
+    return [b for b in demo.blocks.values() if isinstance(b, gr.Dataset)]
+
+
+def test_examples_gallery_lists_the_examples_folder(demo):
+    folder = demo.deblurdiff_app.examples_dir
+    listed = json.loads((folder / "examples.json").read_text())
+    gallery = _gallery(demo)[0]
+    shown = [os.path.basename(sample[0]["path"] if isinstance(sample[0], dict) else sample[0]) for sample in gallery.samples]
+    assert sorted(shown) == sorted(entry["file"] for entry in listed)
+    assert all(entry["title"] in gallery.label for entry in listed)
+
+
+def test_examples_are_cached_lazily_only_for_trained_weights(pipe, monkeypatch):
+    untrained = DeblurApp(pipe, model_ref="random-tiny", measure_speed=False).build()
+    assert not any(getattr(e, "cache_examples", False) for e in untrained.fns.values() if hasattr(e, "cache_examples"))
+    assert "computed once" not in _gallery(untrained)[0].label
+
+    monkeypatch.setattr(pipe, "untrained", False, raising=False)
+    cached = []
+    real_examples = gr.Examples
+
+    def recording_examples(*args, **kwargs):
+        cached.append((kwargs.get("cache_examples"), kwargs.get("cache_mode")))
+        return real_examples(*args, **kwargs)
+
+    monkeypatch.setattr(gr, "Examples", recording_examples)
+    trained = DeblurApp(pipe, model_ref="owner/weights", measure_speed=False).build()
+    assert cached == [(True, "lazy")] and "computed once" in _gallery(trained)[0].label

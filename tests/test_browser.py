@@ -7,7 +7,6 @@ chromium``; or set ``CHROMIUM``); skipped otherwise. Screenshots go to ``artifac
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ if not os.path.exists(CHROMIUM):
     )
 
 from deblurdiff import app as app_module  # noqa: E402
-from deblurdiff.app import EXAMPLES_DIR, build_demo, launch  # noqa: E402
-from deblurdiff.loading import load_pipeline  # noqa: E402
+from deblurdiff.app import EXAMPLES_DIR, build_demo  # noqa: E402
+
+from conftest import serve  # noqa: E402
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -47,31 +47,9 @@ CHROMIUM_ARGS = [
 TIMEOUT_MS = 60_000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(demo) -> str:
-    port = free_port()
-    launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    return f"http://127.0.0.1:{port}/"
-
-
 @pytest.fixture(scope="module")
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dev_app(one_torch_thread):
-    demo = build_demo(load_pipeline("random-tiny", device="cpu"), model_ref="random-tiny")
+def dev_app(one_torch_thread, random_tiny_pipe):
+    demo = build_demo(random_tiny_pipe, model_ref="random-tiny")
     yield serve(demo), demo.deblurdiff_app
     demo.close()
 
@@ -170,12 +148,12 @@ def test_cancel_stops_the_run(page, dev_app, monkeypatch):
     assert app.speed_ready.wait(60)  # the start-up speed probe holds the model too
     runs = []
 
-    def recording_deblur(*args, **kwargs):
-        runs.append(real_deblur(*args, **kwargs))
+    def recording_restore(*args, **kwargs):
+        runs.append(real_restore(*args, **kwargs))
         return runs[-1]
 
-    real_deblur = app_module.deblur
-    monkeypatch.setattr(app_module, "deblur", recording_deblur)
+    real_restore = app_module.restore
+    monkeypatch.setattr(app_module, "restore", recording_restore)
     page.goto(url)
     set_steps(page, 100)
     page.locator("#input-image input[type=file]").set_input_files(str(example_image()))
