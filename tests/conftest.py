@@ -7,6 +7,10 @@ import pytest
 from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
 
+#: Tolerance for float32 results of the same computation by models loaded or laid out
+#: differently in memory: kernels may then sum in another order (never compare bitwise).
+FLOAT32_ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
 
 def tiny_pipeline(seed: int = 0) -> DeblurDiffPipeline:
     pipe = DeblurDiffPipeline(**build_components("tiny", seed=seed))
