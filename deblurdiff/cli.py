@@ -201,15 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         options = make_options(
-            steps=args.steps,
-            seed=args.seed,
-            guidance_scale=args.guidance,
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            color_fix=args.color_fix,
-            tiling=args.tiled,
-            sampler=args.sampler,
-            return_lkpn_image=args.save_lkpn,
+            steps=args.steps, seed=args.seed, guidance_scale=args.guidance, prompt=args.prompt,
+            negative_prompt=args.negative_prompt, color_fix=args.color_fix, tiling=args.tiled,
+            sampler=args.sampler, return_lkpn_image=args.save_lkpn,
         )
     except InvalidInputError as exc:
         _error(str(exc))

@@ -99,15 +99,11 @@ class RestoreOptions:
 
     def pipeline_kwargs(self) -> dict:
         """Keyword arguments for ``pipe(...)``."""
-        kwargs = dict(
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            prompt=self.prompt,
-            color_fix=self.color_fix,
-            tiled=self.tiled,
-            sampler=self.sampler,
-            return_lkpn_images=self.return_lkpn_image,
-        )
+        kwargs = {
+            "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale, "prompt": self.prompt,
+            "color_fix": self.color_fix, "tiled": self.tiled, "sampler": self.sampler,
+            "return_lkpn_images": self.return_lkpn_image,
+        }
         if self.negative_prompt is not None:
             kwargs["negative_prompt"] = self.negative_prompt
         return kwargs
