@@ -40,7 +40,6 @@ import spaces
 
 from . import image_io
 from .estimates import (
-    MAX_GPU_SECONDS,
     SpeedModel,
     format_seconds,
     gpu_limit_advice,
