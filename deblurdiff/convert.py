@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TOKENIZER = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_TOKENIZER_SUBFOLDER = "tokenizer"
+from .tokenizer import VOCAB_FILE
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Checkpoint prefix -> component. The LDM names are accepted too.
@@ -568,24 +568,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_tokenizer(tokenizer=None):
-    """A CLIPTokenizer: ``tokenizer`` itself if it is one, else loaded from a folder (a
-    pipeline folder with a ``tokenizer`` subfolder works too) or a Hub repo id (the local
-    cache first, then the Hub if it can be reached); default SD 2.1-base's."""
+    """The tokenizer for prompts: ``tokenizer`` itself if it is a tokenizer object; with no
+    argument, the OpenCLIP tokenizer shipped with the package (no network); else loaded from
+    a folder (a pipeline folder with a ``tokenizer`` subfolder works too) — one written by
+    :class:`~deblurdiff.tokenizer.OpenCLIPTokenizer`, or a ``CLIPTokenizer`` folder with
+    vocab.json and merges.txt — or a Hub repo id (the local cache first, then the Hub)."""
     from transformers import CLIPTokenizer
+
+    from .tokenizer import OpenCLIPTokenizer, is_open_clip_tokenizer_folder
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    source = DEFAULT_TOKENIZER if tokenizer is None else os.fspath(tokenizer)
-    path = Path(source).expanduser()
-    if tokenizer is not None and not path.exists() and (os.sep in source or source.startswith((".", "~"))):
-        raise TokenizerUnavailableError(
-            f"Tokenizer folder not found: {source}. Pass `--tokenizer PATH` with a folder holding vocab.json "
-            f"and merges.txt (such as the `tokenizer` folder of {DEFAULT_TOKENIZER}), or a Hub repo id when online."
-        )
-    source = str(path) if path.exists() else source
     if tokenizer is None:
-        subfolders = [DEFAULT_TOKENIZER_SUBFOLDER]
-    elif path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
+        return OpenCLIPTokenizer()
+    source = os.fspath(tokenizer)
+    path = Path(source).expanduser()
+    if not path.exists() and (os.sep in source or source.startswith((".", "~"))):
+        raise TokenizerUnavailableError(
+            f"Tokenizer folder not found: {source}. Leave `--tokenizer` out to use the tokenizer shipped with "
+            "the package, or pass a folder holding a saved tokenizer (or vocab.json and merges.txt)."
+        )
+    if path.is_dir() and is_open_clip_tokenizer_folder(path):
+        sub = path if (path / VOCAB_FILE).is_file() else path / "tokenizer"
+        return OpenCLIPTokenizer.from_pretrained(str(sub))
+    source = str(path) if path.exists() else source
+    if path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
         subfolders = ["tokenizer"]
     else:
         subfolders = [None, "tokenizer"]
@@ -606,10 +613,9 @@ def load_tokenizer(tokenizer=None):
                 return tok
             errors.append(f"no vocabulary found{f' in subfolder {sub!r}' if sub else ''}")
     raise TokenizerUnavailableError(
-        f"Could not load the CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n"
-        "The DeblurDiff checkpoint holds no tokenizer. Pass `--tokenizer PATH` (or `tokenizer=`): a folder "
-        f"with vocab.json and merges.txt, such as the `tokenizer` folder of {DEFAULT_TOKENIZER}, or a Hub "
-        "repo id when online."
+        f"Could not load a CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n"
+        "Leave `--tokenizer` out to use the OpenCLIP tokenizer shipped with the package, or pass a folder "
+        "with a saved tokenizer (or vocab.json and merges.txt), or a Hub repo id when online."
     )
 
 
@@ -638,7 +644,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help=f"CLIP tokenizer folder or Hub repo id (default: {DEFAULT_TOKENIZER}, subfolder tokenizer)",
+        help="tokenizer folder or Hub repo id (default: the OpenCLIP tokenizer shipped with the package)",
     )
     parser.add_argument("--attention-head-dim", type=int, default=64, help="channels per attention head (default 64)")
     args = parser.parse_args(argv)
