@@ -28,7 +28,6 @@ every failure raises :class:`WeightsUnavailableError` whose message gives the ma
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .convert import file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
@@ -193,14 +194,6 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
     if missing:
         return f"the file is not the DeblurDiff checkpoint (no weights for {', '.join(missing)})"
     return None
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _staging_path(checkpoint: Path) -> Path:
