@@ -53,7 +53,7 @@ def describe_missing_model() -> str:
     from .weights import manual_steps
 
     return (
-        "No DeblurDiff weights are loaded. Without `--model` (or the "
+        "No DeblurDiff weights are configured. Without `--model` (or the "
         f"`{MODEL_ENV}` environment variable) the authors' checkpoint is downloaded and converted "
         "on the first start; otherwise pass a diffusers-layout folder or Hub repo id, or the official "
         "checkpoint `model.pth` (converted when loaded).\n" + manual_steps()

@@ -375,8 +375,9 @@ def official_pipeline(
         if not checkpoint.exists():
             if not download_allowed(allow_download):
                 raise _unavailable(
-                    "No DeblurDiff weights: downloading is turned off (--no-download, "
-                    f"{NO_DOWNLOAD_ENV}=1 or HF_HUB_OFFLINE=1) and the authors' checkpoint is not in the cache ({root}).",
+                    "No DeblurDiff weights are configured (`--model` or `DEBLURDIFF_MODEL`), and downloading the "
+                    f"authors' checkpoint is turned off (--no-download, {NO_DOWNLOAD_ENV}=1 or HF_HUB_OFFLINE=1) "
+                    f"while it is not in the cache ({root}).",
                     cache_dir,
                 )
             fetch_checkpoint(root, downloader, report, cache_dir)

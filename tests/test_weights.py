@@ -230,7 +230,7 @@ def test_offline_without_a_cache_says_how_to_get_the_weights(served, monkeypatch
     with pytest.raises(ModelUnavailableError) as info:
         start(downloader, allow_download=False if how == "argument" else None)
     assert downloader.calls == 0
-    assert "downloading is turned off" in str(info.value) and weights.OFFICIAL_FOLDER_URL in str(info.value)
+    assert "downloading the authors' checkpoint is turned off" in str(info.value) and weights.OFFICIAL_FOLDER_URL in str(info.value)
 
 
 def test_gdown_downloader_finds_model_pth_in_the_authors_folder(monkeypatch, tmp_path):
@@ -314,4 +314,4 @@ def test_cli_offline_without_a_cache_exits_with_the_manual_steps(tmp_path, capsy
     code = cli.main([str(tmp_path / "photo.png"), "-o", str(tmp_path / "out"), "--no-download", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE
-    assert "downloading is turned off" in err and weights.OFFICIAL_FOLDER_URL in err and "Traceback" not in err
+    assert "downloading the authors' checkpoint is turned off" in err and weights.OFFICIAL_FOLDER_URL in err and "Traceback" not in err
