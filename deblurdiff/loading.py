@@ -111,7 +111,7 @@ def load_pipeline(
         else:
             if not Path(model).is_dir() and not HUB_REPO_ID.fullmatch(model):
                 raise ModelUnavailableError(f"Model folder not found: {model}. {describe_missing_model()}")
-            pipe = DeblurDiffPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = DeblurDiffPipeline.from_pretrained(model, dtype=dtype)
     except ModelUnavailableError:
         raise
     except Exception as exc:  # network, missing files, corrupt weights: all end the same way for a user
@@ -126,6 +126,9 @@ def load_pipeline(
         raise ModelUnavailableError(f"Could not load DeblurDiff weights from {model!r}: {exc}") from exc
 
     pipe.untrained = getattr(pipe, "untrained", False)
-    pipe.to(device=device, dtype=dtype)
+    # Cast only what is not in ``dtype`` yet (casting loaded models makes diffusers warn).
+    if any(m.dtype != dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
+        pipe.to(dtype=dtype)
+    pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

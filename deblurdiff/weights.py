@@ -119,7 +119,7 @@ def gdown_download(destination: Path) -> None:
     checked against the size the server announces."""
     import gdown
 
-    files = gdown.download_folder(id=OFFICIAL_FOLDER_ID, skip_download=True, quiet=True)
+    files = gdown.download_folder(id=OFFICIAL_FOLDER_ID, skip_download=True, quiet=True, timeout=(30, 120))
     matches = [f for f in files or [] if Path(f.path).name == OFFICIAL_FILENAME]
     if not matches:
         names = ", ".join(Path(f.path).name for f in files or []) or "nothing"
