@@ -64,6 +64,7 @@ from .service import (
     restore,
     safe_stem,
 )
+from .weights import NO_DOWNLOAD_ENV, OFFICIAL_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -641,13 +642,10 @@ def resolve_model(model: str | None = None) -> str | None:
     return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
 
 
-def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_random_weights=False):
-    """``(pipe, None, reference)`` or ``(None, message, reference)``: the app starts either way."""
+def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_random_weights=False, allow_download=None):
+    """``(pipe, None, reference)`` or ``(None, message, reference)``: the app starts either way.
+    With no reference, the authors' checkpoint is fetched and converted once (``allow_download``)."""
     reference = RANDOM_TINY if dev_random_weights else resolve_model(model)
-    if not reference:
-        from .loading import describe_missing_model
-
-        return None, describe_missing_model(), None
     if on_zero_gpu():
         # ZeroGPU: the model is placed on `cuda` here, at start-up, as its docs ask (CUDA is
         # emulated until a GPU function runs); the GPU function never moves it. Its GPUs
@@ -655,8 +653,9 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
         device = "cuda" if device in (None, "auto") else device
         dtype = "bf16" if dtype in (None, "auto") else dtype
     try:
-        logger.info("loading weights from %s", reference)
-        return load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype), None, reference
+        logger.info("loading weights from %s", reference or OFFICIAL_LABEL)
+        pipe = load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype, allow_download=allow_download)
+        return pipe, None, reference or OFFICIAL_LABEL
     except ModelUnavailableError as exc:
         logger.error("no model: %s", exc)
         return None, str(exc), reference
@@ -684,14 +683,15 @@ def launch(demo: gr.Blocks, **kwargs):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python app.py", description="The DeblurDiff web app.")
-    parser.add_argument("--model", default=None, help=f"weights: folder, Hub repo id or official model.pth (default: ${MODEL_ENV}, then DEFAULT_SPACE_MODEL)")
-    parser.add_argument("--tokenizer", default=None, help=f"tokenizer for model.pth (default: ${TOKENIZER_ENV} or SD 2.1-base's)")
+    parser.add_argument("--model", default=None, help=f"weights: folder, Hub repo id or official model.pth (default: ${MODEL_ENV}, then DEFAULT_SPACE_MODEL, then the authors' checkpoint, downloaded once)")
+    parser.add_argument("--tokenizer", default=None, help=f"tokenizer override (default: ${TOKENIZER_ENV}, else the one shipped with the package)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
     parser.add_argument("--dev-random-weights", action="store_true", help="development only: untrained random weights, outputs labelled UNTRAINED")
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=None, help="port (default 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link")
+    parser.add_argument("--no-download", action="store_true", help=f"never download the authors' checkpoint (also: {NO_DOWNLOAD_ENV}=1)")
     parser.add_argument("--no-examples", action="store_true", help="hide the example gallery")
     return parser
 
@@ -701,7 +701,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     pipe, error, reference = load_app_model(
-        args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, dev_random_weights=args.dev_random_weights
+        args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, dev_random_weights=args.dev_random_weights,
+        allow_download=False if args.no_download else None,
     )
     demo = build_demo(pipe, model_error=error, model_ref=reference, examples_dir=None if args.no_examples else EXAMPLES_DIR)
     launch(demo, server_name=args.host, server_port=args.port, share=args.share or None)

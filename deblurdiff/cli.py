@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", default=None, help=f"sampler (default: {DEFAULT_SAMPLER})")
     parser.add_argument("--save-lkpn", action="store_true", help="also write the LKPN-restored latent, decoded, as <name>_lkpn.png")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in OUT_DIR (inputs are never replaced)")
-    parser.add_argument("--model", default=None, help="weights: folder, Hub repo id or official model.pth (default: $DEBLURDIFF_MODEL)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer for the official single-file checkpoint (default: $DEBLURDIFF_TOKENIZER or SD 2.1-base's)")
+    parser.add_argument("--model", default=None, help="weights: folder, Hub repo id or official model.pth (default: $DEBLURDIFF_MODEL, else the authors' checkpoint, downloaded once)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer override (default: $DEBLURDIFF_TOKENIZER, else the one shipped with the package)")
+    parser.add_argument("--no-download", action="store_true", help="never download the authors' checkpoint (also: DEBLURDIFF_NO_DOWNLOAD=1)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="auto: fp16/bf16 on GPUs, fp32 on CPU")
     parser.add_argument(
@@ -225,7 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = RANDOM_TINY if args.dev_random_weights else args.model
     try:
-        pipe = load_pipeline(model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+        pipe = load_pipeline(
+            model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+            allow_download=False if args.no_download else None,
+        )
     except ModelUnavailableError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -238,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = plan_outputs(items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite)
-    model_name = RANDOM_TINY if untrained else (args.model or os.environ.get("DEBLURDIFF_MODEL"))
+    model_name = RANDOM_TINY if untrained else (args.model or os.environ.get("DEBLURDIFF_MODEL") or "kkkls/DeblurDiff official checkpoint")
     print(
         f"{len(items)} image(s), {options.steps} steps, seed {options.seed}, guidance {options.guidance_scale:g}, "
         f"device {pipe.device} → {out_dir}",

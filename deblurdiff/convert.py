@@ -19,6 +19,7 @@ Every unknown, missing or mis-shaped tensor is reported in one :class:`Checkpoin
 Command line::
 
     python -m deblurdiff.convert model.pth out_dir [--dtype fp16] [--tokenizer PATH]
+    python -m deblurdiff.convert model.pth out_dir --dtype fp16 --push-to-hub owner/name
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_TOKENIZER = "stabilityai/stable-diffusion-2-1-base"
-DEFAULT_TOKENIZER_SUBFOLDER = "tokenizer"
+from .tokenizer import VOCAB_FILE
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Checkpoint prefix -> component. The LDM names are accepted too.
@@ -568,24 +569,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_tokenizer(tokenizer=None):
-    """A CLIPTokenizer: ``tokenizer`` itself if it is one, else loaded from a folder (a
-    pipeline folder with a ``tokenizer`` subfolder works too) or a Hub repo id (the local
-    cache first, then the Hub if it can be reached); default SD 2.1-base's."""
+    """The tokenizer for prompts: ``tokenizer`` itself if it is a tokenizer object; with no
+    argument, the OpenCLIP tokenizer shipped with the package (no network); else loaded from
+    a folder (a pipeline folder with a ``tokenizer`` subfolder works too) — one written by
+    :class:`~deblurdiff.tokenizer.OpenCLIPTokenizer`, or a ``CLIPTokenizer`` folder with
+    vocab.json and merges.txt — or a Hub repo id (the local cache first, then the Hub)."""
     from transformers import CLIPTokenizer
+
+    from .tokenizer import OpenCLIPTokenizer, is_open_clip_tokenizer_folder
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
-    source = DEFAULT_TOKENIZER if tokenizer is None else os.fspath(tokenizer)
-    path = Path(source).expanduser()
-    if tokenizer is not None and not path.exists() and (os.sep in source or source.startswith((".", "~"))):
-        raise TokenizerUnavailableError(
-            f"Tokenizer folder not found: {source}. Pass `--tokenizer PATH` with a folder holding vocab.json "
-            f"and merges.txt (such as the `tokenizer` folder of {DEFAULT_TOKENIZER}), or a Hub repo id when online."
-        )
-    source = str(path) if path.exists() else source
     if tokenizer is None:
-        subfolders = [DEFAULT_TOKENIZER_SUBFOLDER]
-    elif path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
+        return OpenCLIPTokenizer()
+    source = os.fspath(tokenizer)
+    path = Path(source).expanduser()
+    if not path.exists() and (os.sep in source or source.startswith((".", "~"))):
+        raise TokenizerUnavailableError(
+            f"Tokenizer folder not found: {source}. Leave `--tokenizer` out to use the tokenizer shipped with "
+            "the package, or pass a folder holding a saved tokenizer (or vocab.json and merges.txt)."
+        )
+    if path.is_dir() and is_open_clip_tokenizer_folder(path):
+        sub = path if (path / VOCAB_FILE).is_file() else path / "tokenizer"
+        return OpenCLIPTokenizer.from_pretrained(str(sub))
+    source = str(path) if path.exists() else source
+    if path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
         subfolders = ["tokenizer"]
     else:
         subfolders = [None, "tokenizer"]
@@ -606,10 +614,9 @@ def load_tokenizer(tokenizer=None):
                 return tok
             errors.append(f"no vocabulary found{f' in subfolder {sub!r}' if sub else ''}")
     raise TokenizerUnavailableError(
-        f"Could not load the CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n"
-        "The DeblurDiff checkpoint holds no tokenizer. Pass `--tokenizer PATH` (or `tokenizer=`): a folder "
-        f"with vocab.json and merges.txt, such as the `tokenizer` folder of {DEFAULT_TOKENIZER}, or a Hub "
-        "repo id when online."
+        f"Could not load a CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n"
+        "Leave `--tokenizer` out to use the OpenCLIP tokenizer shipped with the package, or pass a folder "
+        "with a saved tokenizer (or vocab.json and merges.txt), or a Hub repo id when online."
     )
 
 
@@ -626,6 +633,118 @@ def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 
     return dict(components, tokenizer=tok, scheduler=make_scheduler())
 
 
+# ---------------------------------------------------------------------------- publishing
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+PAPER_URL = "https://arxiv.org/abs/2502.03810"
+REFERENCE_URL = "https://github.com/kkkls/DeblurDiff"
+CITATION = """@article{kong2025deblurdiff,
+  title   = {DeblurDiff: Real-World Image Deblurring with Generative Diffusion Models},
+  author  = {Kong, Lingshun and Zhang, Jiawei and Zou, Dongqing and Ren, Jimmy and Wu, Xiaohe and Dong, Jiangxin and Pan, Jinshan},
+  journal = {arXiv preprint arXiv:2502.03810},
+  year    = {2025}
+}"""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class HubPushError(RuntimeError):
+    """Uploading to the Hub failed; the message says why and what to do."""
+
+
+def model_card(repo_id: str, dtype: str, source_name: str, source_sha256: str | None = None) -> str:
+    """The README.md of an uploaded pipeline folder: what the model is, the weights' licences
+    as their publishers state them, how to load it, and the citation."""
+    provenance = f"`{source_name}`" + (f" (SHA-256 `{source_sha256}`)" if source_sha256 else "")
+    return f"""---
+license: openrail++
+library_name: diffusers
+pipeline_tag: image-to-image
+tags:
+- deblurring
+- image-restoration
+- diffusion
+- controlnet
+---
+
+# DeblurDiff ({dtype})
+
+DeblurDiff ([Kong et al., 2025]({PAPER_URL})) deblurs real-world photos with Stable Diffusion
+2.1's generative prior. A Latent Kernel Prediction Network (LKPN) predicts a 5×5 kernel for
+every latent pixel at each diffusion step; element-wise adaptive convolution applies them to
+the blurry image's latent, and a ControlNet fed that latent steers the frozen SD 2.1 UNet.
+
+These are the authors' trained weights ({REFERENCE_URL}), converted from {provenance} to the
+diffusers layout (safetensors, {dtype}) with `python -m deblurdiff.convert`. The conversion
+renames and reshapes tensors only. Loading needs the `deblurdiff` package (the LKPN, the
+ControlNet and the pipeline are defined there); its OpenCLIP tokenizer is included here.
+
+## Usage
+
+```python
+import torch
+from PIL import Image
+from deblurdiff import DeblurDiffPipeline
+
+pipe = DeblurDiffPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")
+image = Image.open("blurry.jpg").convert("RGB")
+sharp = pipe(image, num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images[0]
+sharp.save("sharp.png")
+```
+
+## Licences
+
+- The authors' repository ({REFERENCE_URL}) is released under the **MIT License**
+  (Copyright (c) 2025 kkkls); it names no separate licence for the checkpoint.
+- The checkpoint contains, and was trained around, **Stable Diffusion 2.1-base** (UNet, VAE
+  and the OpenCLIP ViT-H/14 text encoder), which Stability AI released under the
+  **CreativeML Open RAIL++-M License**. That licence's use restrictions (its Attachment A)
+  apply to derivatives of those weights, so this card declares `openrail++`.
+- The tokenizer vocabulary is OpenAI CLIP's (MIT License).
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, *, card: str, private: bool = False, api=None) -> str:
+    """Create ``repo_id`` (a model repo; kept if it exists) and upload ``folder`` with ``card``
+    as its README.md. Returns the repo's URL; raises :class:`HubPushError`."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    api = api or HfApi()
+    try:
+        url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="model",
+            commit_message="DeblurDiff pipeline converted from the authors' checkpoint",
+        )
+    except Exception as exc:  # authentication, permissions, network: say which, and how to retry
+        text = f"{type(exc).__name__}: {exc}"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status in (401, 403) or "token" in text.lower() or "LocalTokenNotFound" in text:
+            hint = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to that repo"
+        else:
+            hint = "check the network connection"
+        raise HubPushError(
+            f"Could not upload to {repo_id}: {text.splitlines()[0]}\nThe converted folder is kept in {folder}: "
+            f"{hint}, then upload it with `hf upload {repo_id} {folder}`."
+        ) from None
+    return str(url)
+
+
 # ---------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
@@ -638,10 +757,18 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tokenizer",
         default=None,
-        help=f"CLIP tokenizer folder or Hub repo id (default: {DEFAULT_TOKENIZER}, subfolder tokenizer)",
+        help="tokenizer folder or Hub repo id (default: the OpenCLIP tokenizer shipped with the package)",
     )
     parser.add_argument("--attention-head-dim", type=int, default=64, help="channels per attention head (default 64)")
+    parser.add_argument(
+        "--push-to-hub", metavar="OWNER/NAME", default=None,
+        help="then upload the folder, with a model card, to this Hugging Face model repo (created if needed)",
+    )
+    parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     args = parser.parse_args(argv)
+    if args.push_to_hub and not HUB_REPO_ID.fullmatch(args.push_to_hub):
+        print(f"error: --push-to-hub needs a repo id like owner/name, got {args.push_to_hub!r}", file=sys.stderr)
+        return 1
 
     try:
         components = load_single_file_components(
@@ -659,6 +786,14 @@ def main(argv=None) -> int:
         f"{name} {sum(p.numel() for p in components[name].parameters()) / 1e6:.1f}M" for name in COMPONENTS
     )
     print(f"wrote {args.out_dir} ({args.dtype}): {counts}")
+    if args.push_to_hub:
+        card = model_card(args.push_to_hub, args.dtype, Path(args.checkpoint).name, file_sha256(args.checkpoint))
+        try:
+            url = push_to_hub(args.out_dir, args.push_to_hub, card=card, private=args.private)
+        except HubPushError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"uploaded to {url}")
     return 0
 
 

@@ -2,7 +2,9 @@
 
 A reference is a diffusers-layout folder, a Hub repo id, the official single-file
 checkpoint (``model.pth``/``.ckpt``/``.safetensors``), or ``random-tiny`` (untrained
-weights for development: never a deblurring result).
+weights for development: never a deblurring result). With none (no ``--model``, no
+``DEBLURDIFF_MODEL``), the authors' published checkpoint is used: downloaded, verified and
+converted on the first start, loaded from the cache afterwards (see ``weights.py``).
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
 
 
 def describe_missing_model() -> str:
+    from .weights import manual_steps
+
     return (
-        "No DeblurDiff weights are configured. Provide them with `--model` or the "
-        f"`{MODEL_ENV}` environment variable: a diffusers-layout folder or Hub repo id, or the "
-        "official checkpoint `model.pth` from the authors' repository (kkkls/DeblurDiff), "
-        "which is converted when loaded (it holds no tokenizer: the Stable Diffusion 2.1-base "
-        f"tokenizer is used, or pass `--tokenizer` / `{TOKENIZER_ENV}`)."
+        "No DeblurDiff weights are configured. Without `--model` (or the "
+        f"`{MODEL_ENV}` environment variable) the authors' checkpoint is downloaded and converted "
+        "on the first start; otherwise pass a diffusers-layout folder or Hub repo id, or the official "
+        "checkpoint `model.pth` (converted when loaded).\n" + manual_steps()
     )
 
 
@@ -63,20 +66,36 @@ def load_pipeline(
     tokenizer: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    allow_download: bool | None = None,
+    downloader=None,
+    cache_dir: str | os.PathLike | None = None,
 ):
     """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``.
 
-    Raises ``ModelUnavailableError`` with an actionable message when nothing is
-    configured or the weights cannot be loaded.
+    ``model`` defaults to ``$DEBLURDIFF_MODEL``, else the authors' checkpoint, fetched and
+    converted once into the cache (``allow_download=False``, ``$DEBLURDIFF_NO_DOWNLOAD`` or
+    ``$HF_HUB_OFFLINE`` turn downloading off; ``downloader`` and ``cache_dir`` replace the
+    defaults of :func:`deblurdiff.weights.official_pipeline`).
+
+    Raises ``ModelUnavailableError`` with an actionable message when the weights cannot be
+    found, fetched or loaded.
     """
     from .pipeline import DeblurDiffPipeline
 
     model = model or os.environ.get(MODEL_ENV)
     tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV)
-    if not model:
-        raise ModelUnavailableError(describe_missing_model())
     device = device if isinstance(device, torch.device) else pick_device(device)
     dtype = dtype if isinstance(dtype, torch.dtype) else pick_dtype(device, dtype)
+    official = None
+    if not model:
+        from .weights import WeightsUnavailableError, official_pipeline
+
+        try:
+            model = official = official_pipeline(
+                dtype, allow_download=allow_download, downloader=downloader, tokenizer=tokenizer, cache_dir=cache_dir
+            )
+        except WeightsUnavailableError as exc:
+            raise ModelUnavailableError(str(exc)) from None
 
     model = str(model)
     try:
@@ -92,13 +111,24 @@ def load_pipeline(
         else:
             if not Path(model).is_dir() and not HUB_REPO_ID.fullmatch(model):
                 raise ModelUnavailableError(f"Model folder not found: {model}. {describe_missing_model()}")
-            pipe = DeblurDiffPipeline.from_pretrained(model, torch_dtype=dtype)
+            pipe = DeblurDiffPipeline.from_pretrained(model, dtype=dtype)
     except ModelUnavailableError:
         raise
     except Exception as exc:  # network, missing files, corrupt weights: all end the same way for a user
+        if official is not None:  # made from the cached checkpoint: rebuilt at the next start
+            import shutil
+
+            shutil.rmtree(official, ignore_errors=True)
+            raise ModelUnavailableError(
+                f"The cached conversion {official} could not be loaded ({type(exc).__name__}: {exc}); it was "
+                "deleted and is made again from the downloaded checkpoint at the next start."
+            ) from None
         raise ModelUnavailableError(f"Could not load DeblurDiff weights from {model!r}: {exc}") from exc
 
     pipe.untrained = getattr(pipe, "untrained", False)
-    pipe.to(device=device, dtype=dtype)
+    # Cast only what is not in ``dtype`` yet (casting loaded models makes diffusers warn).
+    if any(m.dtype != dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
+        pipe.to(dtype=dtype)
+    pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

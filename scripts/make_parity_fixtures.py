@@ -1,6 +1,7 @@
 """Record the reference implementation's outputs for the parity tests (run by hand).
 
     python scripts/make_parity_fixtures.py REF_DIR OUT_DIR
+    python scripts/make_parity_fixtures.py tokenizer REF_DIR tests/fixtures/tokenizer_parity.json
 
 REF_DIR is a checkout of the authors' repository (kkkls/DeblurDiff); OUT_DIR is normally
 ``tests/fixtures/parity``. The reference needs ``einops``, ``omegaconf`` and ``ftfy``
@@ -321,5 +322,84 @@ def _diffusion_params(ref_dir: Path) -> dict:
     return yaml.safe_load((ref_dir / "configs/inference/diffusion.yaml").read_text())["params"]
 
 
+# ---------------------------------------------------------------------------- tokenizer
+# Run on its own: python scripts/make_parity_fixtures.py tokenizer REF_DIR OUT_FILE
+# (OUT_FILE normally tests/fixtures/tokenizer_parity.json).
+TOKENIZER_PROMPTS = [
+    "",
+    NEGATIVE_PROMPT,
+    "a photo of a cat",
+    "A Photo Of A CAT",
+    "MiXeD CaSe, UPPER and lower",
+    "   leading and trailing spaces   ",
+    "repeated    spaces\tand\ttabs\nand\n\nnewlines",
+    "non\u00a0breaking\u2003spaces",
+    "digits 0123456789 and 3.14159, 2024-11-28, 1,000,000",
+    "room 101 has 3 doors",
+    "!!!???...;;;:::",
+    "punctuation runs: --- *** ### @@@ $$$ %%% ^^^ &&& ((( ))) [[[ ]]] {{{ }}}",
+    "don't, can't, it's, we're, they've, I'm, you'll, he'd",
+    "DON'T SHOUT, IT'S LOUD",
+    "Tom &amp; Jerry &lt;3 &gt; &quot;quoted&quot; &#39;single&#39; &copy; &#x263A;",
+    "double escaped &amp;amp; and &amp;lt;tag&amp;gt;",
+    "<b>html</b> <i>tags</i> stay",
+    "caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u00fcber stra\u00dfe",
+    "cafe\u0301 with a combining accent",
+    "mojibake: caf\u00c3\u00a9 and \u00e2\u20ac\u0153quotes\u00e2\u20ac\u009d",
+    "\u201ccurly quotes\u201d and \u2018single\u2019 ones",
+    "full-width \uff21\uff22\uff23 \uff11\uff12\uff13",
+    "ligatures: \ufb01ne \ufb02ower",
+    "emoji \U0001f600\U0001f3a8\U0001f4f7 and flags \U0001f1ef\U0001f1f5",
+    "family \U0001f468\u200d\U0001f469\u200d\U0001f467 with zero-width joiners",
+    "\u65e5\u672c\u8a9e\u306e\u6587\u7ae0 and \u4e2d\u6587",
+    "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 \u05e2\u05d1\u05e8\u05d9\u05ea \u0440\u0443\u0441\u0441\u043a\u0438\u0439 \u03b5\u03bb\u03bb\u03b7\u03bd\u03b9\u03ba\u03ac \u039f\u0394\u03a5\u03a3\u03a3\u0395\u03a5\u03a3",
+    "math \u2211 \u221e \u2248 \u00b1 \u00b2 \u00bd \u2153",
+    "url https://example.com/path?q=1&x=y#frag and mail a.b@example.org",
+    "special tokens as text: <start_of_text> <end_of_text> <|endoftext|>",
+    "tab\tseparated\tvalues",
+    "control\u0007chars\u001b[31m and escapes",
+    "supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "snake_case camelCase kebab-case",
+    " ".join(["a sharp, detailed, high quality photograph of a mountain lake at sunrise"] * 6),
+    " ".join(str(i) for i in range(120)),
+    "!" * 200,
+    "\U0001f600" * 90,
+]
+
+
+def _load_reference_tokenize(ref_dir: Path):
+    """The reference's ``tokenize``, loaded from its file alone (no other reference module)."""
+    import importlib.util
+
+    path = ref_dir / "model" / "open_clip" / "tokenizer.py"
+    spec = importlib.util.spec_from_file_location("reference_open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.dont_write_bytecode = True  # leave the reference checkout as it is
+    spec.loader.exec_module(module)
+    return module.tokenize
+
+
+def record_tokenizer_fixtures(ref_dir: Path, out_file: Path) -> None:
+    """The reference's token ids (77 per prompt, padded with 0) for TOKENIZER_PROMPTS."""
+    import ftfy
+
+    tokenize = _load_reference_tokenize(ref_dir.resolve())
+    ids = tokenize(TOKENIZER_PROMPTS)
+    record = dict(
+        description="kkkls/DeblurDiff model/open_clip/tokenizer.py tokenize(); see scripts/make_parity_fixtures.py",
+        ftfy_version=ftfy.__version__,
+        context_length=int(ids.shape[1]),
+        cases=[dict(prompt=p, ids=row.tolist()) for p, row in zip(TOKENIZER_PROMPTS, ids)],
+    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps(case, ensure_ascii=True) for case in record.pop("cases")]  # one prompt a line
+    head = json.dumps(record, ensure_ascii=True, indent=1)[:-2]
+    out_file.write_text(head + ',\n "cases": [\n  ' + ",\n  ".join(lines) + "\n ]\n}\n")
+    print(f"{len(TOKENIZER_PROMPTS)} prompts -> {out_file}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["tokenizer"]:
+        record_tokenizer_fixtures(Path(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        main()

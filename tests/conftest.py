@@ -1,5 +1,10 @@
 """Shared test helpers: tiny random pipelines (never deblurring anything) and random images."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -10,6 +15,12 @@ from deblurdiff.models.configs import build_components
 #: Tolerance for float32 results of the same computation by models loaded or laid out
 #: differently in memory: kernels may then sum in another order (never compare bitwise).
 FLOAT32_ROUNDING = dict(rtol=1e-5, atol=1e-6)
+
+# The suite never downloads the authors' checkpoint, nor reads a real cache of it:
+# tests/test_weights.py serves a fixture through a replaced downloader instead.
+os.environ["DEBLURDIFF_NO_DOWNLOAD"] = "1"
+os.environ["DEBLURDIFF_CACHE"] = tempfile.mkdtemp(prefix="deblurdiff-test-cache-")
+atexit.register(shutil.rmtree, os.environ["DEBLURDIFF_CACHE"], True)
 
 
 def tiny_pipeline(seed: int = 0) -> DeblurDiffPipeline:

@@ -1,0 +1,208 @@
+"""The text tokenizer DeblurDiff was trained with, shipped with the package (no download).
+
+The reference encodes prompts with OpenCLIP's tokenizer: byte-level BPE over OpenAI CLIP's
+vocabulary (49,408 ids), text cleaned with ftfy, HTML entities unescaped twice, runs of
+whitespace collapsed, lower-cased; ``<start_of_text>`` + ids + ``<end_of_text>``, cut to 77
+with the end token kept last, and padded with id 0 (the token ``!``).
+:class:`OpenCLIPTokenizer` does exactly that, as a ``transformers`` tokenizer so that
+pipelines save and load it like any other component. Its vocabulary file,
+``data/bpe_simple_vocab_16e6.txt.gz`` (1.3 MB, MIT licence, see
+``data/LICENSE-CLIP-vocabulary.txt``), is package data.
+
+transformers' own ``CLIPTokenizer`` uses the same vocabulary but neither ftfy nor HTML
+unescaping, so prompts with entities, curly quotes or full-width characters would get other
+ids than the ones the model was trained on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import os
+import shutil
+from functools import lru_cache
+from pathlib import Path
+
+import regex
+
+# Imported under this name on purpose: diffusers finds how to save and load a pipeline
+# component by looking the base class up by name in the component's module.
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / VOCAB_FILE
+START_OF_TEXT = "<start_of_text>"
+END_OF_TEXT = "<end_of_text>"
+PAD_TOKEN = "!"  # id 0: OpenCLIP pads with zeros
+CONTEXT_LENGTH = 77
+# The merges OpenAI's vocabulary uses: 49,408 ids = 256 bytes x 2 (with and without the
+# end-of-word mark) + these merges + 2 special tokens.
+NUM_MERGES = 49152 - 256 - 2
+END_OF_WORD = "</w>"
+_WORDS = regex.compile(
+    rf"{START_OF_TEXT}|{END_OF_TEXT}|'s|'t|'re|'ve|'m|'ll|'d|[\p{{L}}]+|[\p{{N}}]|[^\s\p{{L}}\p{{N}}]+",
+    regex.IGNORECASE,
+)
+_WHITESPACE = regex.compile(r"\s+")
+
+
+@lru_cache(maxsize=1)
+def byte_alphabet() -> dict[int, str]:
+    """Byte -> printable character. Printable Latin-1 bytes stand for themselves; the other
+    68 bytes (control characters, space, ...) take the code points from 256 on, in order.
+    The table's order (printable bytes first) is the order of the first 256 token ids."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in table)
+    for offset, b in enumerate(extra):
+        table[b] = chr(256 + offset)
+    return table  # insertion order is the id order
+
+
+def clean_text(text: str) -> str:
+    """The reference's text cleaning: ftfy, HTML entities unescaped twice, whitespace runs
+    collapsed to one space, trimmed, lower-cased."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+@lru_cache(maxsize=4)
+def _read_vocabulary(path: str) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
+    if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path} is not the CLIP BPE vocabulary ({NUM_MERGES} merges expected)")
+    symbols = list(byte_alphabet().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [START_OF_TEXT, END_OF_TEXT]
+    return {t: i for i, t in enumerate(tokens)}, {m: i for i, m in enumerate(merges)}
+
+
+class OpenCLIPTokenizer(PreTrainedTokenizer):
+    """OpenCLIP's tokenizer (see the module docstring) with the ``transformers`` interface:
+    ``tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+    return_tensors="pt").input_ids`` gives the reference's ``tokenize(prompts)``.
+
+    ``OpenCLIPTokenizer()`` uses the vocabulary shipped with the package;
+    ``save_pretrained``/``from_pretrained`` write and read a folder holding it."""
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab_file: str | os.PathLike | None = None,
+        bos_token: str = START_OF_TEXT,
+        eos_token: str = END_OF_TEXT,
+        pad_token: str = PAD_TOKEN,
+        model_max_length: int = CONTEXT_LENGTH,
+        **kwargs,
+    ):
+        self.vocab_file = str(vocab_file or DEFAULT_VOCAB_PATH)
+        self.encoder, self.bpe_ranks = _read_vocabulary(self.vocab_file)
+        self.decoder = {i: t for t, i in self.encoder.items()}
+        self.byte_encoder = byte_alphabet()
+        self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
+        self._bpe_cache: dict[str, list[str]] = {}
+        kwargs.setdefault("special_tokens_pattern", "bos_eos")
+        kwargs.setdefault("padding_side", "right")
+        kwargs.setdefault("truncation_side", "right")
+        super().__init__(
+            bos_token=bos_token,
+            eos_token=eos_token,
+            pad_token=pad_token,
+            model_max_length=model_max_length,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocab_size(self) -> int:
+        return len(self.encoder)
+
+    def get_vocab(self) -> dict[str, int]:
+        return dict(self.encoder)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.encoder[token]
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.decoder[index]
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        target = Path(save_directory) / f"{filename_prefix + '-' if filename_prefix else ''}{VOCAB_FILE}"
+        if Path(self.vocab_file).resolve() != target.resolve():
+            shutil.copyfile(self.vocab_file, target)
+        return (str(target),)
+
+    # ------------------------------------------------------------------ encoding
+    def bpe(self, word: str) -> list[str]:
+        """Merge the characters of one pre-token, lowest-ranked pair first, every occurrence
+        from left to right, until no known pair is left."""
+        if word in (START_OF_TEXT, END_OF_TEXT):
+            return [word]
+        cached = self._bpe_cache.get(word)
+        if cached is not None:
+            return cached
+        parts = list(word[:-1]) + [word[-1] + END_OF_WORD]
+        while len(parts) > 1:
+            ranked = [(self.bpe_ranks.get(pair, len(self.bpe_ranks)), pair) for pair in zip(parts, parts[1:])]
+            rank, (first, second) = min(ranked, key=lambda item: item[0])
+            if rank == len(self.bpe_ranks):
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        if len(self._bpe_cache) < 50_000:
+            self._bpe_cache[word] = parts
+        return parts
+
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """Clean as the reference does, split into words (the special tokens are words too,
+        in any case), map bytes to characters and apply BPE."""
+        tokens = []
+        for word in _WORDS.findall(clean_text(text)):
+            if word in (START_OF_TEXT, END_OF_TEXT):
+                tokens.append(word)
+                continue
+            tokens += self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
+        return tokens
+
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.tokenize(text)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        data = bytearray(self.byte_decoder[c] for c in "".join(tokens) if c in self.byte_decoder)
+        return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        tokens = [self.decoder[i] for i in token_ids if i not in special]
+        pieces, text = [], []
+        for token in tokens:  # special tokens are not byte-encoded text
+            if token in (START_OF_TEXT, END_OF_TEXT):
+                if text:
+                    pieces.append(self.convert_tokens_to_string(text))
+                    text = []
+                pieces.append(token)
+            else:
+                text.append(token)
+        if text:
+            pieces.append(self.convert_tokens_to_string(text))
+        return " ".join(p for p in pieces if p)
+
+
+def is_open_clip_tokenizer_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (or its ``tokenizer`` subfolder) was written by :class:`OpenCLIPTokenizer`."""
+    path = Path(path)
+    return (path / VOCAB_FILE).is_file() or (path / "tokenizer" / VOCAB_FILE).is_file()

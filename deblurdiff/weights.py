@@ -1,0 +1,406 @@
+"""The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
+
+With no ``--model`` (and no ``DEBLURDIFF_MODEL``) the app and the CLI use the checkpoint the
+authors published (``model.pth`` in the Google Drive folder linked from their README,
+github.com/kkkls/DeblurDiff). :func:`official_pipeline` returns a diffusers folder for it:
+
+1. ``<cache>/official/diffusers-<dtype>/`` when an earlier start made it: loaded in seconds,
+   nothing downloaded or read again;
+2. else ``<cache>/official/model.pth`` — downloaded with gdown (progress bar, resumable)
+   when missing — is verified and converted once (safetensors, in the dtype the pipeline
+   runs in: half precision on GPUs).
+
+``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache
+directory (``$HF_HOME``, by default ``~/.cache/huggingface``).
+
+What "verified" means, since the authors publish no checksum: the file is a PyTorch zip
+archive whose every record passes its CRC-32 check (a partial or damaged transfer fails
+here), that holds tensors only, for the five DeblurDiff networks; and the conversion then
+checks every key and shape. Its SHA-256 and size are recorded beside it
+(``model.pth.sha256``) on first success and checked whenever it is read again. A file that
+fails any check is deleted and never loaded. :data:`OFFICIAL_SHA256` / :data:`OFFICIAL_SIZE`
+pin the expected file once known.
+
+``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading off;
+every failure raises :class:`WeightsUnavailableError` whose message gives the manual steps.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sys
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .convert import file_sha256 as sha256_of
+
+OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
+OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
+OFFICIAL_FILENAME = "model.pth"
+OFFICIAL_LABEL = "kkkls/DeblurDiff official checkpoint"
+#: Published by nobody yet: set them to pin the exact file (the first successful download
+#: records both in ``model.pth.sha256``).
+OFFICIAL_SHA256: str | None = None
+OFFICIAL_SIZE: int | None = None
+#: 1.8 B parameters: about 7.2 GB in float32 (3.6 GB in half precision).
+APPROX_DOWNLOAD_GB = 7.2
+
+CACHE_ENV = "DEBLURDIFF_CACHE"
+NO_DOWNLOAD_ENV = "DEBLURDIFF_NO_DOWNLOAD"
+COMPLETE_MARKER = "deblurdiff_cache.json"
+DOWNLOAD_ATTEMPTS = 2
+REQUIRED_COMPONENTS = ("unet", "controlnet", "lkpn", "vae", "text_encoder")
+#: Channels per attention head in every network of the checkpoint (shapes cannot tell).
+ATTENTION_HEAD_DIM = 64
+
+#: Writes the checkpoint to the given path, or raises. The default is :func:`gdown_download`.
+Downloader = Callable[[Path], None]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The official weights could not be fetched or prepared; the message says what to do."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser() / "deblurdiff"
+
+
+def official_dir(cache_dir=None) -> Path:
+    return cache_root(cache_dir) / "official"
+
+
+def download_allowed(allow_download: bool | None = None) -> bool:
+    """False when asked (``--no-download``), or when ``DEBLURDIFF_NO_DOWNLOAD`` or
+    ``HF_HUB_OFFLINE`` is set to a true value."""
+    if allow_download is not None:
+        return bool(allow_download)
+    for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"):
+        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
+            return False
+    return True
+
+
+def manual_steps(cache_dir=None) -> str:
+    target = official_dir(cache_dir) / OFFICIAL_FILENAME
+    return (
+        "To get the weights by hand:\n"
+        f"  1. Open {OFFICIAL_FOLDER_URL} (the checkpoint link in the authors' README, "
+        f"github.com/kkkls/DeblurDiff) in a browser and download {OFFICIAL_FILENAME} "
+        f"(about {APPROX_DOWNLOAD_GB:.0f} GB).\n"
+        f"  2. Either move it to {target} (it is verified and converted at the next start), "
+        f"or pass it directly: --model path/to/{OFFICIAL_FILENAME} (or set DEBLURDIFF_MODEL)."
+    )
+
+
+def _unavailable(problem: str, cache_dir=None) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{problem}\n{manual_steps(cache_dir)}")
+
+
+# ---------------------------------------------------------------------------- downloading
+def gdown_download(destination: Path) -> None:
+    """Find ``model.pth`` in the authors' Drive folder and download it to ``destination``
+    with gdown: progress bar, resumable (a later start continues an interrupted transfer),
+    checked against the size the server announces."""
+    import gdown
+
+    files = gdown.download_folder(id=OFFICIAL_FOLDER_ID, skip_download=True, quiet=True, timeout=(30, 120))
+    matches = [f for f in files or [] if Path(f.path).name == OFFICIAL_FILENAME]
+    if not matches:
+        names = ", ".join(Path(f.path).name for f in files or []) or "nothing"
+        raise FileNotFoundError(f"the authors' Drive folder holds no {OFFICIAL_FILENAME} (it lists: {names})")
+    result = gdown.download(id=matches[0].id, output=str(destination), quiet=False, resume=True, retries=3, timeout=(30, 300))
+    if not result:
+        raise RuntimeError("gdown reported a failed download")
+
+
+def describe_download_error(exc: BaseException) -> str:
+    """What went wrong, in words, for the errors a download meets."""
+    text = str(exc)
+    lowered = text.lower()
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"The disk is full: free at least {APPROX_DOWNLOAD_GB * 1.5:.0f} GB for the download and its conversion ({exc})."
+    name = type(exc).__name__
+    if "too many users" in lowered or "many accesses" in lowered or "quota" in lowered:
+        return (
+            "Google Drive refused the download: too many users have downloaded the file recently "
+            "(Drive's daily quota). Try again in a few hours, or download it in a browser."
+        )
+    network_types = ("ConnectionError", "Timeout", "ConnectTimeout", "ReadTimeout", "MaxRetryError", "NameResolutionError", "gaierror")
+    if any(t in name for t in network_types) or "name or service not known" in lowered or "failed to resolve" in lowered:
+        return f"No network: Google Drive cannot be reached ({name})."
+    if "incomplete" in lowered:
+        return f"The download stopped before the end ({text.splitlines()[0]}). Start again to resume it."
+    if name == "FileURLRetrievalError":
+        return f"Google Drive did not give out the file: {' '.join(text.split())}"
+    return f"The download failed: {name}: {text}"
+
+
+# ---------------------------------------------------------------------------- verifying
+def _looks_like_html(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    return head.startswith((b"<!doctype html", b"<html"))
+
+
+def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE) -> str | None:
+    """``None`` when ``path`` is a complete, intact DeblurDiff checkpoint; else the reason."""
+    from .convert import CheckpointError, read_checkpoint, split_checkpoint
+
+    if not path.is_file():
+        return "the download produced no file"
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    if expected_size is not None and size != expected_size:
+        return f"the file has {size:,} bytes, the checkpoint has {expected_size:,} (a partial or different file)"
+    if _looks_like_html(path):
+        return (
+            "Google Drive sent a web page instead of the file (usually its download quota: too many users "
+            "have downloaded it recently)"
+        )
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                records = archive.infolist()
+                if any(r.CRC for r in records):  # CRC-32 of every record: catches damaged bytes
+                    bad = archive.testzip()
+                    if bad is not None:
+                        return f"the file is damaged (record {bad} fails its CRC check)"
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            return f"the file is truncated or damaged ({exc})"
+    try:
+        state_dict = read_checkpoint(path)
+    except (CheckpointError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"the file is not a readable PyTorch checkpoint, or is truncated ({first})"
+    parts, _ = split_checkpoint(state_dict)
+    missing = [c for c in REQUIRED_COMPONENTS if c not in parts]
+    if missing:
+        return f"the file is not the DeblurDiff checkpoint (no weights for {', '.join(missing)})"
+    return None
+
+
+def _staging_path(checkpoint: Path) -> Path:
+    """Where a download lands until it is verified (same suffix: it is read as a checkpoint)."""
+    return checkpoint.with_name(f"{checkpoint.stem}.unverified{checkpoint.suffix}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def _record_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def read_record(checkpoint: Path) -> dict | None:
+    try:
+        return json.loads(_record_path(checkpoint).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
+    """Compare a cached checkpoint with its record (SHA-256 and size). ``None`` when they
+    agree; else the reason (the caller deletes the file)."""
+    record = read_record(checkpoint)
+    if record is None:
+        return "it has no record of a verified download"
+    if checkpoint.stat().st_size != record.get("size"):
+        return f"its size changed since it was verified ({checkpoint.stat().st_size:,} != {record.get('size'):,} bytes)"
+    report(f"Checking {checkpoint.name} against its recorded SHA-256 ...")
+    if sha256_of(checkpoint) != record.get("sha256"):
+        return "its SHA-256 differs from the one recorded when it was downloaded (the file changed on disk)"
+    return None
+
+
+def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
+    """Verify ``candidate``; move it to ``checkpoint`` with its record, or raise ValueError."""
+    report(f"Verifying the download ({_size(candidate.stat().st_size)}): archive CRCs, tensors, the five networks ...")
+    problem = verify_checkpoint_file(candidate)
+    if problem:
+        raise ValueError(problem)
+    sha = sha256_of(candidate)
+    if OFFICIAL_SHA256 and sha != OFFICIAL_SHA256:
+        raise ValueError(f"its SHA-256 {sha} is not the published {OFFICIAL_SHA256}")
+    record = dict(sha256=sha, size=candidate.stat().st_size, source=OFFICIAL_FOLDER_URL, filename=OFFICIAL_FILENAME)
+    os.replace(candidate, checkpoint)
+    _record_path(checkpoint).write_text(json.dumps(record, indent=1) + "\n")
+    report(f"Verified: SHA-256 {sha} (recorded in {_record_path(checkpoint).name}).")
+
+
+def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, cache_dir=None) -> Path:
+    """Download into ``root/model.unverified.pth`` and accept it; a refused file is deleted and
+    fetched again (``DOWNLOAD_ATTEMPTS`` in all)."""
+    downloader = downloader or gdown_download
+    checkpoint = root / OFFICIAL_FILENAME
+    staging = _staging_path(checkpoint)
+    reason = None
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        if staging.exists():  # a complete transfer from a start that stopped before checking it
+            report(f"Found an unverified download from an earlier start: {staging}")
+        else:
+            report(
+                f"Downloading the DeblurDiff checkpoint (about {APPROX_DOWNLOAD_GB:.1f} GB, once) from the "
+                f"authors' Google Drive folder into {root}"
+                + (f" (attempt {attempt} of {DOWNLOAD_ATTEMPTS})" if attempt > 1 else "")
+                + " ..."
+            )
+            try:
+                downloader(staging)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - every failure becomes a message
+                if isinstance(exc, SystemExit):
+                    raise
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    _remove(staging)
+                raise _unavailable(describe_download_error(exc), cache_dir) from None
+        try:
+            accept(staging, checkpoint, report)
+            return checkpoint
+        except ValueError as exc:
+            reason = str(exc)
+            report(f"Refused the downloaded file: {reason}. It was deleted.")
+            _remove(staging)
+        except OSError as exc:
+            _remove(staging)
+            raise _unavailable(describe_download_error(exc), cache_dir) from None
+    raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.", cache_dir)
+
+
+# ---------------------------------------------------------------------------- converting
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def converted_dir(dtype: torch.dtype, cache_dir=None) -> Path:
+    return official_dir(cache_dir) / f"diffusers-{_dtype_name(dtype)}"
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).is_file() and (folder / "model_index.json").is_file()
+
+
+def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, tokenizer=None, report=_stderr) -> None:
+    """Convert to a diffusers folder (safetensors) next to ``target`` and rename it into place
+    when complete, so that a stopped conversion never leaves a folder that looks usable."""
+    import time
+
+    from .convert import load_single_file_components
+    from .pipeline import DeblurDiffPipeline
+
+    staging = target.with_name(target.name + ".partial")
+    _remove(staging)
+    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; a few minutes) ...")
+    start = time.perf_counter()
+    components = load_single_file_components(
+        checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
+    )
+    pipe = DeblurDiffPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(staging, safe_serialization=True)
+    del pipe, components
+    record = read_record(checkpoint) or {}
+    marker = dict(source_sha256=record.get("sha256"), dtype=_dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
+    (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+    _remove(target)
+    os.replace(staging, target)
+    report(f"Converted in {time.perf_counter() - start:.0f} s: {target}")
+
+
+def official_pipeline(
+    dtype: torch.dtype,
+    *,
+    allow_download: bool | None = None,
+    downloader: Downloader | None = None,
+    tokenizer=None,
+    cache_dir: str | os.PathLike | None = None,
+    report: Callable[[str], None] = _stderr,
+) -> Path:
+    """The diffusers folder of the official checkpoint in ``dtype``, fetched and converted
+    the first time. Raises :class:`WeightsUnavailableError` with the manual steps."""
+    from filelock import FileLock
+
+    from .convert import CheckpointError
+
+    target = converted_dir(dtype, cache_dir)
+    if is_complete(target):
+        return target
+    root = official_dir(cache_dir)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _unavailable(f"The cache folder {root} cannot be created: {exc}.", cache_dir) from None
+    with FileLock(str(root / ".lock")):  # two starts at once: the second waits for the first
+        if is_complete(target):
+            return target
+        checkpoint = root / OFFICIAL_FILENAME
+        if checkpoint.exists():
+            if read_record(checkpoint) is None:  # placed there by hand: verify it like a download
+                try:
+                    accept_in_place(checkpoint, report)
+                except ValueError as exc:
+                    _remove(checkpoint)
+                    report(f"Refused {checkpoint}: {exc}. It was deleted.")
+            else:
+                problem = check_recorded(checkpoint, report)
+                if problem:
+                    report(f"Refused the cached {checkpoint.name}: {problem}. It was deleted.")
+                    _remove(checkpoint, _record_path(checkpoint))
+        if not checkpoint.exists():
+            if not download_allowed(allow_download):
+                raise _unavailable(
+                    "No DeblurDiff weights are configured (`--model` or `DEBLURDIFF_MODEL`), and downloading the "
+                    f"authors' checkpoint is turned off (--no-download, {NO_DOWNLOAD_ENV}=1 or HF_HUB_OFFLINE=1) "
+                    f"while it is not in the cache ({root}).",
+                    cache_dir,
+                )
+            fetch_checkpoint(root, downloader, report, cache_dir)
+        try:
+            convert_checkpoint(checkpoint, target, dtype, tokenizer=tokenizer, report=report)
+        except CheckpointError as exc:
+            _remove(checkpoint, _record_path(checkpoint), target.with_name(target.name + ".partial"))
+            raise _unavailable(f"The downloaded file is not the DeblurDiff checkpoint; it was deleted.\n{exc}", cache_dir) from None
+        except OSError as exc:
+            _remove(target.with_name(target.name + ".partial"))
+            raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}", cache_dir) from None
+        except MemoryError:
+            _remove(target.with_name(target.name + ".partial"))
+            raise _unavailable("Not enough memory to convert the checkpoint (about 16 GB of RAM are needed once).", cache_dir) from None
+    return target
+
+
+def accept_in_place(checkpoint: Path, report=_stderr) -> None:
+    """Verify a checkpoint put into the cache by hand and record its SHA-256."""
+    staging = _staging_path(checkpoint)
+    os.replace(checkpoint, staging)
+    try:
+        accept(staging, checkpoint, report)
+    except ValueError:
+        os.replace(staging, checkpoint)
+        raise
