@@ -95,8 +95,14 @@ def build_reference(ref_dir: Path):
     ref = import_reference(ref_dir)
     cfg = yaml.safe_load((ref_dir / "configs/inference/cldm.yaml").read_text())["params"]
     _LKPN_OVERRIDES.clear()
+    # Small VAE and text tower, 64 channels per attention head like the rest (so that the
+    # converter's single head size fits every network).
+    vae = {**SMALL["vae"], "ddconfig": {**SMALL["vae"]["ddconfig"], "ch": 64}}
+    clip = dict(embed_dim=64, layer="penultimate",
+                vision_cfg=dict(image_size=32, layers=1, width=64, head_width=64, patch_size=16),
+                text_cfg=dict(context_length=77, vocab_size=1000, width=64, heads=1, layers=2))
     with torch.device("meta"):
-        cldm = ref.ControlLDM(unet_cfg=cfg["unet_cfg"], vae_cfg=SMALL["vae"], clip_cfg=SMALL["clip"],
+        cldm = ref.ControlLDM(unet_cfg=cfg["unet_cfg"], vae_cfg=vae, clip_cfg=clip,
                               controlnet_cfg=cfg["controlnet_cfg"], latent_scale_factor=cfg["latent_scale_factor"])
     cldm.to_empty(device="cpu")
     torch.manual_seed(0)
@@ -154,7 +160,7 @@ def timed(call, repeats: int) -> tuple[float, float, object]:
         t = time.perf_counter()
         out = call()
         times.append(time.perf_counter() - t)
-    return first, statistics.median(times), out
+    return first, statistics.median(times) if times else first, out
 
 
 def bf16_probe() -> tuple[float, float]:
@@ -242,46 +248,62 @@ def main(argv=None) -> None:
     runnable.sort(key=lambda n: (CONFIGS[n].get("int8", False), CONFIGS[n]["dtype"] != torch.float32))
 
     t0 = time.perf_counter()
-    rows = []
     x, c, text = inputs(args.latent, 1024)
     t = torch.tensor([MODEL_T])
-    ref_eps = None
-    with torch.inference_mode():
-        if args.reference:
-            cldm = build_reference(args.reference.resolve())
-            print(f"# reference built in {time.perf_counter() - t0:.0f} s (RSS {rss_gb():.1f} GB)", flush=True)
-            cond = {"c_txt": text, "c_img": c}
-            first, median, (ref_eps, _) = timed(lambda: cldm(x, t, cond), args.repeats)
-            rows.append(("reference: fp32 eager (its configuration)", first, median, None))
-            print(f"  reference: {median:.2f} s per call (first {first:.2f} s)", flush=True)
-            pipe = ours_from_reference(cldm)
-            del cldm  # our networks hold the same weight tensors
-            gc.collect()
-        else:
-            pipe = ours_random()
+    cldm = ref_call = None
+    if args.reference:
+        cldm = build_reference(args.reference.resolve())
+        print(f"# reference built in {time.perf_counter() - t0:.0f} s (RSS {rss_gb():.1f} GB)", flush=True)
+        cond = {"c_txt": text, "c_img": c}
+
+        def ref_call():
+            with torch.inference_mode():
+                return cldm(x, t, cond)[0]
+
+        pipe = ours_from_reference(cldm)  # the same weight tensors
+    else:
+        pipe = ours_random()
     pipe.set_progress_bar_config(disable=True)
     for name in NETWORKS:
         getattr(pipe, name).eval()
-    print(f"# parameters: " + ", ".join(f"{n} {count(getattr(pipe, n)) / 1e6:,.1f} M" for n in NETWORKS))
+    print("# parameters: " + ", ".join(f"{n} {count(getattr(pipe, n)) / 1e6:,.1f} M" for n in NETWORKS))
 
     def call():
-        return pipe.predict_noise(x, t, c, text)
+        with torch.no_grad():
+            return pipe.predict_noise(x, t, c, text)[0]
 
-    eac_s = None
+    ref_eps = None
+    if ref_call is not None:
+        _, _, ref_eps = timed(ref_call, 0)  # warm-up
+    rows, eac_s = [], None
     for name in runnable:
         configure(pipe, name)
         try:
-            with torch.no_grad():
-                first, median, (eps, _) = timed(call, args.repeats)
+            first, _, eps = timed(call, 0)  # warm-up (compilation for the compiled ones)
         finally:
             for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
                 if hasattr(module, "_cpu_compile_open"):
                     module._cpu_compile_open = False
+        # Interleaved with the reference, so that changes in the machine's load hit both.
+        ours_s, ref_s, ratios = [], [], []
+        for _ in range(args.repeats):
+            if ref_call is not None:
+                tr = time.perf_counter()
+                ref_call()
+                ref_s.append(time.perf_counter() - tr)
+            to = time.perf_counter()
+            eps = call()
+            ours_s.append(time.perf_counter() - to)
+            if ref_s:
+                ratios.append(ref_s[-1] / ours_s[-1])
         diff = None
         if ref_eps is not None:
             diff = (eps.float() - ref_eps).abs().max().item() / ref_eps.abs().max().item()
-        rows.append((name, first, median, diff))
-        print(f"  {name}: {median:.2f} s per call (first {first:.2f} s), RSS {rss_gb():.1f} GB, "
+        row = dict(name=name, first=first, ours=statistics.median(ours_s), diff=diff,
+                   ref=statistics.median(ref_s) if ref_s else None, ratio=statistics.median(ratios) if ratios else None)
+        rows.append(row)
+        ref_text = f", reference {row['ref']:.2f} s, ratio {row['ratio']:.2f}×" if ratios else ""
+        print(f"  {name}: {row['ours']:.2f} s per call (first {first:.1f} s){ref_text}, RSS {rss_gb():.1f} GB, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         if name == "fp32" and args.eac_share:
             from deblurdiff.ops import eac
@@ -292,20 +314,22 @@ def main(argv=None) -> None:
         if CONFIGS[name].get("compile"):
             unconfigure(pipe)
 
-    base = rows[0][2]
-    base_name = rows[0][0]
     size = args.latent * 8
     print()
+    against = "the reference's fp32 eager call, timed alternately with each configuration" if cldm is not None \
+        else f"our '{rows[0]['name']}' call"
     print(f"One model call (LKPN + EAC -> ControlNet -> UNet), batch 1, {size}×{size} image, "
-          f"median of {args.repeats} after a warm-up call; ratios against '{base_name}':")
+          f"median of {args.repeats} after a warm-up call; speed-up against {against}:")
     print()
-    print("| configuration | s / call | speed-up | first call (s) | max |eps − ref| / max |ref| |")
-    print("|---|---:|---:|---:|---:|")
-    for name, first, median, diff in rows:
-        d = "–" if diff is None else f"{diff:.1e}"
-        print(f"| {name} | {median:.2f} | {base / median:.2f}× | {first:.1f} | {d} |")
+    print("| configuration | reference s / call | ours s / call | speed-up | first call (s) | max abs diff / max abs (eps vs reference) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = r["ratio"] if r["ratio"] is not None else rows[0]["ours"] / r["ours"]
+        d = "–" if r["diff"] is None else f"{r['diff']:.1e}"
+        ref = "–" if r["ref"] is None else f"{r['ref']:.2f}"
+        print(f"| {r['name']} | {ref} | {r['ours']:.2f} | {ratio:.2f}× | {r['first']:.1f} | {d} |")
     if eac_s is not None:
-        fp32 = next(r[2] for r in rows if r[0] == "fp32")
+        fp32 = next(r["ours"] for r in rows if r["name"] == "fp32")
         print(f"\nEAC (+ residual) alone: {1e3 * eac_s:.1f} ms, {100 * eac_s / fp32:.2f}% of the float32 eager call")
     print(f"\n(load average at the end {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s)")
 

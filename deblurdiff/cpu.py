@@ -200,6 +200,11 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
 INDUCTOR_OPTIONS = {"freezing": True}
 
 
+#: Networks smaller than this (UNet parameters) are not compiled: compiling takes
+#: minutes whatever the size, and saves little on small models (e.g. ``random-tiny``).
+MIN_COMPILE_PARAMETERS = 50_000_000
+
+
 def _shape_key(args, kwargs) -> tuple:
     return tuple(tuple(a.shape) + (a.dtype,) for a in (*args, *kwargs.values()) if torch.is_tensor(a))
 
@@ -260,13 +265,19 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
     Returns the per-megapixel step and fixed (VAE) times measured after the warm-up
     (``measure=False``: None), for :func:`estimate_cpu_seconds`."""
     say = progress or (lambda message: None)
+    # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
+    # results far below float32 rounding of the outputs.
+    torch.set_flush_denormal(True)
     if pipe.unet.dtype != config.dtype:
         pipe.to(dtype=config.dtype)
     if config.channels_last:
         for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
             module.to(memory_format=torch.channels_last)
     width, height = config.warmup_size
-    if config.compile:
+    small = sum(p.numel() for p in pipe.unet.parameters()) < MIN_COMPILE_PARAMETERS
+    if config.compile and small:
+        say("Not compiling: the networks are too small for compilation to pay off.")
+    if config.compile and not small:
         for module in _networks(pipe):
             compile_for_cpu(module)
             module._cpu_compile_open = True

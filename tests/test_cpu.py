@@ -129,3 +129,16 @@ def test_compiled_config_estimates_other_sizes_at_the_eager_speed():
 def test_describe_cpu_names_the_features():
     text = cpu.describe_cpu(features(bf16=True))
     assert "avx512_bf16" in text and "native bf16: yes" in text and torch.__version__ in text
+
+
+def test_prepare_tiny_pipeline_skips_compilation_and_measures():
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    messages = []
+    config = CPUConfig(dtype=torch.float32, compile=True, warmup_size=(64, 64))
+    timing = cpu.prepare_cpu_pipeline(pipe, config, progress=messages.append)
+    assert any("too small" in m for m in messages)
+    assert not hasattr(pipe.unet, "_cpu_compiled")
+    assert timing.step_s_per_mpx > 0 and timing.fixed_s_per_mpx >= 0
+    assert (timing.width, timing.height) == (64, 64)
