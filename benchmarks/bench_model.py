@@ -1,109 +1,337 @@
-"""Size of every full-size component and the time of one denoising step on the CPU.
+"""One model call (LKPN + EAC -> ControlNet -> UNet) on the CPU: the CPU configurations
+against the reference's, side by side in one process.
 
-Builds the full-size architectures with random weights (``build_components("full")``:
-the timings are real, the outputs meaningless), prints parameter counts per component,
-then times one denoising step: LKPN (kernels + EAC) -> ControlNet -> UNet, batch 1, a
-512×512 image (64×64 latent), no guidance, float32 (and bfloat16 with ``--bf16``).
+Full-size architectures with random weights (the timings are real, the outputs
+meaningless), batch 1, a 512×512 image (64×64 latent), no guidance. Each configuration
+is timed as the median of ``--repeats`` calls after a warm-up call (the warm-up of a
+compiled configuration is its compilation, reported separately).
 
-    python benchmarks/bench_model.py [--bf16] [--repeats 3] [--latent 64] [--threads N]
+With ``--reference DIR`` (a checkout of the authors' repository, kkkls/DeblurDiff,
+which needs ``einops``, ``omegaconf`` and ``ftfy``) the reference's ``ControlLDM`` is
+built at full size with random weights (its CUDA EAC kernel replaced by
+``deblurdiff.ops.eac_reference``, its VAE and text tower at a small size since a model
+call does not use them), timed in its own configuration (float32, eager), and our
+networks are converted from the same weights, so that the outputs can be compared too.
+Without it, our networks are built with ``build_components("full")`` and ratios are
+taken against our float32 eager call.
 
-It needs about 7 GB of memory for the float32 weights (the bfloat16 run converts the
-three networks in place): run one such job at a time.
+    python benchmarks/bench_model.py --reference REF_DIR [--repeats 2] [--configs ...]
+
+Configurations (``--configs``; default: all that make sense on this CPU):
+  fp32            float32, eager (this project's default before CPU tuning)
+  fp32-cl         float32, eager, channels-last
+  fp32-compile    float32, torch.compile (Inductor, frozen weights)
+  bf16            bfloat16, eager              (only with native bf16: AVX-512 BF16 or AMX)
+  bf16-compile    bfloat16, torch.compile      (only with native bf16)
+  fp32-int8       float32 with dynamic int8 linear layers (costs quality; never a default)
+Configurations that would crawl on this CPU (bfloat16 without native support) are
+skipped with the reason printed. To see what a CPU without AVX-512 does, cap the
+instruction sets (and check the bf16 probe printed in the header):
+
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_model.py ...
+
+Memory: about 5.5 GB of float32 weights, shared between the reference and our networks,
+plus up to as much again for a compiled or bfloat16 copy: run one such job at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
-import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-from deblurdiff.models.configs import build_components  # noqa: E402
+from deblurdiff.cpu import (  # noqa: E402
+    CPUConfig,
+    compile_for_cpu,
+    cpu_features,
+    describe_cpu,
+)
+from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
-NETWORKS = ("vae", "text_encoder", "unet", "controlnet", "lkpn")
+NETWORKS = ("unet", "controlnet", "lkpn")
+CONFIGS = {
+    "fp32": dict(dtype=torch.float32),
+    "fp32-cl": dict(dtype=torch.float32, channels_last=True),
+    "fp32-compile": dict(dtype=torch.float32, compile=True),
+    "bf16": dict(dtype=torch.bfloat16),
+    "bf16-compile": dict(dtype=torch.bfloat16, compile=True),
+    "fp32-int8": dict(dtype=torch.float32, int8=True),
+}
+DEFAULT_CONFIGS = ("fp32", "fp32-compile", "bf16", "bf16-compile")
+MODEL_T = 500
+
+
+def rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def count(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@torch.inference_mode()
-def time_step(components: dict, dtype: torch.dtype, latent: int, repeats: int) -> dict[str, float]:
-    """Median seconds of each network and of the whole step (after one warm-up run)."""
-    lkpn, controlnet, unet = components["lkpn"], components["controlnet"], components["unet"]
+# ------------------------------------------------------------------ the reference
+
+
+@torch.no_grad()
+def build_reference(ref_dir: Path):
+    """The reference's ControlLDM: full-size UNet, ControlNet and LKPN with random
+    weights; small VAE and text tower (a model call does not use them)."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_parity_fixtures import _LKPN_OVERRIDES, SMALL, import_reference
+
+    ref = import_reference(ref_dir)
+    cfg = yaml.safe_load((ref_dir / "configs/inference/cldm.yaml").read_text())["params"]
+    _LKPN_OVERRIDES.clear()
+    # Small VAE and text tower, 64 channels per attention head like the rest (so that the
+    # converter's single head size fits every network).
+    vae = {**SMALL["vae"], "ddconfig": {**SMALL["vae"]["ddconfig"], "ch": 64}}
+    clip = dict(embed_dim=64, layer="penultimate",
+                vision_cfg=dict(image_size=32, layers=1, width=64, head_width=64, patch_size=16),
+                text_cfg=dict(context_length=77, vocab_size=1000, width=64, heads=1, layers=2))
+    with torch.device("meta"):
+        cldm = ref.ControlLDM(unet_cfg=cfg["unet_cfg"], vae_cfg=vae, clip_cfg=clip,
+                              controlnet_cfg=cfg["controlnet_cfg"], latent_scale_factor=cfg["latent_scale_factor"])
+    cldm.to_empty(device="cpu")
+    torch.manual_seed(0)
+    done = set()
+    for module in cldm.modules():
+        if hasattr(module, "reset_parameters") and not isinstance(module, torch.nn.MultiheadAttention):
+            module.reset_parameters()
+            done.update(id(p) for p in module.parameters(recurse=False))
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)) and module.weight is not None:
+            # Not all ones / zeros, so that every layer's weights matter.
+            module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+            module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    for p in cldm.parameters():
+        if id(p) not in done:
+            p.copy_(0.02 * torch.randn_like(p))
+    for name, b in cldm.named_buffers():
+        b.zero_()
+    return cldm.eval()
+
+
+def ours_from_reference(cldm):
+    """Our pipeline converted from the reference's weights (tensors shared, not copied)."""
+    from deblurdiff.convert import convert_deblurdiff_checkpoint
+    from deblurdiff.pipeline import DeblurDiffPipeline
+
+    state = {k: v for k, v in cldm.state_dict().items() if not k.startswith("clip.model.visual.")}
+    components = convert_deblurdiff_checkpoint(state)
+    return DeblurDiffPipeline(**components, tokenizer=make_test_tokenizer(), scheduler=make_scheduler())
+
+
+def ours_random():
+    from deblurdiff.pipeline import DeblurDiffPipeline
+
+    return DeblurDiffPipeline(**build_components("full", seed=0))
+
+
+# ------------------------------------------------------------------ timing
+
+
+def inputs(latent: int, context: int):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4, latent, latent, generator=g).to(dtype)
-    c = torch.randn(1, 4, latent, latent, generator=g).to(dtype)
-    text = torch.randn(1, 77, unet.config.cross_attention_dim, generator=g).to(dtype)
-    t = torch.tensor([500])
-    times = {"lkpn": [], "controlnet": [], "unet": [], "step": []}
-    for run in range(repeats + 1):
-        t0 = time.perf_counter()
-        z_s = lkpn(c, x, t, text)
-        t1 = time.perf_counter()
-        down, mid = controlnet(x, t, text, hint=torch.cat([c, z_s], dim=1))
-        t2 = time.perf_counter()
-        eps = unet(x, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                   mid_block_additional_residual=mid).sample
-        t3 = time.perf_counter()
-        assert torch.isfinite(eps.float()).all()
-        if run:  # the first run is a warm-up
-            for key, value in (("lkpn", t1 - t0), ("controlnet", t2 - t1), ("unet", t3 - t2), ("step", t3 - t0)):
-                times[key].append(value)
-    return {k: statistics.median(v) for k, v in times.items()}
+    x = torch.randn(1, 4, latent, latent, generator=g)
+    c = torch.randn(1, 4, latent, latent, generator=g) * 0.8
+    text = torch.randn(1, 77, context, generator=g)
+    return x, c, text
+
+
+def timed(call, repeats: int) -> tuple[float, float, object]:
+    """(first call s, median of ``repeats`` further calls s, last output)."""
+    t = time.perf_counter()
+    out = call()
+    first = time.perf_counter() - t
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = call()
+        times.append(time.perf_counter() - t)
+    return first, statistics.median(times) if times else first, out
+
+
+def bf16_probe() -> tuple[float, float]:
+    """ms of a 3×3 convolution (320 channels, 64×64) in float32 and in bfloat16: shows
+    whether this CPU (as capped) runs bfloat16 natively."""
+    conv = torch.nn.Conv2d(320, 320, 3, padding=1)
+    x = torch.randn(1, 320, 64, 64)
+    result = []
+    with torch.inference_mode():
+        for dtype in (torch.float32, torch.bfloat16):
+            m, xi = conv.to(dtype), x.to(dtype)
+            m(xi)
+            t = time.perf_counter()
+            m(xi)
+            result.append(1e3 * (time.perf_counter() - t))
+    return result[0], result[1]
+
+
+def configure(pipe, name: str) -> None:
+    spec = CONFIGS[name]
+    config = CPUConfig(dtype=spec["dtype"], compile=spec.get("compile", False),
+                       channels_last=spec.get("channels_last", False))
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    if pipe.unet.dtype != config.dtype:
+        pipe.to(dtype=config.dtype)
+    for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
+        module.to(memory_format=fmt)
+    for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
+        if config.compile:
+            compile_for_cpu(module)
+            module._cpu_compile_open = True
+    if spec.get("int8"):
+        from torch.ao.quantization import quantize_dynamic
+
+        for name_ in ("unet", "controlnet"):
+            quantize_dynamic(getattr(pipe, name_), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantize_dynamic(pipe.lkpn.unet, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
+def unconfigure(pipe) -> None:
+    """Drop compiled graphs (and their frozen weight copies)."""
+    for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
+        for attr in ("_cpu_compiled", "_cpu_compiled_shapes", "_cpu_compile_open"):
+            module.__dict__.pop(attr, None)
+        module.__dict__.pop("forward", None)
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bf16", action="store_true", help="also time bfloat16 weights and activations")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--reference", type=Path, default=None, help="checkout of kkkls/DeblurDiff")
+    parser.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS))
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up (median reported)")
     parser.add_argument("--latent", type=int, default=64, help="latent size (image size / 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
-    parser.add_argument("--size", default="full", choices=["full", "tiny"], help="tiny: a quick check of the script")
+    parser.add_argument("--eac-share", action="store_true", help="also time EAC alone in the float32 call")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # the in-place bfloat16 cast is intended
+    # Random weights give denormal activations, which slow float32 kernels erratically
+    # (in both implementations alike); flushing them measures the arithmetic.
+    torch.set_flush_denormal(True)
+
+    features = cpu_features()
+    fp32_ms, bf16_ms = bf16_probe()
+    print(f"# {describe_cpu(features)}")
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ}
+    print(f"# ISA caps in the environment: {caps or 'none'}")
+    print(f"# bf16 probe (3×3 conv, 320 ch, 64×64): float32 {fp32_ms:.1f} ms, bfloat16 {bf16_ms:.1f} ms "
+          f"({bf16_ms / fp32_ms:.1f}× float32)")
+    print(f"# load average at start {os.getloadavg()[0]:.2f}; full-size networks, RANDOM weights")
+
+    names = list(args.configs or DEFAULT_CONFIGS)
+    runnable = []
+    for name in names:
+        if CONFIGS[name]["dtype"] == torch.bfloat16 and not features.native_bf16:
+            print(f"# skipped {name}: no native bfloat16 on this CPU (neither AVX-512 BF16 nor AMX usable), "
+                  f"bfloat16 would run {bf16_ms / fp32_ms:.0f}× slower than float32")
+            continue
+        runnable.append(name)
+    # float32 first (bfloat16 copies replace the float32 weights); int8 last (in place).
+    runnable.sort(key=lambda n: (CONFIGS[n].get("int8", False), CONFIGS[n]["dtype"] != torch.float32))
 
     t0 = time.perf_counter()
-    components = build_components(args.size, seed=0)
-    built = time.perf_counter() - t0
-    for name in NETWORKS:
-        components[name].eval()
+    x, c, text = inputs(args.latent, 1024)
+    t = torch.tensor([MODEL_T])
+    cldm = ref_call = None
+    if args.reference:
+        cldm = build_reference(args.reference.resolve())
+        print(f"# reference built in {time.perf_counter() - t0:.0f} s (RSS {rss_gb():.1f} GB)", flush=True)
+        cond = {"c_txt": text, "c_img": c}
 
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}; built in {built:.0f} s")
-    print()
-    print("| component | parameters |")
-    print("|---|---:|")
-    for name in NETWORKS:
-        print(f"| {name} | {count(components[name]) / 1e6:,.1f} M |")
-    print(f"| **total** | {sum(count(components[n]) for n in NETWORKS) / 1e6:,.1f} M |")
-    print()
+        def ref_call():
+            with torch.inference_mode():
+                return cldm(x, t, cond)[0]
 
-    rows = [("fp32", time_step(components, torch.float32, args.latent, args.repeats))]
-    if args.bf16:
-        for name in ("lkpn", "controlnet", "unet"):
-            components[name].to(torch.bfloat16)  # in place: no second copy of the weights
-        rows.append(("bf16", time_step(components, torch.bfloat16, args.latent, args.repeats)))
+        pipe = ours_from_reference(cldm)  # the same weight tensors
+    else:
+        pipe = ours_random()
+    pipe.set_progress_bar_config(disable=True)
+    for name in NETWORKS:
+        getattr(pipe, name).eval()
+    print("# parameters: " + ", ".join(f"{n} {count(getattr(pipe, n)) / 1e6:,.1f} M" for n in NETWORKS))
+
+    def call():
+        with torch.no_grad():
+            return pipe.predict_noise(x, t, c, text)[0]
+
+    ref_eps = None
+    if ref_call is not None:
+        _, _, ref_eps = timed(ref_call, 0)  # warm-up
+    rows, eac_s = [], None
+    for name in runnable:
+        configure(pipe, name)
+        try:
+            first, _, eps = timed(call, 0)  # warm-up (compilation for the compiled ones)
+        finally:
+            for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
+                if hasattr(module, "_cpu_compile_open"):
+                    module._cpu_compile_open = False
+        # Interleaved with the reference, so that changes in the machine's load hit both.
+        ours_s, ref_s, ratios = [], [], []
+        for _ in range(args.repeats):
+            if ref_call is not None:
+                tr = time.perf_counter()
+                ref_call()
+                ref_s.append(time.perf_counter() - tr)
+            to = time.perf_counter()
+            eps = call()
+            ours_s.append(time.perf_counter() - to)
+            if ref_s:
+                ratios.append(ref_s[-1] / ours_s[-1])
+        diff = None
+        if ref_eps is not None:
+            diff = (eps.float() - ref_eps).abs().max().item() / ref_eps.abs().max().item()
+        row = dict(name=name, first=first, ours=statistics.median(ours_s), diff=diff,
+                   ref=statistics.median(ref_s) if ref_s else None, ratio=statistics.median(ratios) if ratios else None)
+        rows.append(row)
+        ref_text = f", reference {row['ref']:.2f} s, ratio {row['ratio']:.2f}×" if ratios else ""
+        print(f"  {name}: {row['ours']:.2f} s per call (first {first:.1f} s){ref_text}, RSS {rss_gb():.1f} GB, "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        if name == "fp32" and args.eac_share:
+            from deblurdiff.ops import eac
+
+            with torch.no_grad():
+                kernels = pipe.lkpn.predict_kernels(c, x, t.expand(1), text)
+                _, eac_s, _ = timed(lambda: eac(c, kernels, residual=True), 5)
+        if CONFIGS[name].get("compile"):
+            unconfigure(pipe)
 
     size = args.latent * 8
-    print(f"One denoising step, batch 1, {size}×{size} image ({args.latent}×{args.latent} latent), "
-          f"CPU, median of {args.repeats} (s):")
     print()
-    print("| dtype | LKPN | ControlNet | UNet | step | 50 steps (est.) |")
+    against = "the reference's fp32 eager call, timed alternately with each configuration" if cldm is not None \
+        else f"our '{rows[0]['name']}' call"
+    print(f"One model call (LKPN + EAC -> ControlNet -> UNet), batch 1, {size}×{size} image, "
+          f"median of {args.repeats} after a warm-up call; speed-up against {against}:")
+    print()
+    print("| configuration | reference s / call | ours s / call | speed-up | first call (s) | max abs diff / max abs (eps vs reference) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for dtype, r in rows:
-        print(f"| {dtype} | {r['lkpn']:.2f} | {r['controlnet']:.2f} | {r['unet']:.2f} | {r['step']:.2f} | "
-              f"{50 * r['step'] / 60:.1f} min |")
-    print(f"\n(load average at the end {os.getloadavg()[0]:.2f})")
+    for r in rows:
+        ratio = r["ratio"] if r["ratio"] is not None else rows[0]["ours"] / r["ours"]
+        d = "–" if r["diff"] is None else f"{r['diff']:.1e}"
+        ref = "–" if r["ref"] is None else f"{r['ref']:.2f}"
+        print(f"| {r['name']} | {ref} | {r['ours']:.2f} | {ratio:.2f}× | {r['first']:.1f} | {d} |")
+    if eac_s is not None:
+        fp32 = next(r["ours"] for r in rows if r["name"] == "fp32")
+        print(f"\nEAC (+ residual) alone: {1e3 * eac_s:.1f} ms, {100 * eac_s / fp32:.2f}% of the float32 eager call")
+    print(f"\n(load average at the end {os.getloadavg()[0]:.2f}; total {time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -41,12 +41,19 @@ def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtyp
     if requested and requested != "auto":
         if requested not in names:
             raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {requested!r}")
+        if device.type == "cpu" and requested == "bf16":
+            from .cpu import choose_cpu_config
+
+            choose_cpu_config(dtype="bf16")  # raises, saying why, where bf16 is not native
         return names[requested]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    from .cpu import choose_cpu_config
+
+    # bfloat16 only where the CPU computes it natively (AVX-512 BF16 or AMX); else float32.
+    return choose_cpu_config().dtype
 
 
 def describe_missing_model() -> str:

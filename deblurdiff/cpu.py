@@ -1,0 +1,366 @@
+"""Running on a CPU: what the processor can do, the fastest safe configuration for it,
+compilation with a visible warm-up, and time estimates.
+
+bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX);
+elsewhere oneDNN emulates it and a model call becomes over 100× slower than float32,
+so bfloat16 is chosen only after checking for those features. Everything chosen here
+keeps results within rounding of float32 (bfloat16 where native: the pipeline's GPU
+precision); nothing that costs quality is turned on by default.
+
+Typical use (app or CLI, once at start)::
+
+    config = choose_cpu_config()
+    logger.info("CPU configuration: %s", config.describe())
+    pipe = load_pipeline(model, device="cpu", dtype=config.dtype)
+    timing = prepare_cpu_pipeline(pipe, config, progress=lambda message: logger.info(message))
+    estimate = estimate_cpu_seconds(width, height, steps, config=config, timing=timing)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "CPUConfig",
+    "CPUFeatures",
+    "CPUTiming",
+    "choose_cpu_config",
+    "compile_for_cpu",
+    "cpu_features",
+    "describe_cpu",
+    "measure_cpu_timing",
+    "estimate_cpu_seconds",
+    "prepare_cpu_pipeline",
+]
+
+#: Set to "0" to never compile on the CPU (start in seconds instead of minutes, slower calls).
+COMPILE_ENV = "DEBLURDIFF_CPU_COMPILE"
+
+# oneDNN's ISA names, lowest first; a cap below the native-bf16 ones disables them.
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16")
+_BF16_ISA = _ONEDNN_ISAS.index("AVX512_CORE_BF16")
+_AMX_ISA = _ONEDNN_ISAS.index("AVX512_CORE_AMX")
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """What the processor offers to PyTorch, after any ISA caps set in the environment."""
+
+    model: str
+    flags: frozenset = field(repr=False)
+    capability: str  # ATen's vector ISA (torch.backends.cpu.get_cpu_capability())
+    threads: int
+    avx512_bf16: bool
+    amx: bool
+    isa_cap: str | None = None  # ONEDNN_MAX_CPU_ISA, when set
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 matrix products run in hardware (AVX-512 BF16 or AMX) for oneDNN."""
+        return self.avx512_bf16 or self.amx
+
+    @property
+    def vector_extensions(self) -> str:
+        names = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile"]
+        return " ".join(n for n in names if n in self.flags) or "none of " + " ".join(names)
+
+
+def _cpuinfo() -> tuple[str, frozenset]:
+    model, flags = platform.processor() or platform.machine(), frozenset()
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return model, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model in ("", platform.machine(), platform.processor()):
+            model = value.strip()
+        elif key == "flags" and not flags:
+            flags = frozenset(value.split())
+    return model, flags
+
+
+def _isa_allows(cap: str | None, index: int) -> bool:
+    if not cap:
+        return True
+    cap = cap.strip().upper()
+    if cap in ("ALL", "DEFAULT"):
+        return True
+    return cap in _ONEDNN_ISAS and _ONEDNN_ISAS.index(cap) >= index
+
+
+@functools.lru_cache(maxsize=None)
+def _features(cap: str | None, aten: str | None) -> CPUFeatures:
+    model, flags = _cpuinfo()
+    capability = torch.backends.cpu.get_cpu_capability()
+    avx512_bf16 = "avx512_bf16" in flags and _isa_allows(cap, _BF16_ISA) and capability.startswith("AVX512")
+    amx = "amx_bf16" in flags and "amx_tile" in flags and _isa_allows(cap, _AMX_ISA)
+    return CPUFeatures(model, flags, capability, torch.get_num_threads(), avx512_bf16, amx, cap)
+
+
+def cpu_features() -> CPUFeatures:
+    """This machine's CPU (model name, flags from /proc/cpuinfo, ATen's ISA), honouring
+    the ``ONEDNN_MAX_CPU_ISA`` and ``ATEN_CPU_CAPABILITY`` caps."""
+    return _features(os.environ.get("ONEDNN_MAX_CPU_ISA"), os.environ.get("ATEN_CPU_CAPABILITY"))
+
+
+# ----------------------------------------------------------------------------------
+# The configuration
+# ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CPUConfig:
+    """How the networks run on the CPU. ``compile``: torch.compile (Inductor, weights
+    frozen into the graph) for the warmed-up image size; other sizes run eagerly."""
+
+    dtype: torch.dtype = torch.float32
+    compile: bool = False
+    channels_last: bool = False
+    warmup_size: tuple[int, int] = (512, 512)
+    reason: str = ""
+
+    @property
+    def dtype_name(self) -> str:
+        return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(self.dtype, str(self.dtype))
+
+    def describe(self) -> str:
+        parts = [self.dtype_name, "torch.compile (Inductor, frozen weights)" if self.compile else "eager"]
+        if self.channels_last:
+            parts.append("channels-last")
+        text = ", ".join(parts)
+        return f"{text} — {self.reason}" if self.reason else text
+
+
+def _compile_wanted(requested: bool | None) -> bool:
+    if requested is not None:
+        return bool(requested)
+    value = os.environ.get(COMPILE_ENV, "").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    return True
+
+
+def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
+                      compile: bool | None = None) -> CPUConfig:
+    """The fastest configuration that keeps float32-level results on this CPU.
+
+    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32;
+    compilation unless ``compile=False`` or ``DEBLURDIFF_CPU_COMPILE=0``. ``dtype``
+    ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested on a CPU
+    without native support raises a ValueError saying why."""
+    features = features or cpu_features()
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in names:
+            raise ValueError(f"CPU dtype must be one of fp32, bf16 or auto, got {dtype!r}")
+        dtype = names[dtype]
+    if dtype in (None, "auto"):
+        if features.native_bf16:
+            dtype = torch.bfloat16
+            reason = "native bfloat16 (" + ("AMX" if features.amx else "AVX-512 BF16") + ")"
+        else:
+            dtype = torch.float32
+            reason = "no native bfloat16 on this CPU (neither AVX-512 BF16 nor AMX): float32"
+    elif dtype == torch.bfloat16:
+        if not features.native_bf16:
+            raise ValueError(
+                "bfloat16 was requested, but this CPU has neither AVX-512 BF16 nor AMX: bfloat16 would be "
+                "emulated and over 100× slower than float32. Use float32 on this CPU."
+            )
+        reason = "bfloat16 as requested (native on this CPU)"
+    elif dtype == torch.float32:
+        reason = "float32 as requested"
+    else:
+        raise ValueError(f"CPU dtype must be float32 or bfloat16, got {dtype}")
+    use_compile = _compile_wanted(compile)
+    if not use_compile:
+        reason += "; compilation off"
+    return CPUConfig(dtype=dtype, compile=use_compile, reason=reason)
+
+
+# ----------------------------------------------------------------------------------
+# Compilation
+# ----------------------------------------------------------------------------------
+
+#: Inductor options for CPU inference: weights become graph constants (oneDNN prepacks
+#: convolution and linear weights once instead of at every call).
+INDUCTOR_OPTIONS = {"freezing": True}
+
+
+#: Networks smaller than this (UNet parameters) are not compiled: compiling takes
+#: minutes whatever the size, and saves little on small models (e.g. ``random-tiny``).
+MIN_COMPILE_PARAMETERS = 50_000_000
+
+
+def _shape_key(args, kwargs) -> tuple:
+    return tuple(tuple(a.shape) + (a.dtype,) for a in (*args, *kwargs.values()) if torch.is_tensor(a))
+
+
+def compile_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """Compile ``module`` (in place) for inputs of the shapes it is warmed up with.
+
+    Calls are dispatched on their tensor shapes: shapes seen while
+    ``module._cpu_compile_open`` is true (set by :func:`prepare_cpu_pipeline` during the
+    warm-up) run the compiled graph, any other shape runs eagerly, so that an unusual
+    image size never triggers minutes of compilation inside a request."""
+    if getattr(module, "_cpu_compiled", None) is not None:
+        return module
+    eager_forward = module.forward
+    compiled = torch.compile(eager_forward, dynamic=False, options=INDUCTOR_OPTIONS)
+    module._cpu_compiled = compiled
+    module._cpu_compiled_shapes = set()
+    module._cpu_compile_open = False
+
+    def forward(self, *args, **kwargs):
+        key = _shape_key(args, kwargs)
+        if key in self._cpu_compiled_shapes:
+            return self._cpu_compiled(*args, **kwargs)
+        if self._cpu_compile_open and not torch.is_grad_enabled():
+            out = self._cpu_compiled(*args, **kwargs)
+            self._cpu_compiled_shapes.add(key)
+            return out
+        return eager_forward(*args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    return module
+
+
+# ----------------------------------------------------------------------------------
+# Preparing the pipeline, and timing it
+# ----------------------------------------------------------------------------------
+
+
+@dataclass
+class CPUTiming:
+    """Seconds measured at the warm-up size after compilation (per megapixel)."""
+
+    step_s_per_mpx: float
+    fixed_s_per_mpx: float
+    width: int
+    height: int
+
+
+def _networks(pipe):
+    return (pipe.unet, pipe.controlnet, pipe.lkpn.unet)
+
+
+def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None] | None = None,
+                         measure: bool = True) -> CPUTiming | None:
+    """Apply ``config`` to a CPU pipeline (dtype, memory format, compilation) and, when
+    compiling, warm up at ``config.warmup_size`` now, reporting through ``progress``.
+
+    Returns the per-megapixel step and fixed (VAE) times measured after the warm-up
+    (``measure=False``: None), for :func:`estimate_cpu_seconds`."""
+    say = progress or (lambda message: None)
+    # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
+    # results far below float32 rounding of the outputs.
+    torch.set_flush_denormal(True)
+    if pipe.unet.dtype != config.dtype:
+        pipe.to(dtype=config.dtype)
+    if config.channels_last:
+        for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
+            module.to(memory_format=torch.channels_last)
+    width, height = config.warmup_size
+    small = sum(p.numel() for p in pipe.unet.parameters()) < MIN_COMPILE_PARAMETERS
+    if config.compile and small:
+        say("Not compiling: the networks are too small for compilation to pay off.")
+    if config.compile and not small:
+        for module in _networks(pipe):
+            compile_for_cpu(module)
+            module._cpu_compile_open = True
+        say(f"Compiling the networks for {width}×{height} images on the CPU (a few minutes, once)…")
+        start = time.perf_counter()
+        try:
+            pipe.warmup(height, width, num_inference_steps=1)
+        finally:
+            for module in _networks(pipe):
+                module._cpu_compile_open = False
+        say(f"Compiled in {time.perf_counter() - start:.0f} s.")
+    if not measure:
+        return None
+    say("Measuring the speed on this CPU…")
+    return measure_cpu_timing(pipe, width, height)
+
+
+@torch.no_grad()
+def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2) -> CPUTiming:
+    """Time one ``steps``-step call on a grey image: seconds per step (the last step) and
+    the rest (VAE encode + decode, colour fix), per megapixel."""
+    stamps = []
+
+    def stamp(p, i, t, kwargs):
+        stamps.append(time.perf_counter())
+        return {}
+
+    image = torch.full((1, 3, height, width), 0.5)
+    start = time.perf_counter()
+    pipe(image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
+         callback_on_step_end=stamp)
+    total = time.perf_counter() - start
+    step = stamps[-1] - stamps[-2] if len(stamps) >= 2 else total / (steps + 1)
+    mpx = _padded(width) * _padded(height) / 1e6
+    return CPUTiming(step / mpx, max(total - steps * step, 0.0) / mpx, width, height)
+
+
+def _padded(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+# Measured on an AMD EPYC (2 threads, AVX-512 BF16), full-size random weights, 512×512,
+# with benchmarks/bench_model.py and benchmarks/bench_inference.py (see
+# benchmarks/results/). Seconds per megapixel: (one step, VAE encode + decode).
+# Used before anything has been measured on this machine; scaled by thread count.
+REFERENCE_THREADS = 2
+DEFAULT_CPU_SPEEDS = {
+    ("float32", False): (20.0, 30.0),
+    ("float32", True): (20.0, 30.0),
+    ("bfloat16", False): (6.5, 30.0),
+    ("bfloat16", True): (6.5, 30.0),
+}
+
+
+def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
+                         config: CPUConfig | None = None, timing: CPUTiming | None = None,
+                         megapixels: float | None = None) -> float:
+    """Seconds for one image of ``width``×``height`` on this CPU.
+
+    Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the
+    defaults measured for ``config`` on the reference machine, scaled by thread count.
+    ``megapixels``: what the networks process when tiled (the app's tile count); by
+    default the padded image. Sizes other than the warm-up size run eagerly when the
+    configuration compiles, and are estimated at the eager speed."""
+    config = config or choose_cpu_config(compile=False)
+    mpx = megapixels if megapixels is not None else _padded(width) * _padded(height) / 1e6
+    branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
+    default_step, default_fixed = DEFAULT_CPU_SPEEDS[(config.dtype_name, config.compile)]
+    scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
+    if timing is not None:
+        step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
+        warmed = (_padded(width), _padded(height)) == (_padded(timing.width), _padded(timing.height))
+        if config.compile and not warmed:
+            eager_step = DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0]
+            step *= eager_step / default_step  # the measured machine's speed, eager ratio
+    else:
+        step, fixed = default_step * scale, default_fixed * scale
+    return mpx * (fixed + steps * branches * step)
+
+
+def describe_cpu(features: CPUFeatures | None = None) -> str:
+    """One line for logs and benchmark records."""
+    f = features or cpu_features()
+    cap = f", oneDNN ISA capped at {f.isa_cap}" if f.isa_cap else ""
+    return (f"{f.model}; {f.threads} threads; ATen ISA {f.capability}{cap}; extensions: {f.vector_extensions}; "
+            f"native bf16: {'yes' if f.native_bf16 else 'no'}; torch {torch.__version__}")

@@ -1,0 +1,144 @@
+"""CPU configuration: feature checks, the dtype choice, shape-dispatched compilation, estimates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deblurdiff import cpu
+from deblurdiff.cpu import CPUConfig, CPUFeatures, CPUTiming, choose_cpu_config, compile_for_cpu, estimate_cpu_seconds
+from deblurdiff.loading import pick_dtype
+
+
+def features(bf16: bool = False, amx: bool = False) -> CPUFeatures:
+    flags = {"avx2"} | ({"avx512f", "avx512_bf16"} if bf16 else set()) | ({"amx_bf16", "amx_tile"} if amx else set())
+    return CPUFeatures("test CPU", frozenset(flags), "AVX512" if bf16 else "AVX2", 2, bf16, amx)
+
+
+def test_float32_without_native_bf16():
+    config = choose_cpu_config(features(), compile=False)
+    assert config.dtype == torch.float32
+    assert "no native bfloat16" in config.describe()
+
+
+@pytest.mark.parametrize("bf16, amx, name", [(True, False, "AVX-512 BF16"), (False, True, "AMX")])
+def test_bfloat16_with_native_support(bf16, amx, name):
+    config = choose_cpu_config(features(bf16, amx), compile=False)
+    assert config.dtype == torch.bfloat16
+    assert name in config.describe()
+
+
+def test_bfloat16_requested_without_native_support_is_refused():
+    with pytest.raises(ValueError, match="neither AVX-512 BF16 nor AMX"):
+        choose_cpu_config(features(), dtype="bf16")
+    assert choose_cpu_config(features(), dtype="fp32", compile=False).dtype == torch.float32
+    with pytest.raises(ValueError, match="fp32, bf16 or auto"):
+        choose_cpu_config(features(), dtype="int4")
+
+
+def test_compilation_switch(monkeypatch):
+    monkeypatch.setenv(cpu.COMPILE_ENV, "0")
+    assert not choose_cpu_config(features()).compile
+    monkeypatch.setenv(cpu.COMPILE_ENV, "1")
+    assert choose_cpu_config(features()).compile
+    assert not choose_cpu_config(features(), compile=False).compile
+
+
+def test_isa_cap_below_bf16_hides_native_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN emulate bfloat16: it must not be chosen then."""
+    assert not cpu._isa_allows("AVX2", cpu._BF16_ISA)
+    assert cpu._isa_allows("AVX512_CORE_BF16", cpu._BF16_ISA)
+    assert cpu._isa_allows(None, cpu._AMX_ISA)
+    assert not cpu._isa_allows("AVX512_CORE_BF16", cpu._AMX_ISA)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = cpu.cpu_features()
+    assert not capped.native_bf16
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+
+
+def test_pick_dtype_on_the_cpu_follows_the_features(monkeypatch):
+    monkeypatch.setattr(cpu, "cpu_features", lambda: features(bf16=True))
+    assert pick_dtype(torch.device("cpu")) == torch.bfloat16
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    monkeypatch.setattr(cpu, "cpu_features", lambda: features())
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cpu"), "fp32") == torch.float32
+    with pytest.raises(ValueError, match="100× slower"):
+        pick_dtype(torch.device("cpu"), "bf16")
+
+
+def test_compiled_module_runs_only_warmed_up_shapes_compiled():
+    """Shapes seen during the warm-up go to the compiled graph; others run eagerly."""
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1).eval()
+    expected = {s: conv(torch.ones(1, 3, s, s)) for s in (8, 16)}
+    compile_for_cpu(conv)
+    calls = []
+
+    def fake_compiled(x):  # stands in for the Inductor graph (compiling takes minutes)
+        calls.append(tuple(x.shape))
+        return conv.__class__.forward(conv, x)
+
+    conv._cpu_compiled = fake_compiled
+    with torch.no_grad():
+        conv._cpu_compile_open = True
+        conv(torch.ones(1, 3, 8, 8))
+        conv._cpu_compile_open = False
+        assert calls == [(1, 3, 8, 8)]
+        out8 = conv(torch.ones(1, 3, 8, 8))
+        out16 = conv(torch.ones(1, 3, 16, 16))
+    assert calls == [(1, 3, 8, 8)] * 2  # the 16×16 call ran eagerly
+    torch.testing.assert_close(out8, expected[8])  # same float32 arithmetic either way
+    torch.testing.assert_close(out16, expected[16])
+
+
+def test_compile_for_cpu_is_idempotent():
+    conv = torch.nn.Conv2d(1, 1, 1)
+    compiled = compile_for_cpu(conv)._cpu_compiled
+    assert compile_for_cpu(conv)._cpu_compiled is compiled
+
+
+def test_estimate_scales_with_size_steps_and_guidance():
+    config = CPUConfig(dtype=torch.float32)
+    one = estimate_cpu_seconds(512, 512, 1, config=config)
+    ten = estimate_cpu_seconds(512, 512, 10, config=config)
+    guided = estimate_cpu_seconds(512, 512, 10, 3.0, config=config)
+    large = estimate_cpu_seconds(1024, 1024, 10, config=config)
+    assert ten > one
+    step = (ten - one) / 9
+    assert guided == pytest.approx(ten + 10 * step)  # guidance doubles the batch of the networks
+    assert large == pytest.approx(4 * ten)
+    assert estimate_cpu_seconds(500, 500, 10, config=config) == pytest.approx(ten)  # padded to 512
+
+
+def test_estimate_uses_measured_timing():
+    timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=4.0, width=512, height=512)
+    config = CPUConfig(dtype=torch.bfloat16)
+    mpx = 512 * 512 / 1e6
+    assert estimate_cpu_seconds(512, 512, 20, config=config, timing=timing) == pytest.approx(mpx * (4 + 20 * 10))
+
+
+def test_compiled_config_estimates_other_sizes_at_the_eager_speed():
+    timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=0.0, width=512, height=512)
+    compiled = CPUConfig(dtype=torch.float32, compile=True)
+    warmed = estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing)
+    other = estimate_cpu_seconds(512, 768, 1, config=compiled, timing=timing) / 1.5
+    eager, fast = cpu.DEFAULT_CPU_SPEEDS[("float32", False)][0], cpu.DEFAULT_CPU_SPEEDS[("float32", True)][0]
+    assert other == pytest.approx(warmed * eager / fast)
+
+
+def test_describe_cpu_names_the_features():
+    text = cpu.describe_cpu(features(bf16=True))
+    assert "avx512_bf16" in text and "native bf16: yes" in text and torch.__version__ in text
+
+
+def test_prepare_tiny_pipeline_skips_compilation_and_measures():
+    from conftest import tiny_pipeline
+
+    pipe = tiny_pipeline()
+    messages = []
+    config = CPUConfig(dtype=torch.float32, compile=True, warmup_size=(64, 64))
+    timing = cpu.prepare_cpu_pipeline(pipe, config, progress=messages.append)
+    assert any("too small" in m for m in messages)
+    assert not hasattr(pipe.unet, "_cpu_compiled")
+    assert timing.step_s_per_mpx > 0 and timing.fixed_s_per_mpx >= 0
+    assert (timing.width, timing.height) == (64, 64)
