@@ -115,13 +115,15 @@ def attention_windows(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> di
     """The reference's window side for each spatial transformer of ``model``, by module name.
 
     ``model`` is a ``UNet2DConditionModel`` (halving per level, mirrored in the decoder),
-    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet)."""
-    from .controlnet import LatentControlNetModel
-    from .lkpn import LKPNModel
-
-    if isinstance(model, LKPNModel):
-        return {f"unet.{k}": v for k, v in attention_windows(model.unet, base).items()}
-    per_level = not isinstance(model, LatentControlNetModel)
+    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet).
+    Models say how they are laid out through two class attributes, so that this module
+    needs none of them: ``attention_window_root`` (the submodule holding the blocks) and
+    ``attention_window_per_level`` (False: the same window at every level)."""
+    root = getattr(model, "attention_window_root", None)
+    if root:
+        inner = attention_windows(model.get_submodule(root), base)
+        return {f"{root}.{k}": v for k, v in inner.items()}
+    per_level = getattr(model, "attention_window_per_level", True)
     levels = len(model.down_blocks)
 
     def size(level: int) -> int | None:
