@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when started as a script
@@ -30,6 +31,7 @@ if str(ROOT) not in sys.path:  # when started as a script
 from deblurdiff.ops import eac, eac_reference  # noqa: E402
 
 eac_module = importlib.import_module("deblurdiff.ops.eac")  # the module (``ops.eac`` is the function)
+eac_pytorch = importlib.import_module("deblurdiff.ops.eac_pytorch")
 
 # Largest error allowed, relative to max(1, max |reference|). (The Triton interpreter
 # rounds float32 -> bfloat16 toward zero, about twice the error of the GPU's rounding.)
@@ -179,7 +181,7 @@ def test_torch_path_non_contiguous(layout, dtype):
 @pytest.mark.parametrize("block", [1, 20, 100])
 def test_torch_path_blocks(monkeypatch, block):
     # Tiny blocks: row blocks inside a plane, and several planes per block (x threads).
-    monkeypatch.setattr(eac_module, "_BLOCK", block)
+    monkeypatch.setattr(eac_pytorch, "_BLOCK", block)
     for G in (1, 4):
         errors = errors_against_reference(eac_module.eac_torch, 2, 4, G, 5, 9, 6, torch.float32, True)
         assert max(errors) <= TOL[torch.float32], (G, errors)
@@ -265,23 +267,56 @@ def test_shape_errors(x_shape, k_shape, groups, message):
             fn(torch.zeros(x_shape), torch.zeros(k_shape), groups=groups)
 
 
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every operator that reaches the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def eac_ops(*args, **kwargs) -> tuple[torch.Tensor, list[str]]:
+    """``eac(*args, **kwargs)`` and the deblurdiff operators it ran."""
+    with OpRecorder() as recorder:
+        out = eac(*args, **kwargs)
+    return out, [name for name in recorder.ops if name.startswith("deblurdiff::")]
+
+
 def test_dispatch_on_cpu(monkeypatch):
     x, kernels, _ = make_inputs(1, 4, 4, 5, 6, 7, torch.float32)
-    monkeypatch.delenv(eac_module.BACKEND_ENV, raising=False)
-    assert eac_module._choose_backend(x, None) == "torch"
-    assert eac_module._choose_backend(x, "auto") == "torch"
-    torch.testing.assert_close(eac(x, kernels, residual=True), eac_module.eac_torch(x, kernels, residual=True))
+    want = eac_reference(x.double(), kernels.double(), residual=True)
+    out, ops = eac_ops(x, kernels, residual=True)
+    assert ops == ["deblurdiff::eac_torch_forward"]
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     monkeypatch.setenv(eac_module.BACKEND_ENV, "torch")
-    assert eac_module._choose_backend(x, None) == "torch"
+    assert eac_ops(x, kernels, residual=True)[1] == ["deblurdiff::eac_torch_forward"]
+    # Forcing Triton is honoured: on CPU tensors (no interpreter) it fails instead of
+    # silently falling back; an explicit argument wins over the variable.
     monkeypatch.setenv(eac_module.BACKEND_ENV, "triton")
-    assert eac_module._choose_backend(x, None) == "triton"
-    assert eac_module._choose_backend(x, "torch") == "torch"  # an explicit argument wins
+    module = eac_module._triton_module()
+    if module is None or not module.INTERPRETED:
+        with pytest.raises((ValueError, RuntimeError), match="triton"):
+            eac(x, kernels)
+    assert eac_ops(x, kernels, backend="torch")[1] == ["deblurdiff::eac_torch_forward"]
     monkeypatch.setenv(eac_module.BACKEND_ENV, "cudnn")
     with pytest.raises(ValueError, match="backend must be one of"):
         eac(x, kernels)
     monkeypatch.delenv(eac_module.BACKEND_ENV)
     with pytest.raises(ValueError, match="backend must be one of"):
         eac(x, kernels, backend="fast")
+
+
+def test_backward_runs_only_the_needed_gradient_operators():
+    x, kernels, grad = make_inputs(1, 4, 4, 5, 6, 7, torch.float32)
+    x.requires_grad_(True)
+    with OpRecorder() as recorder:
+        torch.autograd.grad(eac(x, kernels, residual=True), x, grad)
+    assert [n for n in recorder.ops if n.startswith("deblurdiff::")] == [
+        "deblurdiff::eac_torch_forward", "deblurdiff::eac_torch_grad_x"]
 
 
 def test_triton_backend_refuses_cpu_tensors():
@@ -341,6 +376,13 @@ def _run_triton_cases() -> dict:
     results["cases"]["dispatch-float32"] = errors_against_reference(
         eac, 1, 4, 4, 5, 6, 7, torch.float32, True, backend="triton"
     )
+    # The environment variable forces the Triton operator (here on CPU tensors).
+    os.environ[eac_module.BACKEND_ENV] = "triton"
+    x, kernels, _ = make_inputs(1, 4, 4, 5, 6, 7, torch.float32)
+    out, ops = eac_ops(x, kernels, residual=True)
+    want = eac_reference(x.double(), kernels.double(), residual=True)
+    results["forced_ops"] = ops
+    results["forced_error"] = ((out.double() - want).abs().max() / want.abs().max()).item()
     return results
 
 
@@ -360,6 +402,11 @@ def triton_results():
 
 def test_triton_interpreter_active(triton_results):
     assert triton_results["interpreted"]
+
+
+def test_backend_variable_forces_triton(triton_results):
+    assert triton_results["forced_ops"] == ["deblurdiff::eac_triton_forward"]
+    assert triton_results["forced_error"] <= TOL[torch.float32]
 
 
 @pytest.mark.slow

@@ -36,6 +36,8 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # The reference's ControlNet uses the same attention window at every level.
+    attention_window_per_level = False
 
     @register_to_config
     def __init__(

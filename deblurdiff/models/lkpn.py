@@ -25,6 +25,8 @@ class LKPNModel(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    # Its spatial transformers are those of its UNet (windows halved per level).
+    attention_window_root = "unet"
 
     @register_to_config
     def __init__(

@@ -63,25 +63,51 @@ def _repeat_batch(value, windows: int, batch: int):
     return value
 
 
+def _window_index(side, k: int, device: torch.device) -> torch.Tensor:
+    """(n, min(k, side)) indices of the pixels of each window along one dimension, placed
+    like :func:`window_starts`, with integer arithmetic only: ``side`` may be a symbolic
+    size (``torch.export`` with dynamic shapes), so nothing here branches on it."""
+    count = (side + k - 1) // k  # ceil(side / k): one window when side <= k
+    k = torch.sym_min(k, side)
+    gaps = torch.sym_max(count - 1, 1)
+    step = (side - k + gaps - 1) // gaps
+    starts = torch.clamp(torch.arange(count, device=device) * step, max=side - k)
+    return starts[:, None] + torch.arange(k, device=device)[None, :]
+
+
 def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-    """``Transformer2DModel.forward`` run on the reference's windows of ``hidden_states``."""
+    """``Transformer2DModel.forward`` run on the reference's windows of ``hidden_states``.
+
+    The windows are gathered with index tensors and the outputs summed back with
+    ``index_add``, so the same code runs eagerly and under ``torch.export`` with
+    symbolic height and width (where the number of windows is a symbolic size too).
+    """
     window = getattr(self, "attention_window", None)
     original = type(self).forward
     if window is None or hidden_states.ndim != 4:
         return original(self, hidden_states, *args, **kwargs)
     b, c, h, w = hidden_states.shape
-    if h <= window and w <= window:
-        return original(self, hidden_states, *args, **kwargs)
+    symbolic = isinstance(h, torch.SymInt) or isinstance(w, torch.SymInt)
+    if not symbolic and h <= window and w <= window:
+        return original(self, hidden_states, *args, **kwargs)  # one window: global attention
     if args:
         raise TypeError("windowed attention takes the transformer's arguments by keyword only")
     if kwargs.get("attention_mask") is not None:
         raise NotImplementedError("windowed attention does not support a spatial attention_mask")
 
-    kh, kw = min(window, h), min(window, w)
-    rows, cols = window_starts(h, window), window_starts(w, window)
-    positions = [(i, j) for i in rows for j in cols]
-    n = len(positions)
-    parts = torch.cat([hidden_states[:, :, i : i + kh, j : j + kw] for i, j in positions], dim=0)
+    rows = _window_index(h, window, hidden_states.device)  # (n_h, kh)
+    cols = _window_index(w, window, hidden_states.device)  # (n_w, kw)
+    n_h, kh = rows.shape
+    n_w, kw = cols.shape
+    n = n_h * n_w
+    # Flat pixel index of every window, window-major (rows outer, columns inner).
+    pixels = (rows[:, None, :, None] * w + cols[None, :, None, :]).reshape(n * kh * kw)
+    flat = hidden_states.clone(memory_format=torch.contiguous_format).view(b, c, h * w)
+    # Windows stacked along the batch, window-major: (n * b, c, kh, kw).
+    # (``clone``, not ``contiguous``/``reshape``: those branch on the layout, which
+    # depends on whether there is one window, a guard on the size when exporting.)
+    parts = flat.index_select(2, pixels).view(b, c, n, kh, kw).permute(2, 0, 1, 3, 4)
+    parts = parts.clone(memory_format=torch.contiguous_format).view(n * b, c, kh, kw)
     for name in ("encoder_hidden_states", "encoder_attention_mask", "timestep", "class_labels"):
         if name in kwargs:
             kwargs[name] = _repeat_batch(kwargs[name], n, b)
@@ -92,11 +118,11 @@ def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwa
 
     # The residual is the same in every window covering a pixel, so averaging the
     # full outputs equals averaging the transformer's part and adding the residual.
-    total = hidden_states.new_zeros(b, out.shape[1], h, w)
-    count = hidden_states.new_zeros(1, 1, h, w)
-    for index, (i, j) in enumerate(positions):
-        total[:, :, i : i + kh, j : j + kw] += out[index * b : (index + 1) * b]
-        count[:, :, i : i + kh, j : j + kw] += 1
+    c_out = out.shape[1]
+    out = out.clone(memory_format=torch.contiguous_format).view(n, b, c_out, kh * kw).permute(1, 2, 0, 3)
+    out = out.clone(memory_format=torch.contiguous_format).view(b, c_out, n * kh * kw)
+    total = out.new_zeros(b, c_out, h * w).index_add(2, pixels, out).view(b, c_out, h, w)
+    count = out.new_zeros(h * w).index_add(0, pixels, out.new_ones(n * kh * kw)).view(h, w)
     result = total / count
     if not return_dict:
         return (result,)
@@ -115,13 +141,15 @@ def attention_windows(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> di
     """The reference's window side for each spatial transformer of ``model``, by module name.
 
     ``model`` is a ``UNet2DConditionModel`` (halving per level, mirrored in the decoder),
-    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet)."""
-    from .controlnet import LatentControlNetModel
-    from .lkpn import LKPNModel
-
-    if isinstance(model, LKPNModel):
-        return {f"unet.{k}": v for k, v in attention_windows(model.unet, base).items()}
-    per_level = not isinstance(model, LatentControlNetModel)
+    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet).
+    Models say how they are laid out through two class attributes, so that this module
+    needs none of them: ``attention_window_root`` (the submodule holding the blocks) and
+    ``attention_window_per_level`` (False: the same window at every level)."""
+    root = getattr(model, "attention_window_root", None)
+    if root:
+        inner = attention_windows(model.get_submodule(root), base)
+        return {f"{root}.{k}": v for k, v in inner.items()}
+    per_level = getattr(model, "attention_window_per_level", True)
     levels = len(model.down_blocks)
 
     def size(level: int) -> int | None:

@@ -14,6 +14,14 @@ dtype (float32, float16 or bfloat16), arithmetic and accumulation in float32.
 Strides are passed explicitly, so non-contiguous inputs need no copy; the residual
 ``x +`` is fused into the forward (and its gradient into grad_x).
 
+The three launches are custom operators made with ``torch.library.triton_op``
+(``deblurdiff::eac_triton_forward``, ``..._grad_x``, ``..._grad_kernels``, with an
+autograd formula): ``torch.export`` keeps them as nodes, and Inductor (``torch.compile``
+and ahead-of-time compilation) sees through them and launches the kernels from the
+compiled graph. With symbolic sizes (dynamic-shape tracing) the launch configuration
+cannot depend on the size, and the 8 x 64 tiles are used for every size; the tiles only
+change the work split, not the arithmetic.
+
 Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before this
 module is imported) the kernels also run on CPU tensors, which the tests use.
 """
@@ -24,7 +32,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .eac import _common_dtype, eac_geometry
+from torch.library import triton_op, wrap_triton
+
+from .eac_shapes import common_dtype, eac_geometry
 
 __all__ = ["eac_triton", "launch_config", "INTERPRETED"]
 
@@ -156,8 +166,14 @@ def _eac_grad_k_kernel(
 INTERPRETED = not isinstance(_eac_fwd_kernel, triton.runtime.JITFunction)
 
 
+DYNAMIC_CONFIG = (8, 64, 4)
+
+
 def launch_config(H: int, W: int) -> tuple[int, int, int]:
-    """(BLOCK_H, BLOCK_W, num_warps): tiles of up to 8 x 64 pixels, W innermost."""
+    """(BLOCK_H, BLOCK_W, num_warps): tiles of up to 8 x 64 pixels, W innermost
+    (:data:`DYNAMIC_CONFIG` when a size is symbolic)."""
+    if isinstance(H, torch.SymInt) or isinstance(W, torch.SymInt):
+        return DYNAMIC_CONFIG
     block_w = min(64, triton.next_power_of_2(W))
     block_h = min(max(1, 512 // block_w), triton.next_power_of_2(H))
     return block_h, block_w, 4
@@ -177,64 +193,67 @@ def _grid(H: int, W: int, planes: int, block_h: int, block_w: int):
     return (triton.cdiv(H, block_h) * tiles_w, planes), tiles_w
 
 
-def _forward(x, kernels, G, k, residual, config=None):
+@triton_op("deblurdiff::eac_triton_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
+                block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
     B, C, H, W = x.shape
-    block_h, block_w, warps = config or launch_config(H, W)
     out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
     grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    _eac_fwd_kernel[grid](
-        x, kernels, out, C, H, W, C // G, tiles_w,
+    wrap_triton(_eac_fwd_kernel)[grid](
+        x, kernels, out, C, H, W, C // groups, tiles_w,
         *x.stride(), *kernels.stride(), *out.stride(),
-        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
     return out
 
 
-def _grad_x(grad, kernels, G, k, residual, config=None):
+@triton_op("deblurdiff::eac_triton_grad_x", mutates_args=())
+def _grad_x_op(grad: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
+               block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
     B, C, H, W = grad.shape
-    block_h, block_w, warps = config or launch_config(H, W)
     grad_x = torch.empty((B, C, H, W), dtype=grad.dtype, device=grad.device)
     grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    _eac_grad_x_kernel[grid](
-        grad, kernels, grad_x, C, H, W, C // G, tiles_w,
+    wrap_triton(_eac_grad_x_kernel)[grid](
+        grad, kernels, grad_x, C, H, W, C // groups, tiles_w,
         *grad.stride(), *kernels.stride(), *grad_x.stride(),
-        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
     return grad_x
 
 
-def _grad_kernels(grad, x, G, k, dtype, config=None):
+@triton_op("deblurdiff::eac_triton_grad_kernels", mutates_args=())
+def _grad_kernels_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int,
+                     block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
     B, C, H, W = x.shape
-    block_h, block_w, warps = config or launch_config(H, W)
-    grad_k = torch.empty((B, G * k * k, H, W), dtype=dtype, device=x.device)
-    grid, tiles_w = _grid(H, W, B * G, block_h, block_w)
-    _eac_grad_k_kernel[grid](
-        grad, x, grad_k, G, H, W, C // G, tiles_w,
+    grad_k = torch.empty((B, groups * k * k, H, W), dtype=kernels.dtype, device=x.device)
+    grid, tiles_w = _grid(H, W, B * groups, block_h, block_w)
+    wrap_triton(_eac_grad_k_kernel)[grid](
+        grad, x, grad_k, groups, H, W, C // groups, tiles_w,
         *grad.stride(), *x.stride(), *grad_k.stride(),
-        K=k, SINGLE=(C == G), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=warps,
+        K=k, SINGLE=(C == groups), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
     )
     return grad_k
 
 
-class _EACTriton(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, kernels, G, k, residual, config):
-        ctx.save_for_backward(x, kernels)
-        ctx.geometry = (G, k, residual, config)
-        return _forward(x, kernels, G, k, residual, config)
+def _setup_context(ctx, inputs, output):
+    x, kernels, groups, k, residual, *config = inputs
+    ctx.save_for_backward(x, kernels)
+    ctx.geometry = (groups, k, residual, config)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, kernels = ctx.saved_tensors
-        G, k, residual, config = ctx.geometry
-        grad = grad.to(x.dtype)
-        grad_x = grad_k = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _grad_x(grad, kernels, G, k, residual, config)
-        if ctx.needs_input_grad[1]:
-            grad_k = _grad_kernels(grad, x, G, k, kernels.dtype, config)
-        return grad_x, grad_k, None, None, None, None
+
+def _backward(ctx, grad):
+    x, kernels = ctx.saved_tensors
+    groups, k, residual, config = ctx.geometry
+    grad = grad.to(x.dtype)
+    grad_x = grad_k = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_x_op(grad, kernels, groups, k, residual, *config)
+    if ctx.needs_input_grad[1]:
+        grad_k = _grad_kernels_op(grad, x, kernels, groups, k, *config)
+    return grad_x, grad_k, None, None, None, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def eac_triton(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None,
@@ -245,10 +264,11 @@ def eac_triton(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, g
     powers of two for the block sizes.
     """
     G, k = eac_geometry(x, kernels, groups)
-    x, kernels = _common_dtype(x, kernels)
+    x, kernels = common_dtype(x, kernels)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"EAC: the triton backend supports float32, float16 and bfloat16, not {x.dtype}")
     _check_device(x, kernels)
     if x.device != kernels.device:
         raise ValueError(f"EAC: x is on {x.device} but kernels are on {kernels.device}")
-    return _EACTriton.apply(x, kernels, G, k, bool(residual), config)
+    block_h, block_w, warps = config or launch_config(x.shape[2], x.shape[3])
+    return _forward_op(x, kernels, G, k, bool(residual), block_h, block_w, warps)

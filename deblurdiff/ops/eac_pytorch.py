@@ -1,0 +1,268 @@
+"""EAC in plain PyTorch: the readable reference, two baselines and the fast path.
+
+See :mod:`deblurdiff.ops.eac` for the operator and the dispatch between backends.
+
+The fast path is registered as the custom operators ``deblurdiff::eac_torch_forward``,
+``deblurdiff::eac_torch_grad_x`` and ``deblurdiff::eac_torch_grad_kernels`` (with
+fake implementations and an autograd formula): ``torch.export`` and ``torch.compile``
+then keep EAC as one opaque node, whatever the shapes, instead of tracing the blocked
+Python loops (which depend on the concrete sizes).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .eac_shapes import common_dtype, eac_geometry
+
+__all__ = ["eac_reference", "eac_torch", "eac_unfold", "eac_shifted"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Readable ground truth: a sum of shifted copies of ``x``, one per kernel tap.
+
+    Works in any dtype (use float64 for gradcheck) and supports autograd.
+    """
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    p = k // 2
+    padded = F.pad(x, (p, p, p, p))
+    # (B, G, k, k, H, W) -> one weight plane per channel: (B, C, k, k, H, W).
+    weights = kernels.reshape(B, G, k, k, H, W).repeat_interleave(C // G, dim=1)
+    out = torch.zeros_like(x)
+    for i in range(k):
+        for j in range(k):
+            out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
+    return out + x if residual else out
+
+
+def eac_unfold(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Baseline: ``F.unfold`` the k×k neighbourhoods, multiply, sum (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    patches = F.unfold(x, k, padding=k // 2).view(B, G, C // G, k * k, H, W)
+    out = (patches * kernels.reshape(B, G, 1, k * k, H, W)).sum(3).view(B, C, H, W)
+    return out + x if residual else out
+
+
+def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Baseline: out-of-place shifted sums on a padded ``x`` (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    p = k // 2
+    xp = F.pad(x, (p, p, p, p)).reshape(B, G, C // G, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    out = x.reshape(B, G, C // G, H, W) if residual else 0
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        out = out + xp[..., i : i + H, j : j + W] * kv[:, :, :, t]
+    return out.reshape(B, C, H, W)
+
+
+# The fast PyTorch path ----------------------------------------------------------------
+
+
+# Output elements per block and thread (512 KiB of float32): a block's accumulator,
+# input rows and kernel rows stay in cache while the k*k taps sweep over them. Blocks
+# grow with torch's thread count, so that each op's share per thread stays this size
+# (ATen splits every op across its threads) and there are few ops to synchronise.
+_BLOCK = 1 << 17
+
+
+def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
+    """(plane slice, first row, end row) blocks of at most ``limit`` output elements
+    (or one row of one plane, if that is larger)."""
+    plane = n * H * W
+    if plane > limit:
+        rows = max(1, limit // (n * W))
+        return [(slice(q, q + 1), h0, min(H, h0 + rows)) for q in range(planes) for h0 in range(0, H, rows)]
+    step = max(1, limit // plane)
+    return [(slice(q, q + step), 0, H) for q in range(0, planes, step)]
+
+
+def _run_blocks(work, planes: int, n: int, H: int, W: int, device: torch.device) -> None:
+    """``work(block)`` for every block of the (planes, n, H, W) output.
+
+    On other devices than the CPU the whole tensor is one block (fewest kernel launches).
+    """
+    if device.type != "cpu":
+        work((slice(None), 0, H))
+        return
+    for block in _blocks(planes, n, H, W, _BLOCK * max(1, torch.get_num_threads())):
+        work(block)
+
+
+def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
+    """Contiguous zero-padded copy of ``x`` in ``dtype`` (one pass, any input layout)."""
+    B, C, H, W = x.shape
+    xp = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=dtype, device=x.device)
+    xp[:, :, p : p + H, p : p + W] = x
+    return xp
+
+
+def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
+    """View (P, n, k, k, rows, W) of a padded slab (P, n, rows + k - 1, W + k - 1):
+    element [..., i, j, h, w] is xb[..., h + i, w + j]."""
+    s0, s1, s2, s3 = xb.stride()
+    return xb.as_strided((xb.shape[0], xb.shape[1], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
+
+
+def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
+    """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
+
+    The planes (b, g) are processed in cache-sized blocks of rows; inside a block each
+    of the k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's
+    kernel rows) into the accumulator. Half-precision kernels are read as they are:
+    ``addcmul_`` into a float32 accumulator widens them on the fly, which is much faster
+    than converting them first.
+    """
+    B, C, H, W = x.shape
+    n, p, P = C // G, k // 2, B * G
+    acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(P, k * k, H, W)
+    if residual:
+        out = x.to(acc_dtype, memory_format=torch.contiguous_format, copy=True)
+    else:
+        out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
+    acc = out.view(P, n, H, W)
+
+    def work(block):
+        planes, h0, h1 = block
+        rows = h1 - h0
+        a = acc[planes, :, h0:h1]
+        kb = kv[planes, :, h0:h1]
+        xb = xp[planes, :, h0 : h1 + 2 * p]
+        for t in range(k * k):
+            i, j = divmod(t, k)
+            a.addcmul_(xb[:, :, i : i + rows, j : j + W], kb[:, t : t + 1])
+
+    _run_blocks(work, P, n, H, W, x.device)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G: int, k: int,
+                   residual: bool, need_x: bool, need_k: bool):
+    """Gradients of :func:`_forward_taps`, blocked the same way.
+
+    grad_x[h, w] = sum_{i,j} grad[h - i + p, w - j + p] * kernel[i, j, h - i + p, w - j + p]
+    (gathered over each tap's valid rectangle, so blocks write only their own rows);
+    grad_kernels[g, i, j, h, w] = sum over the group's channels of
+    grad[h, w] * x[h + i - p, w + j - p].
+    """
+    B, C, H, W = x.shape
+    n, p, P = C // G, k // 2, B * G
+    acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+    g = grad.to(acc_dtype).reshape(P, n, H, W)
+    kv = kernels.reshape(P, k * k, H, W)
+    gx = xp = grad_k = None
+    if need_x:
+        if residual:
+            gx = grad.to(acc_dtype, memory_format=torch.contiguous_format, copy=True).view(P, n, H, W)
+        else:
+            gx = torch.zeros((P, n, H, W), dtype=acc_dtype, device=x.device)
+    if need_k:
+        xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
+        grad_k = torch.empty((P, k * k, H, W), dtype=kernels.dtype, device=x.device)
+
+    def work(block):
+        planes, h0, h1 = block
+        rows = h1 - h0
+        if need_x:
+            lo, hi = max(0, h0 - p), min(H, h1 + p)  # the rows of grad and kernels read
+            gs, ks = g[planes, :, lo:hi], kv[planes, :, lo:hi]
+            dst = gx[planes]
+            for t in range(k * k):
+                di, dj = divmod(t, k)
+                di, dj = di - p, dj - p
+                r0, r1 = max(h0, di), min(h1, H + di)  # output rows with a source row inside
+                c0, c1 = max(0, dj), min(W, W + dj)
+                if r0 < r1 and c0 < c1:
+                    src = (slice(None), slice(None), slice(r0 - di - lo, r1 - di - lo), slice(c0 - dj, c1 - dj))
+                    dst[:, :, r0:r1, c0:c1].addcmul_(gs[src], ks[:, t : t + 1][src])
+        if need_k:
+            # All k*k taps in one op per channel: grad (broadcast over the taps) times
+            # a strided view of the k x k windows of x.
+            gb = g[planes, :, None, None, h0:h1]  # (P', n, 1, 1, rows, W)
+            windows = _windows(xp[planes, :, h0 : h1 + 2 * p], k, rows, W)  # (P', n, k, k, rows, W)
+            dst = grad_k[planes, :, h0:h1].unflatten(1, (k, k))  # (P', k, k, rows, W)
+            if n == 1:
+                torch.mul(gb[:, 0], windows[:, 0], out=dst)
+            else:
+                acc = dst if dst.dtype == acc_dtype else torch.empty(dst.shape, dtype=acc_dtype, device=x.device)
+                torch.mul(gb[:, 0], windows[:, 0], out=acc)
+                for c in range(1, n):
+                    acc.addcmul_(gb[:, c], windows[:, c])
+                if acc is not dst:
+                    dst.copy_(acc)
+
+    _run_blocks(work, P, n, H, W, x.device)
+    grad_x = gx.view(B, C, H, W).to(x.dtype) if need_x else None
+    return grad_x, (grad_k.view(B, G * k * k, H, W) if need_k else None)
+
+
+# Custom operators ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("deblurdiff::eac_torch_forward", mutates_args=())
+def _forward_op(x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool) -> torch.Tensor:
+    return _forward_taps(x, kernels, groups, k, residual)
+
+
+@torch.library.custom_op("deblurdiff::eac_torch_grad_x", mutates_args=())
+def _grad_x_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int,
+               residual: bool) -> torch.Tensor:
+    return _backward_taps(grad, x, kernels, groups, k, residual, need_x=True, need_k=False)[0]
+
+
+@torch.library.custom_op("deblurdiff::eac_torch_grad_kernels", mutates_args=())
+def _grad_kernels_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int,
+                     residual: bool) -> torch.Tensor:
+    return _backward_taps(grad, x, kernels, groups, k, residual, need_x=False, need_k=True)[1]
+
+
+@_forward_op.register_fake
+def _(x, kernels, groups, k, residual):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_grad_x_op.register_fake
+def _(grad, x, kernels, groups, k, residual):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@_grad_kernels_op.register_fake
+def _(grad, x, kernels, groups, k, residual):
+    return torch.empty_like(kernels, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    x, kernels, groups, k, residual = inputs
+    ctx.save_for_backward(x, kernels)
+    ctx.geometry = (groups, k, residual)
+
+
+def _backward(ctx, grad):
+    x, kernels = ctx.saved_tensors
+    grad_x = grad_k = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _grad_x_op(grad, x, kernels, *ctx.geometry)
+    if ctx.needs_input_grad[1]:
+        grad_k = _grad_kernels_op(grad, x, kernels, *ctx.geometry)
+    return grad_x, grad_k, None, None, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def eac_torch(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Fast PyTorch EAC (any device), differentiable in both inputs."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    return _forward_op(x, kernels, G, k, bool(residual))
