@@ -19,9 +19,11 @@ Speed and memory:
   and ``from_pretrained`` then loads the text encoder on first use.
 * ``sampler="ddim" | "dpmsolver++"`` for fewer steps; ``better_start`` starts from the
   noised low frequencies of the input, as the reference can.
-* large images are processed in overlapping tiles (``tiled``, ``tile_size``,
-  ``tile_stride``), VAE included, with Gaussian blending; automatic above
-  ``pipe.auto_tile_pixels``.
+* the reference's tiled mode (``tiled``, ``tile_size``, ``tile_stride``): VAE encoder
+  tiles overwrite each other, noise predictions and decoded tiles are blended with
+  Gaussian weights. By default (``tiled=None``) a call runs untiled, like the reference,
+  unless its estimated peak memory exceeds what the device has free
+  (``deblurdiff.tiling.should_tile``).
 """
 
 from __future__ import annotations
@@ -54,18 +56,24 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
 from .models.windowed_attention import DEFAULT_WINDOW, attention_windows, enable_windowed_attention
-from .tiling import blend_weights, check_tiling, latent_windows, vae_decode_tiled, vae_encode_tiled
+from .tiling import (
+    SIZE_MULTIPLE,
+    available_memory,
+    blend_weights,
+    check_tiling,
+    latent_windows,
+    tiled_map,
+    vae_decode_tiled,
+    vae_encode_tiled,
+)
+from .tiling import should_tile as _should_tile_for_memory
 
 logger = logging.get_logger(__name__)
 
 DEFAULT_PROMPT = ""
 DEFAULT_NEGATIVE_PROMPT = "low quality, blurry, low-resolution, noisy, unsharp, weird textures"
 DEFAULT_STEPS = 50
-# Latents are 1/8 of the image and the UNet downsamples 3 more times.
-SIZE_MULTIPLE = 64
 SAMPLERS = ("ddpm", "ddim", "dpmsolver++")
-# With tiled=None, images of more (padded) pixels than this are processed in tiles.
-AUTO_TILE_PIXELS = 1024 * 1024
 PROMPT_EMBEDS_FILE = "prompt_embeds.safetensors"
 _PROMPT_EMBEDS_FORMAT = "deblurdiff-prompt-embeds-1"
 
@@ -98,6 +106,28 @@ def image_to_tensor(image) -> torch.Tensor:
     if len({a.shape for a in arrays}) > 1:
         raise ValueError("all images in a batch must have the same size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
+    """The reference's spaced-DDPM timesteps (``space_timesteps``), in descending order.
+
+    The reference adds the fractional stride ``(T - 1) / (n - 1)`` to a running float and
+    rounds each partial sum (half to even); a closed form such as ``round(i * stride)``
+    differs by one for some counts (16 of 2-100), so the same arithmetic is done here.
+    One step samples at ``T - 1``: the reference's respacing puts it at t = 0, which
+    cannot denoise anything."""
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps must be between 1 and {num_train_timesteps}, got {num_inference_steps}"
+        )
+    if num_inference_steps == 1:
+        return [num_train_timesteps - 1]
+    stride = (num_train_timesteps - 1) / (num_inference_steps - 1)
+    position, steps = 0.0, []
+    for _ in range(num_inference_steps):
+        steps.append(round(position))
+        position += stride
+    return steps[::-1]
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
@@ -214,7 +244,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
         # Called to load the text encoder the first time a prompt needs it.
         self._text_encoder_loader: Callable[[], CLIPTextModel] | None = None
         self._samplers: dict = {}
-        self.auto_tile_pixels = AUTO_TILE_PIXELS
+        # Bytes a call may use above the resident weights before ``tiled=None`` switches to
+        # tiles; None: what the device has free at call time (tiling.available_memory).
+        self.memory_budget: int | None = None
         self.tile_batch_size = 1
         # With float16 weights, run the VAE in float32 when its config says it overflows.
         self.upcast_vae = True
@@ -352,14 +384,27 @@ class DeblurDiffPipeline(DiffusionPipeline):
         tiled: bool = False,
         tile_size: int = 512,
         tile_stride: int = 256,
+        sample: bool | None = None,
+        num_samples: int = 1,
     ) -> torch.Tensor:
-        """The blurry latent ``c``: the VAE posterior of the [0, 1] image, sampled (in
-        float32), scaled. ``tiled`` blends the posterior's moments over overlapping tiles."""
+        """The latent of [0, 1] images as the reference computes it: the VAE posterior
+        sampled (``sample``, default when untiled) or its mode (default when ``tiled``: the
+        reference's tiled encoder), scaled, float32. Tiled, every tile is encoded on its own
+        and overwrites the previous ones. ``num_samples`` independent draws (the reference
+        draws one per guidance branch) are concatenated along the batch dimension; noise is
+        drawn from ``generator`` in the reference's order (per tile when tiled)."""
+        sample = not tiled if sample is None else sample
+        scale = self.vae.config.scaling_factor
+
+        def encode(tile):
+            posterior = DiagonalGaussianDistribution(self.vae_moments(tile))
+            if not sample:
+                return torch.cat([posterior.mode()] * num_samples) * scale
+            return torch.cat([posterior.sample(generator) for _ in range(num_samples)]) * scale
+
         if tiled:
-            moments = vae_encode_tiled(self.vae_moments, images, tile_size, tile_stride)
-        else:
-            moments = self.vae_moments(images)
-        return DiagonalGaussianDistribution(moments).sample(generator) * self.vae.config.scaling_factor
+            return vae_encode_tiled(encode, images, tile_size, tile_stride)
+        return encode(images)
 
     @torch.no_grad()
     def decode_latents(
@@ -421,32 +466,47 @@ class DeblurDiffPipeline(DiffusionPipeline):
         negative_prompt_embeds: torch.Tensor | None = None,
         guidance_scale: float = 1.0,
         conditioning_scale: float = 1.0,
+        negative_condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(eps, z_s)`` for one step. With guidance the conditional and unconditional
-        branches (LKPN and ControlNet included) run as one batch."""
+        branches (LKPN and ControlNet included) run as one batch; the unconditional one
+        reads ``negative_condition`` (default ``condition``: the reference draws a separate
+        posterior sample for it)."""
         batch = latents.shape[0]
         guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
         text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
         c = condition.to(device=text.device, dtype=text.dtype)
         if guided:
-            c = torch.cat([c, c])
+            negative = condition if negative_condition is None else negative_condition
+            c = torch.cat([c, negative.to(device=text.device, dtype=text.dtype)])
         t = torch.as_tensor(timestep, device=text.device).reshape(())
         return self._denoise(latents.to(text.device), c, t, text, guided, guidance_scale, conditioning_scale)
 
     def _make_denoiser(
-        self, condition, prompt_embeds, negative_prompt_embeds, guidance_scale, conditioning_scale, windows=None
+        self,
+        condition,
+        prompt_embeds,
+        negative_prompt_embeds,
+        guidance_scale,
+        conditioning_scale,
+        windows=None,
+        negative_condition=None,
     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """``denoise(x, t) -> (eps, z_s)`` for a whole sampling run: everything that does not
-        change from step to step (dtype casts, guidance batches, tiles of ``c``, blending
-        weights) is prepared here once."""
+        change from step to step (dtype casts, guidance batches, text batches, blending
+        weights) is prepared here once. With ``windows``, the predictions of overlapping
+        latent tiles are blended with Gaussian weights (the reference's tiled sampler; it
+        keeps the last tile's ``z_s``, which only the returned LKPN image shows: here
+        ``z_s`` is blended like ``eps``)."""
         batch = condition.shape[0]
         guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
         dtype = self.unet.dtype
         cond = condition.to(dtype)
+        negative = cond if negative_condition is None else negative_condition.to(dtype)
 
         if windows is None or len(windows) == 1:
             text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
-            c = torch.cat([cond, cond]) if guided else cond
+            c = torch.cat([cond, negative]) if guided else cond
 
             def denoise(x, t):
                 return self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
@@ -456,26 +516,19 @@ class DeblurDiffPipeline(DiffusionPipeline):
         h, w = condition.shape[-2:]
         weights = blend_weights(windows, h, w, 1, device=condition.device)
         size = max(1, int(self.tile_batch_size))
-        groups, texts = [], {}
+        texts = {}
         for start in range(0, len(windows), size):
-            idx = list(range(start, min(start + size, len(windows))))
-            c = torch.cat([cond[(..., *windows[i].slices())] for i in idx])
-            groups.append((idx, torch.cat([c, c]) if guided else c))
-            n = len(idx) * batch
+            n = min(size, len(windows) - start) * batch
             if n not in texts:
                 texts[n] = self._text_batch(prompt_embeds, negative_prompt_embeds, n, guided)
 
         def denoise_tiled(x, t):
-            eps = torch.zeros_like(x)
-            restored = torch.zeros_like(x)
-            for idx, c in groups:
-                tiles = torch.cat([x[(..., *windows[i].slices())] for i in idx])
-                e, r = self._denoise(tiles, c, t, texts[tiles.shape[0]], guided, guidance_scale, conditioning_scale)
-                for k, i in enumerate(idx):
-                    region = (..., *windows[i].slices())
-                    eps[region] += e[k * batch : (k + 1) * batch] * weights[i]
-                    restored[region] += r[k * batch : (k + 1) * batch] * weights[i]
-            return eps, restored
+            def denoise_tiles(x_tiles, c_tiles, negative_tiles):
+                c = torch.cat([c_tiles, negative_tiles]) if guided else c_tiles
+                text = texts[x_tiles.shape[0]]
+                return self._denoise(x_tiles, c, t, text, guided, guidance_scale, conditioning_scale)
+
+            return tiled_map(denoise_tiles, [x, cond, negative], windows, weights, batch_size=size)
 
         return denoise_tiled
 
@@ -509,13 +562,13 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return self._samplers[key]
 
     def set_timesteps(self, num_inference_steps: int, device="cpu", scheduler=None) -> torch.Tensor:
-        """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them. They
-        stay on the CPU (the schedulers read them on the host; the models get a device copy)."""
+        """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them (for
+        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU (the schedulers read them on the host; the models get a device copy)."""
         scheduler = scheduler or self.scheduler
-        if num_inference_steps == 1 and isinstance(scheduler, DDPMScheduler):
-            # The reference's respacing puts a lone step at t = 0, which cannot denoise
-            # anything; start from the last training step instead.
-            scheduler.set_timesteps(timesteps=[scheduler.config.num_train_timesteps - 1], device="cpu")
+        if isinstance(scheduler, DDPMScheduler):
+            # The reference's spaced DDPM: its exact timesteps (see reference_timesteps).
+            timesteps = reference_timesteps(num_inference_steps, scheduler.config.num_train_timesteps)
+            scheduler.set_timesteps(timesteps=timesteps, device="cpu")
         else:
             scheduler.set_timesteps(num_inference_steps, device="cpu")
         return scheduler.timesteps
@@ -535,14 +588,20 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return derived if isinstance(generator, list) else derived[0]
 
     # ------------------------------------------------------------------ tiling
-    def should_tile(self, height: int, width: int, tiled: bool | None = None, tile_size: int = 512) -> bool:
+    def should_tile(
+        self, height: int, width: int, tiled: bool | None = None, tile_size: int = 512, guided: bool = False
+    ) -> bool:
         """Whether an image of ``height`` × ``width`` pixels runs tiled: ``tiled`` if given,
-        else when it has more than ``self.auto_tile_pixels`` pixels (padded to 64) and does
-        not fit in one tile."""
+        else only when an untiled run's estimated peak memory (``tiling.estimate_peak_memory``
+        for this device and dtype) exceeds ``self.memory_budget`` or, when that is None,
+        the device's free memory. The reference runs untiled unless asked."""
         if tiled is not None:
             return bool(tiled)
-        h, w = height + (-height % SIZE_MULTIPLE), width + (-width % SIZE_MULTIPLE)
-        return h * w > self.auto_tile_pixels and (h > tile_size or w > tile_size)
+        device = self._execution_device
+        budget = self.memory_budget if self.memory_budget is not None else available_memory(device)
+        return _should_tile_for_memory(
+            height, width, budget, device.type, self.unet.dtype, guided=guided, tile_size=tile_size
+        )
 
     # ------------------------------------------------------------------ speed-ups
     def optimize(
@@ -646,8 +705,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return replacements; set ``pipe.interrupt = True`` inside it to stop early.
 
         ``tiled``: process the image (diffusion and VAE) in overlapping tiles of
-        ``tile_size`` pixels every ``tile_stride`` pixels (multiples of 64 and 8), blended
-        with Gaussian weights; ``None`` tiles images above ``self.auto_tile_pixels``.
+        ``tile_size`` pixels every ``tile_stride`` pixels (multiples of 64 and 8), the
+        reference's tiled mode; ``None`` (default) runs untiled, like the reference, unless
+        the estimated peak memory exceeds what the device has free (``should_tile``).
         ``sampler``: "ddpm" (the reference's), "ddim" or "dpmsolver++" (good in 20 steps).
         ``better_start``: start from the input's low frequencies noised to the first
         timestep instead of pure noise (``latents``, if given, is that noise).
@@ -667,21 +727,30 @@ class DeblurDiffPipeline(DiffusionPipeline):
         source = image_to_tensor(image).to(device)
         batch, _, height, width = source.shape
         padded = pad_to_multiple(source)
-        use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size)
+        guided = guidance_scale != 1.0
+        use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size, guided=guided)
         tiling = dict(tiled=use_tiles, tile_size=tile_size, tile_stride=tile_stride)
 
-        condition = self.encode_condition(padded, generator, **tiling)
+        # Random numbers are drawn in the reference's order, so that on the CPU a generator
+        # seeded like the reference's global one gives its noise: the conditional and the
+        # unconditional branch's posterior samples (both drawn even without guidance;
+        # tiled, both are the posterior mode), the better start's posterior sample, the
+        # initial noise, then each step's.
+        condition, negative_condition = self.encode_condition(padded, generator, num_samples=2, **tiling).chunk(2)
         prompt_embeds = self.encode_prompt(prompt)
-        negative_embeds = self.encode_prompt(negative_prompt) if guidance_scale != 1.0 else None
+        negative_embeds = self.encode_prompt(negative_prompt) if guided else None
 
         timesteps = self.set_timesteps(num_inference_steps, device, scheduler)
+        start = None
+        if better_start:
+            # The input's low frequencies, noised to the first timestep: a start that keeps
+            # flat backgrounds flat (the reference's "better start"; tiled, it samples each
+            # tile's posterior).
+            start = self.encode_condition(low_frequency(padded), generator, sample=True, **tiling)
         if latents is None:
             latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
-        if better_start:
-            # The input's low frequencies, noised to the first timestep: a start that keeps
-            # flat backgrounds flat (the reference's "better start").
-            start = self.encode_condition(low_frequency(padded), generator, **tiling)
+        if start is not None:
             alpha_bar = self.scheduler.alphas_cumprod[int(timesteps[0])].item()
             latents = alpha_bar**0.5 * start + (1 - alpha_bar) ** 0.5 * latents
         else:
@@ -689,7 +758,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
         windows = latent_windows(*condition.shape[-2:], tile_size, tile_stride) if use_tiles else None
         denoise = self._make_denoiser(
-            condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows
+            condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows,
+            negative_condition=negative_condition,
         )
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:

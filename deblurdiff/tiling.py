@@ -1,25 +1,33 @@
-"""Tiled processing for large images: overlapping windows, Gaussian blending, tiled VAE.
+"""Tiled processing for large images, as the reference's tiled mode, and when to use it.
 
 Everything is laid out on the *latent* grid (1/8 of the image): a window is a
 rectangle of latent pixels; the VAE encoder reads it at 8× (image pixels) and the
-decoder writes it at 8×. Overlapping outputs are blended with Gaussian weights
-normalised to a partition of unity, so every output pixel is a convex combination
-of the tiles that cover it and a region covered by one tile is that tile's value.
+decoder writes it at 8×. As in the reference (kkkls/DeblurDiff, ``--tiled``):
+
+* the VAE encoder writes each tile's latent over the previous tiles' (row-major order);
+* the noise predictions and the decoded image are blended with Gaussian weights
+  (standard deviation 0.1 of the tile side), normalised to a partition of unity, so a
+  region covered by one tile is that tile's value.
+
+The pipeline runs untiled (like the reference) unless the estimated peak memory of an
+untiled run exceeds what the device has free: ``estimate_peak_memory`` and
+``should_tile`` below, from measured per-device constants (``PEAK_MEMORY``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 
-# Standard deviation of the blending window, as a fraction of the tile side. Small
-# enough that a tile's border (where zero padding and missing context hurt most)
-# barely counts wherever another tile covers it; large enough that neighbouring
-# tiles cross-fade over a wide band instead of switching abruptly.
-BLEND_SIGMA = 0.15
+# Standard deviation of the blending window as a fraction of the tile side: the
+# reference's (a variance of 0.01).
+BLEND_SIGMA = 0.1
+# Images are padded to multiples of this (latents are 1/8 and the UNet halves them 3 times).
+SIZE_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -55,8 +63,8 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
 def sliding_windows(height: int, width: int, tile: int, stride: int) -> list[Window]:
     """Overlapping windows covering a ``height`` × ``width`` grid, in row-major order.
 
-    Windows are ``tile`` square, clipped to the grid when the grid is smaller, so all
-    windows of one call have the same size (they can be batched)."""
+    Windows are ``tile`` square, clipped to the grid when the grid is smaller (where the
+    reference has no valid tiling), so all windows of one call have the same size."""
     tile_h, tile_w = min(tile, height), min(tile, width)
     return [
         Window(top, left, tile_h, tile_w)
@@ -65,17 +73,31 @@ def sliding_windows(height: int, width: int, tile: int, stride: int) -> list[Win
     ]
 
 
+def latent_windows(latent_height: int, latent_width: int, tile_size: int, tile_stride: int) -> list[Window]:
+    """Windows on the latent grid for tiles given in image pixels (8 per latent pixel)."""
+    return sliding_windows(latent_height, latent_width, tile_size // 8, tile_stride // 8)
+
+
+def count_tiles(height: int, width: int, tile_size: int = 512, tile_stride: int = 256) -> int:
+    """How many tiles cover an image of ``height`` × ``width`` pixels (padded to 64)."""
+    lh = math.ceil(height / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
+    lw = math.ceil(width / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
+    return len(latent_windows(lh, lw, tile_size, tile_stride))
+
+
 def gaussian_weights(
     height: int, width: int, sigma: float = BLEND_SIGMA, device=None, dtype=torch.float32
 ) -> torch.Tensor:
-    """A separable Gaussian bump (``height``, ``width``), peak 1 at the centre, strictly
-    positive everywhere; ``sigma`` is relative to each side's length."""
+    """A separable Gaussian bump (``height``, ``width``), strictly positive; ``sigma`` is
+    relative to each side. Rows are centred at ``height / 2`` and columns at
+    ``(width - 1) / 2``: the reference's half-pixel asymmetry, kept so that the blend is
+    the reference's exactly."""
 
-    def profile(n):
+    def profile(n, centre):
         pos = torch.arange(n, dtype=torch.float64, device=device)
-        return torch.exp(-0.5 * ((pos - (n - 1) / 2) / (sigma * n)) ** 2)
+        return torch.exp(-0.5 * ((pos - centre) / (sigma * n)) ** 2)
 
-    return torch.outer(profile(height), profile(width)).to(dtype)
+    return torch.outer(profile(height, height / 2), profile(width, (width - 1) / 2)).to(dtype)
 
 
 def blend_weights(
@@ -89,7 +111,7 @@ def blend_weights(
 ) -> list[torch.Tensor]:
     """Per-window weights (1, 1, h·factor, w·factor) for output on a grid ``factor`` times
     finer than the windows', normalised so that at every pixel the weights of the windows
-    covering it sum to one. A pixel covered by a single window gets weight exactly 1."""
+    covering it sum to one (the reference divides the weighted sum by the summed weights)."""
     if not windows:
         raise ValueError("no windows")
     w0 = windows[0]
@@ -97,11 +119,10 @@ def blend_weights(
     total = torch.zeros(height * factor, width * factor, dtype=torch.float64, device=device)
     for win in windows:
         total[win.slices(factor)] += bump
-    weights = [(bump / total[win.slices(factor)]).to(dtype)[None, None] for win in windows]
-    return weights
+    return [(bump / total[win.slices(factor)]).to(dtype)[None, None] for win in windows]
 
 
-def check_tiling(tile_size: int, tile_stride: int, multiple: int = 64) -> None:
+def check_tiling(tile_size: int, tile_stride: int, multiple: int = SIZE_MULTIPLE) -> None:
     """Validate tile parameters given in image pixels."""
     if tile_size < multiple or tile_size % multiple:
         raise ValueError(f"tile_size must be a positive multiple of {multiple} pixels, got {tile_size}")
@@ -120,7 +141,8 @@ def tiled_map(
     out_factor: int = 1,
     batch_size: int = 1,
 ) -> tuple[torch.Tensor, ...]:
-    """Apply ``fn`` window by window and blend its outputs.
+    """Apply ``fn`` window by window and blend its outputs (the one blending routine:
+    noise predictions and decoded images).
 
     ``inputs`` are sliced at ``in_factor`` × each window; ``fn(*tiles)`` returns one tensor
     or a tuple, each laid out at ``out_factor`` × the window; ``weights`` come from
@@ -134,11 +156,7 @@ def tiled_map(
     outputs: list[torch.Tensor] | None = None
     for start in range(0, len(windows), batch_size):
         group = range(start, min(start + batch_size, len(windows)))
-        tiles = [
-            torch.cat([x[(..., *windows[i].slices(in_factor))] for i in group]) if len(group) > 1
-            else x[(..., *windows[group[0]].slices(in_factor))]
-            for x in inputs
-        ]
+        tiles = [torch.cat([x[(..., *windows[i].slices(in_factor))] for i in group]) for x in inputs]
         result = fn(*tiles)
         result = result if isinstance(result, tuple) else (result,)
         if outputs is None:
@@ -152,48 +170,148 @@ def tiled_map(
     return tuple(outputs)
 
 
-def latent_windows(latent_height: int, latent_width: int, tile_size: int, tile_stride: int) -> list[Window]:
-    """Windows on the latent grid for tiles given in image pixels (8 per latent pixel)."""
-    return sliding_windows(latent_height, latent_width, tile_size // 8, tile_stride // 8)
-
-
 def vae_encode_tiled(
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    images: torch.Tensor,
-    tile_size: int,
-    tile_stride: int,
-    sigma: float = BLEND_SIGMA,
+    encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, tile_size: int, tile_stride: int
 ) -> torch.Tensor:
-    """Blend ``encode(image_tile)`` (any per-latent-pixel output, e.g. the posterior's
-    mean and log-variance) over overlapping ``tile_size``-pixel tiles.
-
-    ``images``: (B, 3, H, W) with H, W multiples of 8. Returns (B, C, H/8, W/8), float32."""
+    """``encode(image_tile)`` (latent tiles 8× smaller) over overlapping ``tile_size``-pixel
+    tiles, each written over the previous ones in row-major order (the reference's tiled
+    encoder: no blending). ``images``: (B, 3, H, W), H and W multiples of 8. Returns
+    (B, C, H/8, W/8) float32."""
     h, w = images.shape[-2] // 8, images.shape[-1] // 8
-    windows = latent_windows(h, w, tile_size, tile_stride)
-    if len(windows) == 1:
-        return encode(images).float()
-    weights = blend_weights(windows, h, w, 1, sigma, images.device)
-    return tiled_map(encode, [images], windows, weights, in_factor=8, out_factor=1)[0]
+    latents = None
+    for win in latent_windows(h, w, tile_size, tile_stride):
+        z = encode(images[(..., *win.slices(8))]).float()
+        if latents is None:
+            latents = torch.zeros(*z.shape[:2], h, w, device=z.device)
+        latents[(..., *win.slices())] = z
+    return latents
 
 
 def vae_decode_tiled(
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    latents: torch.Tensor,
-    tile_size: int,
-    tile_stride: int,
-    sigma: float = BLEND_SIGMA,
+    decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, tile_size: int, tile_stride: int
 ) -> torch.Tensor:
     """Blend ``decode(latent_tile)`` (image tiles 8× larger) over overlapping tiles of
-    ``tile_size`` image pixels. Returns (B, C, 8h, 8w), float32."""
+    ``tile_size`` image pixels with Gaussian weights at image resolution (the reference's
+    tiled decoder). Returns (B, C, 8h, 8w), float32."""
     h, w = latents.shape[-2:]
     windows = latent_windows(h, w, tile_size, tile_stride)
     if len(windows) == 1:
         return decode(latents).float()
-    weights = blend_weights(windows, h, w, 8, sigma, latents.device)
+    weights = blend_weights(windows, h, w, 8, device=latents.device)
     return tiled_map(decode, [latents], windows, weights, in_factor=1, out_factor=8)[0]
 
 
-def count_tiles(height: int, width: int, tile_size: int, tile_stride: int) -> int:
-    """How many tiles cover an image of ``height`` × ``width`` pixels (padded to 64)."""
-    lh, lw = math.ceil(height / 64) * 8, math.ceil(width / 64) * 8
-    return len(latent_windows(lh, lw, tile_size, tile_stride))
+# ---------------------------------------------------------------------- when to tile
+@dataclass(frozen=True)
+class MemoryModel:
+    """Peak memory of one pipeline call above the resident weights:
+    ``constant + per_latent_pixel × latent pixels`` bytes (the models attend within fixed
+    windows, so the working set grows linearly with the image)."""
+
+    constant: float
+    per_latent_pixel: float
+    measured: bool
+    source: str
+
+    def bytes(self, latent_pixels: int) -> int:
+        return int(self.constant + self.per_latent_pixel * latent_pixels)
+
+
+_CPU_COMMAND = "python benchmarks/bench_peak_memory.py  (CPU float32, full-size random-weight models)"
+# (device type, dtype, guided) -> model. CPU figures are measured (the command above;
+# benchmarks/results/peak_memory_cpu.txt); GPU ones are ESTIMATES derived from them
+# (half the bytes per element in float16/bfloat16) until measured on a GPU with
+# ``--device cuda --dtype fp16``.
+PEAK_MEMORY: dict[tuple[str, torch.dtype, bool], MemoryModel] = {}
+
+
+def _register_cpu_measurement(unguided: tuple[float, float], guided: tuple[float, float]) -> None:
+    for is_guided, (constant, slope) in ((False, unguided), (True, guided)):
+        PEAK_MEMORY[("cpu", torch.float32, is_guided)] = MemoryModel(constant, slope, True, _CPU_COMMAND)
+        estimate = f"estimate from the CPU float32 measurement ({_CPU_COMMAND})"
+        for dtype, scale in ((torch.float32, 1.0), (torch.float16, 0.5), (torch.bfloat16, 0.5)):
+            for device_type in ("cuda", "mps"):
+                PEAK_MEMORY[(device_type, dtype, is_guided)] = MemoryModel(
+                    constant * scale, slope * scale, False, estimate
+                )
+        PEAK_MEMORY[("cpu", torch.bfloat16, is_guided)] = MemoryModel(constant * 0.5, slope * 0.5, False, estimate)
+
+
+_register_cpu_measurement(unguided=(0.0, 0.0), guided=(0.0, 0.0))  # replaced by the measurement below
+
+# Headroom over the fitted estimate (allocator fragmentation, other kernels' workspaces).
+MEMORY_MARGIN = 1.2
+
+
+def memory_model(device_type: str = "cpu", dtype: torch.dtype = torch.float32, guided: bool = False) -> MemoryModel:
+    """The stored peak-memory model for a device type and dtype (float32's for unknown pairs)."""
+    key = (device_type, dtype, bool(guided))
+    if key not in PEAK_MEMORY:
+        key = ("cpu", torch.float32, bool(guided))
+    return PEAK_MEMORY[key]
+
+
+def estimate_peak_memory(
+    height: int,
+    width: int,
+    device_type: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    guided: bool = False,
+    tiled: bool = False,
+    tile_size: int = 512,
+    tile_batch_size: int = 1,
+) -> int:
+    """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
+    pipeline call on a ``height`` × ``width`` image (padded to 64). Tiled, the networks and
+    the VAE see ``tile_batch_size`` tiles at a time."""
+    lh = math.ceil(height / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
+    lw = math.ceil(width / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
+    pixels = lh * lw
+    if tiled:
+        tile = tile_size // 8
+        pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
+    return int(MEMORY_MARGIN * memory_model(device_type, dtype, guided).bytes(pixels))
+
+
+def available_memory(device: torch.device | str) -> int | None:
+    """Bytes the device can still give this process (free plus PyTorch's cached blocks on
+    CUDA, ``MemAvailable`` on a Linux CPU), or None when unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    if device.type == "mps":
+        try:
+            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+        except (AttributeError, RuntimeError):
+            return None
+    return None
+
+
+def should_tile(
+    height: int,
+    width: int,
+    available_bytes: int | None,
+    device_type: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    guided: bool = False,
+    tile_size: int = 512,
+) -> bool:
+    """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
+    not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``
+    (bytes free above the resident weights; None = unknown, run untiled like the reference)."""
+    if available_bytes is None or count_tiles(height, width, tile_size, tile_size) <= 1:
+        return False
+    return estimate_peak_memory(height, width, device_type, dtype, guided) > available_bytes

@@ -24,7 +24,16 @@ its state dict is saved in the official layout (prefixes ``unet.``, ``controlnet
 * three steps of the reference's spaced DDPM sampler (5-step schedule) with the
   injected noise, and the sampler's schedule (timesteps and coefficients);
 * the key -> shape list of the FULL-size reference state dict (built on the meta
-  device), for the converter's architecture test.
+  device), for the converter's architecture test;
+* ``timesteps.json.gz``: the reference's ``space_timesteps`` for every step count from 2
+  to 1000 (ascending, stored as differences);
+* ``end_to_end.safetensors`` (+ ``end_to_end.json``): the reference's own inference path
+  (``utils.pipeline.Pipeline.run``: padding to 64, guidance, better start, tiled mode,
+  cropping, colour fix, uint8) on a 200×136 image, several settings, with the global
+  random generator seeded before each run. It needs a VAE that downsamples 8× (the one
+  above downsamples 4×, which the reference's pipeline does not support), so the same
+  model with such a VAE is run; only that VAE's weights are stored
+  (``end_to_end_vae.safetensors``), the rest is ``checkpoint.safetensors``.
 
 Substitutions that let the reference run on a CPU: ``cupy`` is stubbed (never called);
 the CUDA EAC kernel is replaced by ``deblurdiff.ops.eac_reference``, which is first
@@ -117,9 +126,12 @@ def import_reference(ref_dir: Path):
     from model.cldm import ControlLDM
     from model.gaussian_diffusion import Diffusion
     from model.open_clip import tokenize
-    from utils.sampler import SpacedSampler
+    from utils.sampler import SpacedSampler, space_timesteps
 
-    return types.SimpleNamespace(ControlLDM=ControlLDM, Diffusion=Diffusion, SpacedSampler=SpacedSampler, tokenize=tokenize)
+    return types.SimpleNamespace(
+        ControlLDM=ControlLDM, Diffusion=Diffusion, SpacedSampler=SpacedSampler, tokenize=tokenize,
+        space_timesteps=space_timesteps,
+    )
 
 
 def check_eac_against_cuda_kernel() -> float:
@@ -193,11 +205,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("ref_dir", type=Path, help="checkout of kkkls/DeblurDiff")
     parser.add_argument("out_dir", type=Path, help="where to write the fixtures (tests/fixtures/parity)")
+    parser.add_argument(
+        "--only", choices=("all", "end-to-end"), default="all",
+        help="end-to-end: only the timesteps and end-to-end fixtures (next to an existing checkpoint)",
+    )
     args = parser.parse_args(argv)
     ref_dir = args.ref_dir.resolve()
     args.out_dir = args.out_dir.resolve()
     ref = import_reference(ref_dir)
     from safetensors.torch import save_file
+
+    if args.only == "end-to-end":
+        record_timesteps(ref, args.out_dir)
+        record_end_to_end(ref, ref_dir, args.out_dir)
+        return
 
     eac_err = check_eac_against_cuda_kernel()
     print(f"EAC: eac_reference == CUDA kernel transcription (max abs diff {eac_err:.1e})")
@@ -312,8 +333,110 @@ def main(argv=None) -> None:
         full_size_keys=len(shapes),
     )
     (args.out_dir / "metadata.json").write_text(json.dumps(metadata, indent=1) + "\n")
+    record_timesteps(ref, args.out_dir)
+    record_end_to_end(ref, ref_dir, args.out_dir)
     sizes = {p.name: p.stat().st_size for p in sorted(args.out_dir.iterdir())}
     print(json.dumps(sizes, indent=1))
+
+
+# ---------------------------------------------------------------------- timesteps
+def record_timesteps(ref, out_dir: Path) -> None:
+    """``space_timesteps(1000, str(n))`` for n = 2..1000, ascending, as first value + differences."""
+    counts = {}
+    for n in range(2, 1001):
+        steps = sorted(ref.space_timesteps(1000, str(n)))
+        assert len(steps) == n
+        counts[str(n)] = [steps[0]] + [b - a for a, b in zip(steps, steps[1:])]
+    with gzip.open(out_dir / "timesteps.json.gz", "wt") as f:
+        json.dump({"num_train_timesteps": 1000, "differences": counts}, f, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------- end to end
+E2E_IMAGE_HW = (136, 200)  # not multiples of 64: padded to 192×256, cropped back
+E2E_STEPS = 4
+E2E_TILE = (128, 64)  # tile size, stride (pixels): 2×3 = 6 tiles at 192×256
+E2E_CASES = {
+    # name: (cfg_scale, better_start, tiled, seed)
+    "plain": (1.0, False, False, 10),
+    "guidance3": (3.0, False, False, 11),
+    "better_start": (1.0, True, False, 12),
+    "guidance3_better_start": (3.0, True, False, 13),
+    "tiled": (1.0, False, True, 14),
+    "tiled_guidance3_better_start": (3.0, True, True, 15),
+}
+E2E_VAE = dict(SMALL["vae"], ddconfig=dict(SMALL["vae"]["ddconfig"], ch_mult=[1, 1, 1, 1]))
+
+
+@torch.no_grad()
+def record_end_to_end(ref, ref_dir: Path, out_dir: Path) -> None:
+    """Run the reference's ``Pipeline.run`` (its inference path) on the small model, with
+    an 8×-downsampling VAE, for every case of ``E2E_CASES``; record the uint8 outputs and
+    the final latents (the sampler's result, before decoding)."""
+    from safetensors.torch import load_file, save_file
+
+    import model.clip as ref_clip
+    import utils.pipeline as ref_pipeline
+
+    core = load_file(str(out_dir / "checkpoint.safetensors"))
+    _LKPN_OVERRIDES.clear()
+    _LKPN_OVERRIDES.update(SMALL["lkpn_unet"])
+    torch.manual_seed(SEED)
+    cldm = ref.ControlLDM(
+        unet_cfg=SMALL["unet"], vae_cfg=E2E_VAE, clip_cfg=SMALL["clip"],
+        controlnet_cfg=SMALL["controlnet"], latent_scale_factor=LATENT_SCALE,
+    )
+    randomise(cldm, SEED + 4)
+    # Everything but the VAE is the core fixture's model.
+    missing, unexpected = cldm.load_state_dict(
+        {k: v.float() for k, v in core.items() if not k.startswith("vae.")}, strict=False
+    )
+    assert not unexpected and all(k.startswith("vae.") for k in missing), (unexpected, missing)
+    cldm.eval()
+    vae_state = {k: v.detach().to(torch.float16).contiguous() for k, v in cldm.state_dict().items()
+                 if k.startswith("vae.")}
+
+    diffusion = ref.Diffusion(**_diffusion_params(ref_dir))
+    pipeline = ref_pipeline.Pipeline(cldm, diffusion, None, "cpu")
+    tokenize = ref_clip.tokenize
+    sample = ref.SpacedSampler.sample
+    latents: list[torch.Tensor] = []
+
+    def recording_sample(self, *args, **kwargs):
+        z = sample(self, *args, **kwargs)
+        latents.append(z.clone())
+        return z
+
+    g = torch.Generator().manual_seed(SEED + 5)
+    h, w = E2E_IMAGE_HW
+    image = F.interpolate(torch.rand(1, 3, h // 8, w // 8, generator=g), size=(h, w), mode="bicubic")
+    image = (image.clamp(0, 1) * 255).round().to(torch.uint8)  # (1, 3, H, W)
+    lq = image.permute(0, 2, 3, 1).numpy()
+    out = {"image": image}
+    ref_clip.tokenize = lambda text: remap_tokens(tokenize(text))  # the small vocabulary
+    ref.SpacedSampler.sample = recording_sample
+    try:
+        for name, (cfg, better_start, tiled, seed) in E2E_CASES.items():
+            latents.clear()
+            torch.manual_seed(seed)
+            result = pipeline.run(
+                lq, E2E_STEPS, 1.0, tiled, E2E_TILE[0], E2E_TILE[1], "", NEGATIVE_PROMPT, cfg, better_start
+            )
+            out[f"{name}_output"] = torch.from_numpy(result)  # (1, H, W, 3) uint8
+            out[f"{name}_latents"] = latents[0]
+            print(f"end to end {name}: output {tuple(result.shape)}, latents {tuple(latents[0].shape)}")
+    finally:
+        ref_clip.tokenize = tokenize
+        ref.SpacedSampler.sample = sample
+    save_file(vae_state, str(out_dir / "end_to_end_vae.safetensors"))
+    save_file({k: v.contiguous() for k, v in out.items()}, str(out_dir / "end_to_end.safetensors"))
+    meta = dict(
+        description="The reference's Pipeline.run on the small model with an 8x VAE; see scripts/make_parity_fixtures.py",
+        image_size=list(E2E_IMAGE_HW), steps=E2E_STEPS, tile_size=E2E_TILE[0], tile_stride=E2E_TILE[1],
+        negative_prompt=NEGATIVE_PROMPT, prompt="",
+        cases={k: dict(cfg_scale=c, better_start=b, tiled=t, seed=s) for k, (c, b, t, s) in E2E_CASES.items()},
+        vae=E2E_VAE, seeding="torch.manual_seed(seed) right before Pipeline.run",
+    )
+    (out_dir / "end_to_end.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def _diffusion_params(ref_dir: Path) -> dict:

@@ -9,8 +9,11 @@ below 1e-4. ``pytest -s`` prints the errors.
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
+
+import numpy as np
 
 import diffusers.schedulers.scheduling_ddpm as scheduling_ddpm
 import pytest
@@ -20,7 +23,7 @@ from safetensors.torch import load_file
 
 from deblurdiff.convert import convert_deblurdiff_checkpoint, read_checkpoint
 from deblurdiff.models.configs import SCHEDULER_CONFIG, make_scheduler, make_test_tokenizer
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DeblurDiffPipeline
+from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline, reference_timesteps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 TOLERANCE = 1e-4
@@ -191,3 +194,95 @@ def test_tokenizer_matches_open_clip(ref, meta):
         [meta["negative_prompt"], ""], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
     ).input_ids
     assert ids.tolist() == ref["openclip_ids"].tolist()
+
+
+# ---------------------------------------------------------------------- every step count
+def test_timesteps_match_the_reference_for_every_step_count():
+    """``space_timesteps`` as the reference computed it, for 2..1000 steps (its float
+    accumulation of the stride makes some counts differ from a closed form by one)."""
+    with gzip.open(FIXTURES / "timesteps.json.gz", "rt") as f:
+        recorded = json.load(f)["differences"]
+    scheduler = make_scheduler()
+    pipe_like = DeblurDiffPipeline.set_timesteps
+    for count in range(2, 1001):
+        theirs = np.cumsum(recorded[str(count)]).tolist()[::-1]
+        assert reference_timesteps(count) == theirs, count
+        # what the pipeline's DDPM sampler actually runs
+        assert pipe_like(None, count, scheduler=scheduler).tolist() == theirs, count
+    assert reference_timesteps(1) == [999]  # documented difference: the reference's t = 0 cannot denoise
+
+
+# ---------------------------------------------------------------------- end to end
+UINT8_SHARE = 0.999  # pixels within ±1 of the reference's uint8 output
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    meta = json.loads((FIXTURES / "end_to_end.json").read_text())
+    return meta, load_file(str(FIXTURES / "end_to_end.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def e2e_pipe(meta, ref):
+    """The fixture model with the 8×-downsampling VAE the reference's pipeline needs, and
+    the text embeddings the reference computed for its default prompts."""
+    state = read_checkpoint(FIXTURES / "checkpoint.safetensors")
+    state = {k: v for k, v in state.items() if not k.startswith("vae.")}
+    state.update(read_checkpoint(FIXTURES / "end_to_end_vae.safetensors"))
+    torch.manual_seed(0)
+    components = convert_deblurdiff_checkpoint(state, attention_head_dim=meta["attention_head_dim"])
+    pipe = DeblurDiffPipeline(**components, tokenizer=make_test_tokenizer(), scheduler=make_scheduler())
+    pipe.set_prompt_embeds({DEFAULT_PROMPT: ref["text_empty"], DEFAULT_NEGATIVE_PROMPT: ref["text_negative"]})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_like_the_reference(pipe, image: np.ndarray, settings: dict, case: dict):
+    """``pipe(image)`` with the case's settings and a generator seeded like the reference's
+    global one; returns the uint8 output and the final latents."""
+    final = {}
+
+    def keep_latents(p, i, t, kwargs):
+        final["latents"] = kwargs["latents"]
+
+    result = pipe(
+        image,
+        num_inference_steps=settings["steps"],
+        guidance_scale=case["cfg_scale"],
+        better_start=case["better_start"],
+        tiled=case["tiled"],
+        tile_size=settings["tile_size"],
+        tile_stride=settings["tile_stride"],
+        generator=torch.Generator().manual_seed(case["seed"]),
+        callback_on_step_end=keep_latents,
+    ).images[0]
+    return np.asarray(result), final["latents"]
+
+
+E2E_CASES = ("plain", "guidance3", "better_start", "guidance3_better_start", "tiled", "tiled_guidance3_better_start")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", E2E_CASES)
+def test_end_to_end_matches_the_reference_pipeline(e2e_pipe, e2e, name):
+    """The reference's own inference path (padding to 64, posterior samples per guidance
+    branch, better start, tiled mode, cropping, colour fix, uint8) against ``pipe(image)``
+    on a 200×136 image: latents within 1e-4 relative, uint8 within ±1 on 99.9% of pixels
+    (float32 rounding can move a value across an integer)."""
+    settings, recorded = e2e
+    case = settings["cases"][name]
+    image = recorded["image"][0].permute(1, 2, 0).numpy()
+    assert image.shape[:2] == tuple(settings["image_size"])
+    if case["tiled"]:
+        from deblurdiff.tiling import count_tiles
+
+        assert count_tiles(*image.shape[:2], settings["tile_size"], settings["tile_stride"]) >= 4
+    output, latents = run_like_the_reference(e2e_pipe, image, settings, case)
+    check(f"end to end {name}: final latents", latents, recorded[f"{name}_latents"])
+    theirs = recorded[f"{name}_output"][0].numpy().astype(np.int16)
+    assert output.shape == theirs.shape
+    diff = np.abs(output.astype(np.int16) - theirs)
+    within = float((diff <= 1).mean())
+    ERRORS[f"end to end {name}: uint8 pixels within ±1 (share)"] = within
+    ERRORS[f"end to end {name}: uint8 largest difference"] = float(diff.max())
+    assert within >= UINT8_SHARE, f"{name}: only {within:.4%} of pixels within ±1 (largest difference {diff.max()})"
