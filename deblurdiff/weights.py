@@ -316,7 +316,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
-    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; a few minutes) ...")
+    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; about a minute) ...")
     start = time.perf_counter()
     components = load_single_file_components(
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
@@ -391,7 +391,7 @@ def official_pipeline(
             raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}", cache_dir) from None
         except MemoryError:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable("Not enough memory to convert the checkpoint (about 16 GB of RAM are needed once).", cache_dir) from None
+            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).", cache_dir) from None
     return target
 
 
