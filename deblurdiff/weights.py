@@ -13,7 +13,8 @@ github.com/kkkls/DeblurDiff). :func:`official_pipeline` returns a diffusers fold
 ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache
 directory (``$HF_HOME``, by default ``~/.cache/huggingface``).
 
-What "verified" means, since the authors publish no checksum: the file is a PyTorch zip
+What "verified" means, since the authors publish no checksum: gdown compares the bytes
+received with the size Drive announces; then the file must be a PyTorch zip
 archive whose every record passes its CRC-32 check (a partial or damaged transfer fails
 here), that holds tensors only, for the five DeblurDiff networks; and the conversion then
 checks every key and shape. Its SHA-256 and size are recorded beside it
@@ -134,7 +135,7 @@ def describe_download_error(exc: BaseException) -> str:
     text = str(exc)
     lowered = text.lower()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"The disk is full: free at least {APPROX_DOWNLOAD_GB * 1.5:.0f} GB for the download and its conversion ({exc})."
+        return f"The disk is full: free at least {APPROX_DOWNLOAD_GB * 2:.0f} GB for the download and its conversion ({exc})."
     name = type(exc).__name__
     if "too many users" in lowered or "many accesses" in lowered or "quota" in lowered:
         return (
