@@ -118,3 +118,12 @@ def test_vocabulary_ships_in_the_built_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert f"deblurdiff/data/{DEFAULT_VOCAB_PATH.name}" in names
     assert "deblurdiff/data/LICENSE-CLIP-vocabulary.txt" in names
+
+
+def test_the_official_checkpoint_loads_with_no_tokenizer_argument():
+    """``--model model.pth`` needs nothing from the network: the packaged tokenizer is used."""
+    from deblurdiff.convert import load_single_file_components
+    from test_convert import CHECKPOINT, HEAD_DIM
+
+    components = load_single_file_components(CHECKPOINT, attention_head_dim=HEAD_DIM)
+    assert isinstance(components["tokenizer"], OpenCLIPTokenizer)
