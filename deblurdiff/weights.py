@@ -273,11 +273,7 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             )
             try:
                 downloader(staging)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes a message
-                if isinstance(exc, SystemExit):
-                    raise
+            except Exception as exc:  # network, Drive, disk: every failure becomes a message
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     _remove(staging)
                 raise _unavailable(describe_download_error(exc), cache_dir) from None
