@@ -86,6 +86,10 @@ def test_decode_gives_the_cleaned_text_back(tokenizer):
     ids = tokenizer("A  Photo of a CAT &amp; a dog!").input_ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat & a dog !"
     assert tokenizer.decode(ids).startswith("<start_of_text> a photo")
+    # "!" shares id 0 with the padding: inside the text it is kept, after the end it is not.
+    padded = encode(tokenizer, ["wow !~"])[0].tolist()
+    assert 0 in padded[1 : padded.index(tokenizer.eos_token_id)]
+    assert tokenizer.decode(padded, skip_special_tokens=True) == "wow !~"
 
 
 def test_tokenizer_override_still_accepted(tmp_path):
