@@ -5,12 +5,14 @@ Which weights are loaded, first match wins:
 1. ``--model`` on the command line;
 2. the ``DEBLURDIFF_MODEL`` environment variable (on a Space: Settings → Variables);
 3. :data:`DEFAULT_SPACE_MODEL` below — the one place where the published Space's
-   choice is written down.
+   choice is written down;
+4. the authors' checkpoint, downloaded, verified and converted on the first start
+   and cached (``deblurdiff/weights.py``; ``--no-download`` turns that off).
 
 Each is a diffusers-layout folder, a Hub repo id, or the official ``model.pth``
-(converted when loaded; ``--tokenizer`` / ``DEBLURDIFF_TOKENIZER`` pick its
-tokenizer). Without weights the app still starts: a banner says what is missing
-and how to provide it, and Run answers with that message instead of a result.
+(converted when loaded; the tokenizer ships with the package, ``--tokenizer`` /
+``DEBLURDIFF_TOKENIZER`` override it). Without weights the app still starts: a banner
+says what is missing and how to provide it, and Run answers with that message instead of a result.
 ``--dev-random-weights`` loads untrained random weights for development; every
 output is then labelled UNTRAINED.
 

@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Weights: --model, or the DEBLURDIFF_MODEL environment variable (a diffusers folder, a "
-            "Hub repo id, or the official model.pth, converted when loaded). Exit status: 0 all "
+            "Hub repo id, or the official model.pth, converted when loaded), else the authors' "
+            "checkpoint, downloaded and converted once (--no-download: never). Exit status: 0 all "
             "images written, 1 some inputs failed (reported, the others are written), 2 unusable "
             "options or weights."
         ),

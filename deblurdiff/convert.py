@@ -33,8 +33,6 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import VOCAB_FILE
-
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Checkpoint prefix -> component. The LDM names are accepted too.
@@ -576,7 +574,7 @@ def load_tokenizer(tokenizer=None):
     vocab.json and merges.txt — or a Hub repo id (the local cache first, then the Hub)."""
     from transformers import CLIPTokenizer
 
-    from .tokenizer import OpenCLIPTokenizer, is_open_clip_tokenizer_folder
+    from .tokenizer import VOCAB_FILE, OpenCLIPTokenizer, is_open_clip_tokenizer_folder
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer

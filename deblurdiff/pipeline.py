@@ -257,7 +257,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``, LDM layout).
 
         It holds no tokenizer: ``tokenizer`` is a path, a Hub repo id or a tokenizer object
-        (default: Stable Diffusion 2.1-base's)."""
+        (default: the OpenCLIP tokenizer shipped with the package)."""
         from .convert import load_single_file_components
 
         components = load_single_file_components(

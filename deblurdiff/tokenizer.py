@@ -186,8 +186,13 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        special = set(self.all_special_ids) if skip_special_tokens else set()
-        tokens = [self.decoder[i] for i in token_ids if i not in special]
+        token_ids = [int(i) for i in token_ids]
+        if skip_special_tokens:
+            # The pad id 0 is also the text token "!": drop what follows the end token instead.
+            bos, eos = self.bos_token_id, self.eos_token_id
+            token_ids = token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
+            token_ids = [i for i in token_ids if i not in (bos, eos)]
+        tokens = [self.decoder[i] for i in token_ids]
         pieces, text = [], []
         for token in tokens:  # special tokens are not byte-encoded text
             if token in (START_OF_TEXT, END_OF_TEXT):

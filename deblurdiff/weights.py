@@ -13,7 +13,8 @@ github.com/kkkls/DeblurDiff). :func:`official_pipeline` returns a diffusers fold
 ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache
 directory (``$HF_HOME``, by default ``~/.cache/huggingface``).
 
-What "verified" means, since the authors publish no checksum: the file is a PyTorch zip
+What "verified" means, since the authors publish no checksum: gdown compares the bytes
+received with the size Drive announces; then the file must be a PyTorch zip
 archive whose every record passes its CRC-32 check (a partial or damaged transfer fails
 here), that holds tensors only, for the five DeblurDiff networks; and the conversion then
 checks every key and shape. Its SHA-256 and size are recorded beside it
@@ -134,7 +135,7 @@ def describe_download_error(exc: BaseException) -> str:
     text = str(exc)
     lowered = text.lower()
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"The disk is full: free at least {APPROX_DOWNLOAD_GB * 1.5:.0f} GB for the download and its conversion ({exc})."
+        return f"The disk is full: free at least {APPROX_DOWNLOAD_GB * 2:.0f} GB for the download and its conversion ({exc})."
     name = type(exc).__name__
     if "too many users" in lowered or "many accesses" in lowered or "quota" in lowered:
         return (
@@ -272,11 +273,7 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             )
             try:
                 downloader(staging)
-            except KeyboardInterrupt:
-                raise
-            except BaseException as exc:  # noqa: BLE001 - every failure becomes a message
-                if isinstance(exc, SystemExit):
-                    raise
+            except Exception as exc:  # network, Drive, disk: every failure becomes a message
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     _remove(staging)
                 raise _unavailable(describe_download_error(exc), cache_dir) from None
@@ -316,7 +313,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
-    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; a few minutes) ...")
+    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; about a minute) ...")
     start = time.perf_counter()
     components = load_single_file_components(
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
@@ -391,7 +388,7 @@ def official_pipeline(
             raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}", cache_dir) from None
         except MemoryError:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable("Not enough memory to convert the checkpoint (about 16 GB of RAM are needed once).", cache_dir) from None
+            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).", cache_dir) from None
     return target
 
 

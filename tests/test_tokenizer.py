@@ -86,6 +86,10 @@ def test_decode_gives_the_cleaned_text_back(tokenizer):
     ids = tokenizer("A  Photo of a CAT &amp; a dog!").input_ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat & a dog !"
     assert tokenizer.decode(ids).startswith("<start_of_text> a photo")
+    # "!" shares id 0 with the padding: inside the text it is kept, after the end it is not.
+    padded = encode(tokenizer, ["wow !~"])[0].tolist()
+    assert 0 in padded[1 : padded.index(tokenizer.eos_token_id)]
+    assert tokenizer.decode(padded, skip_special_tokens=True) == "wow !~"
 
 
 def test_tokenizer_override_still_accepted(tmp_path):
@@ -118,3 +122,12 @@ def test_vocabulary_ships_in_the_built_package(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert f"deblurdiff/data/{DEFAULT_VOCAB_PATH.name}" in names
     assert "deblurdiff/data/LICENSE-CLIP-vocabulary.txt" in names
+
+
+def test_the_official_checkpoint_loads_with_no_tokenizer_argument():
+    """``--model model.pth`` needs nothing from the network: the packaged tokenizer is used."""
+    from deblurdiff.convert import load_single_file_components
+    from test_convert import CHECKPOINT, HEAD_DIM
+
+    components = load_single_file_components(CHECKPOINT, attention_head_dim=HEAD_DIM)
+    assert isinstance(components["tokenizer"], OpenCLIPTokenizer)
