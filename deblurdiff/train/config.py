@@ -41,7 +41,8 @@ class ModelConfig:
     """Where the weights come from.
 
     ``init``:
-      * ``stable-diffusion``: ``path`` is a Stable Diffusion 2.1-base diffusers folder or Hub id.
+      * ``stable-diffusion``: ``path`` is a Stable Diffusion 2.1-base diffusers folder or Hub id
+        (a local copy or a mirror: Stability AI removed the original Hub repository in 2025).
         UNet, VAE and text encoder are loaded (and frozen); the ControlNet is initialised from
         the UNet's encoder (extra input channels zero), the LKPN from scratch.
       * ``pipeline``: ``path`` is a DeblurDiff pipeline folder (ours, e.g. a training checkpoint):
@@ -52,7 +53,7 @@ class ModelConfig:
     """
 
     init: str = "stable-diffusion"
-    path: str | None = "stabilityai/stable-diffusion-2-1-base"
+    path: str | None = None
     revision: str | None = None
     variant: str | None = None
     tokenizer: str | None = None
@@ -62,6 +63,12 @@ class ModelConfig:
     def __post_init__(self):
         if self.init not in MODEL_INITS:
             raise ValueError(f"model.init must be one of {list(MODEL_INITS)}, got {self.init!r}")
+        if self.init == "stable-diffusion" and not self.path:
+            raise ValueError(
+                "model.init='stable-diffusion' needs model.path: a Stable Diffusion 2.1-base diffusers folder or "
+                "Hub mirror (the original stabilityai repository is no longer on the Hub), or use init "
+                "'single-file' with the official model.pth"
+            )
         if self.init in ("pipeline", "single-file") and not self.path:
             raise ValueError(f"model.init={self.init!r} needs model.path")
 
