@@ -563,7 +563,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     def set_timesteps(self, num_inference_steps: int, device="cpu", scheduler=None) -> torch.Tensor:
         """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them (for
-        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU (the schedulers read them on the host; the models get a device copy)."""
+        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU
+        (the schedulers read them on the host; the models get a device copy)."""
         scheduler = scheduler or self.scheduler
         if isinstance(scheduler, DDPMScheduler):
             # The reference's spaced DDPM: its exact timesteps (see reference_timesteps).
