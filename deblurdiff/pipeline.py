@@ -113,7 +113,7 @@ def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 100
 
     The reference adds the fractional stride ``(T - 1) / (n - 1)`` to a running float and
     rounds each partial sum (half to even); a closed form such as ``round(i * stride)``
-    differs by one for some counts (16 of 2-100), so the same arithmetic is done here.
+    differs by one for some counts, so the same arithmetic is done here.
     One step samples at ``T - 1``: the reference's respacing puts it at t = 0, which
     cannot denoise anything."""
     if not 1 <= num_inference_steps <= num_train_timesteps:
