@@ -113,7 +113,7 @@ def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 100
 
     The reference adds the fractional stride ``(T - 1) / (n - 1)`` to a running float and
     rounds each partial sum (half to even); a closed form such as ``round(i * stride)``
-    differs by one for some counts (16 of 2-100), so the same arithmetic is done here.
+    differs by one for some counts, so the same arithmetic is done here.
     One step samples at ``T - 1``: the reference's respacing puts it at t = 0, which
     cannot denoise anything."""
     if not 1 <= num_inference_steps <= num_train_timesteps:
@@ -563,7 +563,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     def set_timesteps(self, num_inference_steps: int, device="cpu", scheduler=None) -> torch.Tensor:
         """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them (for
-        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU (the schedulers read them on the host; the models get a device copy)."""
+        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU
+        (the schedulers read them on the host; the models get a device copy)."""
         scheduler = scheduler or self.scheduler
         if isinstance(scheduler, DDPMScheduler):
             # The reference's spaced DDPM: its exact timesteps (see reference_timesteps).

@@ -430,7 +430,9 @@ def record_end_to_end(ref, ref_dir: Path, out_dir: Path) -> None:
     save_file(vae_state, str(out_dir / "end_to_end_vae.safetensors"))
     save_file({k: v.contiguous() for k, v in out.items()}, str(out_dir / "end_to_end.safetensors"))
     meta = dict(
-        description="The reference's Pipeline.run on the small model with an 8x VAE; see scripts/make_parity_fixtures.py",
+        description=(
+            "The reference's Pipeline.run on the small model with an 8x VAE; see scripts/make_parity_fixtures.py"
+        ),
         image_size=list(E2E_IMAGE_HW), steps=E2E_STEPS, tile_size=E2E_TILE[0], tile_stride=E2E_TILE[1],
         negative_prompt=NEGATIVE_PROMPT, prompt="",
         cases={k: dict(cfg_scale=c, better_start=b, tiled=t, seed=s) for k, (c, b, t, s) in E2E_CASES.items()},

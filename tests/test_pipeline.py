@@ -103,6 +103,31 @@ def test_batched_guidance_equals_separate_branches(pipe):
     eps, z = pipe.predict_noise(x, t, c, cond, neg, guidance_scale=4.0)
     torch.testing.assert_close(eps, eps_u + 4.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(z, z_c, atol=1e-5, rtol=1e-4)
+    # The unconditional branch may read its own posterior sample, as in the reference.
+    c_neg = torch.randn(1, 4, 8, 8, generator=gen)
+    eps_u2, _ = pipe.predict_noise(x, t, c_neg, neg)
+    eps2, z2 = pipe.predict_noise(x, t, c, cond, neg, guidance_scale=4.0, negative_condition=c_neg)
+    torch.testing.assert_close(eps2, eps_u2 + 4.0 * (eps_c - eps_u2), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z2, z_c, atol=1e-5, rtol=1e-4)
+
+
+def test_guided_call_draws_a_posterior_sample_per_branch(pipe, monkeypatch):
+    """``pipe(image, guidance_scale != 1)``: the unconditional branch's condition is a
+    second posterior sample, drawn right after the conditional one (the reference's order)."""
+    seen = []
+    original = pipe._make_denoiser
+
+    def spy(condition, *args, negative_condition=None, **kwargs):
+        seen.append((condition, negative_condition))
+        return original(condition, *args, negative_condition=negative_condition, **kwargs)
+
+    monkeypatch.setattr(pipe, "_make_denoiser", spy)
+    image = random_image(64, 64)
+    run(pipe, image, output_type="latent", guidance_scale=3.0, num_inference_steps=1)
+    condition, negative = seen[0]
+    expected = pipe.encode_condition(image_to_tensor(image), torch.Generator().manual_seed(0), num_samples=2)
+    torch.testing.assert_close(torch.cat([condition, negative]), expected)
+    assert not torch.equal(condition, negative)
 
 
 def test_guidance_changes_the_result(pipe):
