@@ -21,7 +21,7 @@ TOL = 1e-5
 
 # Latent sizes (multiples of 8): one attention window everywhere, and more than one
 # at the first level in both directions (the tiny models' windows are 64 and 32).
-SIZES = [(8, 16), (72, 136)]
+SIZES = [(8, 16), (72, 40)]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def programs(pipe):
-    return aoti.export_networks(pipe, batch_sizes=(1, 2))
+    return aoti.export_networks(pipe, batch_sizes=(1,))
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,8 +40,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", aoti.NETWORKS)
-@pytest.mark.parametrize("batch", [1, 2])
-def test_exported_network_matches_eager(pipe, programs, name, batch):
+def test_exported_network_matches_eager(pipe, programs, name):
+    batch = 1
     program = programs[name, batch]
     module = aoti._modules(pipe)[name]
     for height, width in SIZES:
@@ -62,13 +62,13 @@ def test_eac_is_one_node_of_the_lkpn_graph(programs):
 
 @pytest.mark.slow
 def test_pipeline_with_exported_programs_matches_eager(programs):
-    """The replaced forwards give the eager pipeline's result, with guidance (batch 2)
-    and in tiled mode (batches of tiles split into the compiled sizes)."""
+    """The replaced forwards give the eager pipeline's result, with guidance (batch 2,
+    run as two batches of 1) and in tiled mode (batches of 3 tiles)."""
     eager = tiny_pipeline().to(torch.float32)
     compiled = tiny_pipeline().to(torch.float32)
     runnable = {key: program.module() for key, program in programs.items()}
     aoti.apply_compiled(compiled, runnable)
-    image = random_image(136, 200)
+    image = random_image(64, 128)
     for kwargs in (dict(guidance_scale=1.0), dict(guidance_scale=2.0), dict(tiled=True, tile_size=64, tile_stride=32)):
         outputs = []
         for p in (eager, compiled):
