@@ -178,7 +178,10 @@ def export_networks(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, max_side: in
 
 
 def _timesteps(timestep, batch: int, device) -> torch.Tensor:
+    """Timesteps as the programs take them: integers (long), one per sample."""
     t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep])
+    if t.is_floating_point() and not torch.equal(t, t.round()):
+        raise ValueError(f"the compiled networks take integer timesteps, got {t.tolist()}")
     t = t.reshape(-1).to(device=device, dtype=torch.long)
     return t.expand(batch) if t.numel() == 1 else t
 
