@@ -163,3 +163,28 @@ def test_pipeline_windows_follow_the_controlnet():
     pipe.set_attention_window(None)
     assert pipe.controlnet.config.attention_window is None and pipe.lkpn.config.attention_window is None
     assert all(pipe.unet.get_submodule(n).attention_window is None for n in attention_windows(pipe.unet))
+
+
+class _BlockCall(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, context):
+        return self.block(x, encoder_hidden_states=context).sample
+
+
+@torch.no_grad()
+def test_export_with_dynamic_sizes_covers_every_window_count():
+    """One exported program (height and width symbolic) gives the reference's windows at
+    sizes with 1, 2 and 3 x 4 windows: nothing was specialised on the example's size."""
+    from deblurdiff.aoti import export_network
+
+    block = _block(seed=3)
+    _set_window(block, 64)
+    program = export_network(_BlockCall(block), (torch.randn(1, 16, 24, 16), torch.randn(1, 5, 12)), max_side=256)
+    run = program.module()
+    for hw in [(8, 8), (72, 40), (136, 200)]:
+        x, context = torch.randn(1, 16, *hw), torch.randn(1, 5, 12)
+        expected = _reference_windows(block, x, context, 64)
+        torch.testing.assert_close(run(x, context), expected, rtol=1e-5, atol=1e-5)

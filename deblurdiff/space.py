@@ -1,0 +1,213 @@
+"""Deploy the app as a ZeroGPU Gradio Space on the Hugging Face Hub.
+
+    python -m deblurdiff.space deploy owner/space [--model owner/weights] [--private] [--token TOKEN]
+
+Creates the Space (or updates it), uploads only what the app needs (``app.py``, the
+``deblurdiff`` package without its training code, ``examples/``, the screenshot, a
+``requirements.txt`` for the Space and the README with its front matter), sets the
+``DEBLURDIFF_MODEL`` variable when ``--model`` is given, asks for ZeroGPU hardware and
+prints the Space's address.
+
+:data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter
+and the Space's requirements are written from it (and tests check them against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "space_files", "space_requirements", "space_readme", "deploy", "main"]
+
+#: What ZeroGPU supports, from the Hub documentation (spaces-zerogpu.md), as of August 2026.
+ZEROGPU = {
+    "source": "https://huggingface.co/docs/hub/spaces-zerogpu",
+    "checked": "2026-08",
+    "python": ("3.10.13", "3.12.12"),
+    "torch": ("2.8.0", "2.9.1", "2.10.0", "2.11.0"),
+    # The Hub's hardware flavour for ZeroGPU (``huggingface_hub.SpaceHardware.ZERO_A10G``;
+    # the name predates the current GPUs).
+    "hardware": "zero-a10g",
+    # NVIDIA RTX Pro 6000 Blackwell: `large` (default) is half a card, `xlarge` a whole one.
+    "gpu_sizes": {"large": "48 GB", "xlarge": "96 GB"},
+}
+#: The versions the Space runs (the newest supported ones).
+SPACE_PYTHON = ZEROGPU["python"][-1]
+SPACE_TORCH = ZEROGPU["torch"][-1]
+
+MODEL_VARIABLE = "DEBLURDIFF_MODEL"
+ROOT = Path(__file__).resolve().parent.parent
+
+# What the Space runs: the entry point, the package (the app needs neither the
+# training code nor caches), the examples and the README's screenshot.
+_TOP_FILES = ("app.py",)
+_TOP_DIRS = ("deblurdiff", "examples")
+_EXTRA_FILES = ("docs/screenshot.png",)
+_SKIP_DIRS = {"__pycache__", "train", ".pytest_cache"}
+_SKIP_SUFFIXES = {".pyc", ".pyo"}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class DeployError(Exception):
+    """A problem reported to the user as one line, without a traceback."""
+
+
+# The files -------------------------------------------------------------------------
+
+
+def space_files(root: Path = ROOT) -> list[str]:
+    """Paths (relative to ``root``, POSIX style) of the project files the Space gets."""
+    files = [name for name in _TOP_FILES + _EXTRA_FILES if (root / name).is_file()]
+    for top in _TOP_DIRS:
+        for path in sorted((root / top).rglob("*")):
+            relative = path.relative_to(root)
+            if not path.is_file() or _SKIP_DIRS.intersection(relative.parts) or path.suffix in _SKIP_SUFFIXES:
+                continue
+            files.append(relative.as_posix())
+    return files
+
+
+def space_requirements(requirements: str) -> str:
+    """The Space's ``requirements.txt`` from the project's: torch pinned to
+    :data:`SPACE_TORCH` (ZeroGPU supports only some versions), triton left to torch."""
+    lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
+    found = False
+    for line in requirements.splitlines():
+        name = re.split(r"[=<>!~; \[]", line.strip(), maxsplit=1)[0].lower()
+        if name == "torch":
+            lines.append(f"torch=={SPACE_TORCH}")
+            found = True
+        elif name == "triton":
+            continue  # torch's wheel requires the matching triton
+        elif line.strip() and not line.lstrip().startswith("#"):
+            lines.append(line.strip())
+    if not found:
+        lines.append(f"torch=={SPACE_TORCH}")
+    return "\n".join(lines) + "\n"
+
+
+def split_front_matter(readme: str) -> tuple[dict, str]:
+    """``(front matter, body)`` of a README that starts with a ``---`` YAML block."""
+    import yaml
+
+    match = re.match(r"^---\n(.*?)\n---\n?", readme, re.S)
+    if not match:
+        raise DeployError("README.md has no front matter (a --- block at the top)")
+    return yaml.safe_load(match.group(1)) or {}, readme[match.end():]
+
+
+def space_readme(readme: str) -> str:
+    """The README with its front matter set for ZeroGPU (Python version, hardware)."""
+    import yaml
+
+    meta, body = split_front_matter(readme)
+    meta.update(sdk="gradio", app_file="app.py", python_version=SPACE_PYTHON, suggested_hardware=ZEROGPU["hardware"])
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return f"---\n{front}---\n{body}"
+
+
+def stage(directory: Path, root: Path = ROOT) -> list[str]:
+    """Write the Space's files into ``directory``; returns their paths."""
+    files = space_files(root)
+    for name in files:
+        target = directory / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, target)
+    (directory / "requirements.txt").write_text(space_requirements((root / "requirements.txt").read_text()))
+    (directory / "README.md").write_text(space_readme((root / "README.md").read_text(encoding="utf-8")), encoding="utf-8")
+    return sorted(files + ["requirements.txt", "README.md"])
+
+
+# The Hub ---------------------------------------------------------------------------
+
+
+def _describe(error: Exception) -> str:
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, LocalTokenNotFoundError) or status == 401:
+        return "not logged in to the Hugging Face Hub (or the token is invalid): run `hf auth login`, set HF_TOKEN or pass --token"
+    if status == 403:
+        return f"the token may not write to this Space (it needs write access to the owner's repositories): {error}"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the Space was not found or is not accessible with this token: {error}"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hub answered with an error: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,
+           hardware: bool = True, api=None, root: Path = ROOT, out=print) -> str:
+    """Create or update the Space ``repo_id``; returns its address."""
+    if not _REPO_ID.match(repo_id or ""):
+        raise DeployError(f"the Space must be given as owner/name, got {repo_id!r}")
+    if model is not None and not model.strip():
+        raise DeployError("--model is empty")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    url = f"https://huggingface.co/spaces/{repo_id}"
+    try:
+        user = api.whoami()
+        out(f"logged in as {user.get('name', '?')}")
+        api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="deblurdiff-space-") as directory:
+            files = stage(Path(directory), root)
+            out(f"uploading {len(files)} files to {repo_id}")
+            api.upload_folder(
+                repo_id=repo_id,
+                repo_type="space",
+                folder_path=directory,
+                commit_message="Deploy DeblurDiff",
+                # Files the package no longer has are removed from the Space.
+                delete_patterns=[f"{d}/**" for d in _TOP_DIRS],
+            )
+        if model:
+            api.add_space_variable(repo_id, MODEL_VARIABLE, model.strip(),
+                                   description="Weights the app loads (diffusers folder or Hub repo)")
+            out(f"{MODEL_VARIABLE} = {model.strip()}")
+        else:
+            out(f"no --model: the Space keeps its {MODEL_VARIABLE} variable (without one it starts without weights)")
+    except DeployError:
+        raise
+    except Exception as error:  # the Hub client's errors, network errors, ...
+        raise DeployError(_describe(error)) from error
+    if hardware:
+        try:
+            api.request_space_hardware(repo_id, ZEROGPU["hardware"])
+        except Exception as error:  # ZeroGPU needs a PRO account or an organisation
+            out(f"warning: could not switch the Space to ZeroGPU ({_describe(error)}); choose it in the Space's settings")
+    out(url)
+    return url
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deblurdiff.space", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("deploy", help="create or update a ZeroGPU Gradio Space")
+    d.add_argument("space", help="the Space, as owner/name")
+    d.add_argument("--model", default=None, help=f"weights the Space loads (sets the {MODEL_VARIABLE} variable)")
+    d.add_argument("--private", action="store_true", help="create the Space private")
+    d.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
+    d.add_argument("--no-hardware", action="store_true", help="do not ask for ZeroGPU hardware")
+    return parser
+
+
+def main(argv=None, api=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        deploy(args.space, args.model, private=args.private, token=args.token, hardware=not args.no_hardware, api=api)
+    except DeployError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
