@@ -240,3 +240,8 @@ def test_evaluate_runs_and_times_a_model(tmp_path, data_dir, run, capsys):
 def test_evaluate_reports_missing_inputs(tmp_path, capsys):
     assert evaluate_mod.main(["--pairs", str(tmp_path / "nothing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_stable_diffusion_init_needs_a_path():
+    with pytest.raises(ValueError, match="needs model.path"):
+        load_components(ModelConfig(init="stable-diffusion"))

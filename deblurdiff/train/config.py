@@ -63,12 +63,6 @@ class ModelConfig:
     def __post_init__(self):
         if self.init not in MODEL_INITS:
             raise ValueError(f"model.init must be one of {list(MODEL_INITS)}, got {self.init!r}")
-        if self.init == "stable-diffusion" and not self.path:
-            raise ValueError(
-                "model.init='stable-diffusion' needs model.path: a Stable Diffusion 2.1-base diffusers folder or "
-                "Hub mirror (the original stabilityai repository is no longer on the Hub), or use init "
-                "'single-file' with the official model.pth"
-            )
         if self.init in ("pipeline", "single-file") and not self.path:
             raise ValueError(f"model.init={self.init!r} needs model.path")
 

@@ -74,9 +74,16 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
         return dict(load_single_file_components(model.path, tokenizer=model.tokenizer))
 
     # Stable Diffusion 2.1-base: frozen UNet/VAE/text encoder, ControlNet from the UNet, LKPN from scratch.
+    if not model.path:
+        raise ValueError(
+            "model.init='stable-diffusion' needs model.path: a Stable Diffusion 2.1-base diffusers folder or "
+            "Hub mirror (the original stabilityai repository is no longer on the Hub), or use init "
+            "'single-file' with the official model.pth"
+        )
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
+    from ..convert import load_tokenizer
     from ..models import LatentControlNetModel, LKPNModel
     from ..models.configs import SIZES, make_scheduler
 
@@ -84,7 +91,7 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
     unet = UNet2DConditionModel.from_pretrained(model.path, subfolder="unet", variant=model.variant, **common)
     vae = AutoencoderKL.from_pretrained(model.path, subfolder="vae", variant=model.variant, **common)
     text_encoder = CLIPTextModel.from_pretrained(model.path, subfolder="text_encoder", variant=model.variant, **common)
-    tokenizer = CLIPTokenizer.from_pretrained(model.path, subfolder="tokenizer", **common)
+    tokenizer = load_tokenizer(model.tokenizer)  # the reference's OpenCLIP tokenizer, shipped with the package
     lkpn_config = dict(SIZES["full"]["lkpn"], cross_attention_dim=unet.config.cross_attention_dim)
     lkpn_config.update(model.lkpn or {})
     return dict(
