@@ -222,9 +222,9 @@ _CPU_COMMAND = "python benchmarks/bench_peak_memory.py"
 # with full-size random-weight models (benchmarks/results/peak_memory_cpu.txt): 0.364,
 # 1.212, 2.629 and 4.493 GiB above the weights; the line is within 6% at 256², 2% above.
 _CPU_FP32 = (117.1e6, 288.8e3)
-# Guided (the networks run both branches in one batch): 1.683 GiB at 512²; the line through
-# the unguided constant and that point, until more guided sizes are measured.
-_CPU_FP32_GUIDED = (117.1e6, 412.6e3)
+# Guided (the networks run both branches in one batch): 1.683 and 4.878 GiB at 512² and
+# 1024², the line through both.
+_CPU_FP32_GUIDED = (663.6e6, 279.2e3)
 # (device type, dtype, guided) -> model
 PEAK_MEMORY: dict[tuple[str, torch.dtype, bool], MemoryModel] = {}
 
@@ -280,7 +280,10 @@ def estimate_peak_memory(
     if tiled:
         tile = tile_size // 8
         pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
-    return int(MEMORY_MARGIN * memory_model(device_type, dtype, guided).bytes(pixels))
+    need = memory_model(device_type, dtype).bytes(pixels)
+    if guided:  # never below unguided (the two fits cross above ~4000² pixels)
+        need = max(need, memory_model(device_type, dtype, True).bytes(pixels))
+    return int(MEMORY_MARGIN * need)
 
 
 def available_memory(device: torch.device | str) -> int | None:
