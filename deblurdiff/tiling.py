@@ -222,28 +222,28 @@ _CPU_COMMAND = "python benchmarks/bench_peak_memory.py"
 # with full-size random-weight models (benchmarks/results/peak_memory_cpu.txt): 0.364,
 # 1.212, 2.629 and 4.493 GiB above the weights; the line is within 6% at 256², 2% above.
 _CPU_FP32 = (117.1e6, 288.8e3)
+# Guided (the networks run both branches in one batch): 1.683 and 4.878 GiB at 512² and
+# 1024², the line through both.
+_CPU_FP32_GUIDED = (663.6e6, 279.2e3)
 # (device type, dtype, guided) -> model
 PEAK_MEMORY: dict[tuple[str, torch.dtype, bool], MemoryModel] = {}
 
 
 def _register() -> None:
-    measured = MemoryModel(*_CPU_FP32, True, f"measured: {_CPU_COMMAND}")
-    # Guidance doubles the networks' batch (not the VAE's); not measured yet, taken as
-    # unguided (the VAE's full-resolution activations are the largest).
-    guided = MemoryModel(*_CPU_FP32, False, f"assumed equal to unguided; measure with {_CPU_COMMAND}")
-    PEAK_MEMORY[("cpu", torch.float32, False)] = measured
-    PEAK_MEMORY[("cpu", torch.float32, True)] = guided
-    # Other devices and dtypes: ESTIMATES from the CPU float32 fit (half the bytes per
+    fits = {False: _CPU_FP32, True: _CPU_FP32_GUIDED}
+    for is_guided, fit in fits.items():
+        PEAK_MEMORY[("cpu", torch.float32, is_guided)] = MemoryModel(*fit, True, f"measured: {_CPU_COMMAND}")
+    # Other devices and dtypes: ESTIMATES from the CPU float32 fits (half the bytes per
     # element in float16/bfloat16) until measured with
     # ``bench_peak_memory.py --device cuda --dtype fp16``.
+    estimate = f"estimate from the CPU float32 fit ({_CPU_COMMAND})"
     for dtype, scale in ((torch.float32, 1.0), (torch.float16, 0.5), (torch.bfloat16, 0.5)):
         for device_type in ("cpu", "cuda", "mps"):
-            for is_guided in (False, True):
-                if device_type == "cpu" and dtype == torch.float32:
-                    continue
-                estimate = f"estimate from the CPU float32 fit ({_CPU_COMMAND})"
+            if device_type == "cpu" and dtype == torch.float32:
+                continue
+            for is_guided, (constant, slope) in fits.items():
                 PEAK_MEMORY[(device_type, dtype, is_guided)] = MemoryModel(
-                    _CPU_FP32[0] * scale, _CPU_FP32[1] * scale, False, estimate
+                    constant * scale, slope * scale, False, estimate
                 )
 
 
@@ -280,7 +280,10 @@ def estimate_peak_memory(
     if tiled:
         tile = tile_size // 8
         pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
-    return int(MEMORY_MARGIN * memory_model(device_type, dtype, guided).bytes(pixels))
+    need = memory_model(device_type, dtype).bytes(pixels)
+    if guided:  # never below unguided (the two fits cross above ~4000² pixels)
+        need = max(need, memory_model(device_type, dtype, True).bytes(pixels))
+    return int(MEMORY_MARGIN * need)
 
 
 def available_memory(device: torch.device | str) -> int | None:
