@@ -125,7 +125,7 @@ def build_reference(ref_dir: Path):
 
 def ours_from_reference(cldm):
     """Our pipeline converted from the reference's weights (tensors shared, not copied)."""
-    from deblurdiff.convert import convert_deblurdiff_checkpoint
+    from deblurdiff.single_file import convert_deblurdiff_checkpoint
     from deblurdiff.pipeline import DeblurDiffPipeline
 
     state = {k: v for k, v in cldm.state_dict().items() if not k.startswith("clip.model.visual.")}

@@ -258,7 +258,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
         It holds no tokenizer: ``tokenizer`` is a path, a Hub repo id or a tokenizer object
         (default: the OpenCLIP tokenizer shipped with the package)."""
-        from .convert import load_single_file_components
+        from .single_file import load_single_file_components
 
         components = load_single_file_components(
             path, tokenizer=tokenizer, attention_head_dim=attention_head_dim, torch_dtype=torch_dtype

@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .convert import file_sha256 as sha256_of
+from .single_file import file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
@@ -161,7 +161,7 @@ def _looks_like_html(path: Path) -> bool:
 
 def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE) -> str | None:
     """``None`` when ``path`` is a complete, intact DeblurDiff checkpoint; else the reason."""
-    from .convert import CheckpointError, read_checkpoint, split_checkpoint
+    from .single_file import CheckpointError, read_checkpoint, split_checkpoint
 
     if not path.is_file():
         return "the download produced no file"
@@ -308,7 +308,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
     when complete, so that a stopped conversion never leaves a folder that looks usable."""
     import time
 
-    from .convert import load_single_file_components
+    from .single_file import load_single_file_components
     from .pipeline import DeblurDiffPipeline
 
     staging = target.with_name(target.name + ".partial")
@@ -343,7 +343,7 @@ def official_pipeline(
     the first time. Raises :class:`WeightsUnavailableError` with the manual steps."""
     from filelock import FileLock
 
-    from .convert import CheckpointError
+    from .single_file import CheckpointError
 
     target = converted_dir(dtype, cache_dir)
     if is_complete(target):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from deblurdiff import convert
-from deblurdiff.convert import (
+from deblurdiff.single_file import (
     CheckpointError,
     TokenizerUnavailableError,
     convert_deblurdiff_checkpoint,

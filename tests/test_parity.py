@@ -21,7 +21,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from deblurdiff.convert import convert_deblurdiff_checkpoint, read_checkpoint
+from deblurdiff.single_file import convert_deblurdiff_checkpoint, read_checkpoint
 from deblurdiff.models.configs import SCHEDULER_CONFIG, make_scheduler, make_test_tokenizer
 from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline, reference_timesteps
 
@@ -187,7 +187,7 @@ def test_three_sampling_steps(pipe, ref, meta, monkeypatch):
 def test_tokenizer_matches_open_clip(ref, meta):
     """OpenCLIP's tokenisation of the default prompts, recorded by the reference, equals the
     packaged tokenizer's (tests/test_tokenizer.py checks many more prompts)."""
-    from deblurdiff.convert import load_tokenizer
+    from deblurdiff.single_file import load_tokenizer
 
     tokenizer = load_tokenizer()
     ids = tokenizer(

@@ -69,7 +69,7 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
         pipe = DeblurDiffPipeline.from_pretrained(model.path, revision=model.revision, variant=model.variant)
         return dict(pipe.components)
     if model.init == "single-file":
-        from ..convert import load_single_file_components
+        from ..single_file import load_single_file_components
 
         return dict(load_single_file_components(model.path, tokenizer=model.tokenizer))
 
@@ -83,7 +83,7 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..convert import load_tokenizer
+    from ..single_file import load_tokenizer
     from ..models import LatentControlNetModel, LKPNModel
     from ..models.configs import SIZES, make_scheduler
 
