@@ -39,8 +39,10 @@ from pathlib import Path
 
 import gradio as gr
 import spaces
+import torch
 
 from . import image_io
+from .aoti import compile_for_zerogpu
 from .estimates import (
     SpeedModel,
     format_seconds,
@@ -69,6 +71,11 @@ from .service import (
 from .weights import NO_DOWNLOAD_ENV, OFFICIAL_LABEL
 
 logger = logging.getLogger(__name__)
+
+#: GPU memory of a ZeroGPU slice ("large", the default: half an RTX Pro 6000 Blackwell; docs, August 2026).
+ZERO_GPU_MEMORY_BYTES = 48 * 1024**3
+#: Set to "0" to skip the ahead-of-time compilation on ZeroGPU (faster start, slower runs).
+AOTI_ENV = "DEBLURDIFF_AOTI"
 
 #: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set
 #: (a Hub repo id in diffusers layout, e.g. one made from the official ``model.pth`` with
@@ -643,6 +650,19 @@ def resolve_model(model: str | None = None) -> str | None:
     return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
 
 
+def prepare_for_zero_gpu(pipe) -> None:
+    """Memory budget for the tiling decision (the main process has no GPU to ask), and the
+    networks compiled ahead of time (ZeroGPU does not run ``torch.compile``)."""
+    weights = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    pipe.memory_budget = ZERO_GPU_MEMORY_BYTES - weights
+    if os.environ.get(AOTI_ENV, "1") == "0" or is_untrained(pipe):
+        return
+    try:
+        compile_for_zerogpu(pipe)
+    except Exception:  # the eager networks still work, only slower
+        logger.exception("ahead-of-time compilation failed; running the networks eagerly")
+
+
 def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_random_weights=False, allow_download=None):
     """``(pipe, None, reference)`` or ``(None, message, reference)``: the app starts either way.
     With no reference, the authors' checkpoint is fetched and converted once (``allow_download``)."""
@@ -656,6 +676,8 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
     try:
         logger.info("loading weights from %s", reference or OFFICIAL_LABEL)
         pipe = load_pipeline(reference, tokenizer=tokenizer, device=device, dtype=dtype, allow_download=allow_download)
+        if on_zero_gpu():
+            prepare_for_zero_gpu(pipe)
         return pipe, None, reference or OFFICIAL_LABEL
     except ModelUnavailableError as exc:
         logger.error("no model: %s", exc)

@@ -405,13 +405,20 @@ def test_on_zero_gpu_a_run_that_cannot_fit_is_refused_before_it_starts(pipe, tmp
     assert "Estimated GPU time" in text and "at most" in text
 
 
-def test_on_zero_gpu_the_model_is_placed_on_cuda_at_start_up(monkeypatch):
-    calls = []
+def test_on_zero_gpu_the_model_is_placed_on_cuda_and_compiled_at_start_up(monkeypatch, random_tiny_pipe):
+    calls, compiled = [], []
     monkeypatch.setattr(app_module, "on_zero_gpu", lambda: True)
-    monkeypatch.setattr(app_module, "load_pipeline", lambda ref, **kw: calls.append(kw) or "pipe")
+    monkeypatch.setattr(app_module, "load_pipeline", lambda ref, **kw: calls.append(kw) or random_tiny_pipe)
+    monkeypatch.setattr(app_module, "compile_for_zerogpu", compiled.append)
+    monkeypatch.setattr(random_tiny_pipe, "untrained", False, raising=False)
+    monkeypatch.setattr(random_tiny_pipe, "memory_budget", None)
     pipe, error, _ = app_module.load_app_model("owner/weights")
-    assert pipe == "pipe" and error is None
+    assert pipe is random_tiny_pipe and error is None and compiled == [pipe]
     assert calls[0]["device"] == "cuda" and calls[0]["dtype"] == "bf16"
+    weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
+    assert 0 < pipe.memory_budget < app_module.ZERO_GPU_MEMORY_BYTES - weights
+    # The tiling decision then needs no GPU in the main process.
+    assert pipe.should_tile(1024, 1024) is False
 
 
 def test_empty_negative_prompt_is_kept(pipe, tmp_path, monkeypatch):
