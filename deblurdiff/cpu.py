@@ -320,42 +320,56 @@ def _padded(n: int) -> int:
 
 
 # Measured on an AMD EPYC (2 threads, AVX-512 BF16), full-size random weights, 512×512,
-# with benchmarks/bench_model.py and benchmarks/bench_inference.py (see
-# benchmarks/results/). Seconds per megapixel: (one step, VAE encode + decode).
-# Used before anything has been measured on this machine; scaled by thread count.
+# with benchmarks/bench_inference.py and benchmarks/bench_model.py (benchmarks/results/).
+# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest). Used
+# until the pipeline has been timed on this machine; scaled by thread count.
 REFERENCE_THREADS = 2
 DEFAULT_CPU_SPEEDS = {
-    ("float32", False): (20.0, 30.0),
-    ("float32", True): (20.0, 30.0),
-    ("bfloat16", False): (6.5, 30.0),
-    ("bfloat16", True): (6.5, 30.0),
+    ("float32", False): (20.2, 56.8),
+    ("float32", True): (20.2 / 1.0, 56.8),
+    ("bfloat16", False): (6.5, 28.8),
+    ("bfloat16", True): (6.5 / 1.0, 28.8),
 }
+# Time grows faster than the pixel count (activations outgrow the caches; the VAE's
+# middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
+# megapixels ** 1.14, from float32 eager at 512² and 1024² (5.7× and 4.9× for 4× pixels).
+STEP_EXPONENT = 1.25
+FIXED_EXPONENT = 1.14
+
+
+def _scaled(seconds_per_mpx: float, mpx: float, at_mpx: float, exponent: float) -> float:
+    """Seconds for ``mpx`` given ``seconds_per_mpx`` measured at ``at_mpx``."""
+    return seconds_per_mpx * at_mpx * (mpx / at_mpx) ** exponent
 
 
 def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
                          config: CPUConfig | None = None, timing: CPUTiming | None = None,
-                         megapixels: float | None = None) -> float:
+                         tiles: int | None = None, tile_size: int = 512) -> float:
     """Seconds for one image of ``width``×``height`` on this CPU.
 
     Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the
     defaults measured for ``config`` on the reference machine, scaled by thread count.
-    ``megapixels``: what the networks process when tiled (the app's tile count); by
-    default the padded image. Sizes other than the warm-up size run eagerly when the
-    configuration compiles, and are estimated at the eager speed."""
+    ``tiles``: the number of ``tile_size`` tiles when the image runs tiled (None:
+    untiled). With a compiling configuration, networks run compiled only at the warm-up
+    size (whole image, or tiles of that size) and eagerly otherwise."""
     config = config or choose_cpu_config(compile=False)
-    mpx = megapixels if megapixels is not None else _padded(width) * _padded(height) / 1e6
+    image_mpx = _padded(width) * _padded(height) / 1e6
     branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
     default_step, default_fixed = DEFAULT_CPU_SPEEDS[(config.dtype_name, config.compile)]
-    scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
     if timing is not None:
         step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
-        warmed = (_padded(width), _padded(height)) == (_padded(timing.width), _padded(timing.height))
-        if config.compile and not warmed:
-            eager_step = DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0]
-            step *= eager_step / default_step  # the measured machine's speed, eager ratio
+        at_mpx = _padded(timing.width) * _padded(timing.height) / 1e6
+        warm = (_padded(timing.width), _padded(timing.height))
     else:
-        step, fixed = default_step * scale, default_fixed * scale
-    return mpx * (fixed + steps * branches * step)
+        scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
+        step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
+        warm = config.warmup_size
+    pass_size = (tile_size, tile_size) if tiles else (_padded(width), _padded(height))
+    if config.compile and pass_size != tuple(warm):
+        step *= DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0] / default_step  # runs eagerly
+    pass_mpx = pass_size[0] * pass_size[1] / 1e6
+    step_seconds = (tiles or 1) * _scaled(step, pass_mpx, at_mpx, STEP_EXPONENT)
+    return _scaled(fixed, image_mpx, at_mpx, FIXED_EXPONENT) + steps * branches * step_seconds
 
 
 def describe_cpu(features: CPUFeatures | None = None) -> str:

@@ -102,12 +102,16 @@ def test_estimate_scales_with_size_steps_and_guidance():
     one = estimate_cpu_seconds(512, 512, 1, config=config)
     ten = estimate_cpu_seconds(512, 512, 10, config=config)
     guided = estimate_cpu_seconds(512, 512, 10, 3.0, config=config)
-    large = estimate_cpu_seconds(1024, 1024, 10, config=config)
     assert ten > one
     step = (ten - one) / 9
     assert guided == pytest.approx(ten + 10 * step)  # guidance doubles the batch of the networks
-    assert large == pytest.approx(4 * ten)
     assert estimate_cpu_seconds(500, 500, 10, config=config) == pytest.approx(ten)  # padded to 512
+    # 4× the pixels: more than 4× the time untiled (measured 5.7× per step); tiled, per tile.
+    large = estimate_cpu_seconds(1024, 1024, 10, config=config)
+    assert 4.5 * ten < large < 6 * ten
+    nine_tiles = estimate_cpu_seconds(1024, 1024, 10, config=config, tiles=9)
+    fixed = one - step
+    assert nine_tiles - large == pytest.approx(10 * (9 * step - (large - 4 ** cpu.FIXED_EXPONENT * fixed) / 10))
 
 
 def test_estimate_uses_measured_timing():
@@ -120,10 +124,14 @@ def test_estimate_uses_measured_timing():
 def test_compiled_config_estimates_other_sizes_at_the_eager_speed():
     timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=0.0, width=512, height=512)
     compiled = CPUConfig(dtype=torch.float32, compile=True)
-    warmed = estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing)
-    other = estimate_cpu_seconds(512, 768, 1, config=compiled, timing=timing) / 1.5
-    eager, fast = cpu.DEFAULT_CPU_SPEEDS[("float32", False)][0], cpu.DEFAULT_CPU_SPEEDS[("float32", True)][0]
-    assert other == pytest.approx(warmed * eager / fast)
+    eager = CPUConfig(dtype=torch.float32, compile=False)
+    speeds = cpu.DEFAULT_CPU_SPEEDS
+    gain = speeds[("float32", False)][0] / speeds[("float32", True)][0]
+    other = estimate_cpu_seconds(512, 768, 1, config=compiled, timing=timing)
+    assert other == pytest.approx(gain * estimate_cpu_seconds(512, 768, 1, config=eager, timing=timing))
+    # Tiles of the warm-up size run compiled.
+    tiled = estimate_cpu_seconds(1024, 768, 1, config=compiled, timing=timing, tiles=6)
+    assert tiled == pytest.approx(6 * estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing))
 
 
 def test_describe_cpu_names_the_features():
