@@ -227,7 +227,15 @@ def compile_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
     def forward(self, *args, **kwargs):
         key = _shape_key(args, kwargs)
         if key in self._cpu_compiled_shapes:
-            return self._cpu_compiled(*args, **kwargs)
+            # Anything else that would recompile (another guidance batch, scale, grad
+            # mode…) runs eagerly instead of compiling for minutes inside a request.
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._cpu_compiled(*args, **kwargs)
+            except RuntimeError as exc:
+                if "fail_on_recompile" not in str(exc):
+                    raise
+                return eager_forward(*args, **kwargs)
         if self._cpu_compile_open and not torch.is_grad_enabled():
             out = self._cpu_compiled(*args, **kwargs)
             self._cpu_compiled_shapes.add(key)

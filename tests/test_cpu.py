@@ -150,3 +150,24 @@ def test_prepare_tiny_pipeline_skips_compilation_and_measures():
     assert not hasattr(pipe.unet, "_cpu_compiled")
     assert timing.step_s_per_mpx > 0 and timing.fixed_s_per_mpx >= 0
     assert (timing.width, timing.height) == (64, 64)
+
+
+@pytest.mark.slow
+def test_real_compilation_runs_warmed_up_calls_and_never_recompiles():
+    """A call that would need a recompilation runs eagerly instead (compiles once, ~1 min)."""
+    torch._dynamo.reset()
+    linear = torch.nn.Linear(4, 3).eval()
+    x = torch.randn(2, 4)
+    compile_for_cpu(linear)
+    with torch.no_grad():
+        linear._cpu_compile_open = True
+        warm = linear(x)
+        linear._cpu_compile_open = False
+        again = linear(x)
+        other = linear(torch.randn(5, 4))
+    torch.testing.assert_close(warm, again)
+    assert other.shape == (5, 3)
+    with torch.enable_grad():  # grad mode is guarded: this would recompile, so it runs eagerly
+        linear._cpu_compiled_shapes.add(cpu._shape_key((x,), {}))
+        out = linear(x)
+    assert out.requires_grad
