@@ -37,11 +37,15 @@ def test_bfloat16_requested_without_native_support_is_refused():
 
 
 def test_compilation_switch(monkeypatch):
-    monkeypatch.setenv(cpu.COMPILE_ENV, "0")
-    assert not choose_cpu_config(features()).compile
+    monkeypatch.delenv(cpu.COMPILE_ENV, raising=False)
+    assert not choose_cpu_config(features()).compile  # off by default: minutes at start for ~9%
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     assert choose_cpu_config(features()).compile
+    assert "compiled" in choose_cpu_config(features()).describe()
     assert not choose_cpu_config(features(), compile=False).compile
+    monkeypatch.setenv(cpu.COMPILE_ENV, "0")
+    assert not choose_cpu_config(features()).compile
+    assert choose_cpu_config(features(), compile=True).compile
 
 
 def test_isa_cap_below_bf16_hides_native_bf16(monkeypatch):
