@@ -12,7 +12,7 @@ Typical use (app or CLI, once at start)::
     config = choose_cpu_config()
     logger.info("CPU configuration: %s", config.describe())
     pipe = load_pipeline(model, device="cpu", dtype=config.dtype)
-    timing = prepare_cpu_pipeline(pipe, config, progress=lambda message: logger.info(message))
+    timing = prepare_cpu_pipeline(pipe, config, progress=lambda message: logger.info(message))  # compiles if config.compile
     estimate = estimate_cpu_seconds(width, height, steps, config=config, timing=timing)
 """
 
@@ -41,7 +41,9 @@ __all__ = [
     "prepare_cpu_pipeline",
 ]
 
-#: Set to "0" to never compile on the CPU (start in seconds instead of minutes, slower calls).
+#: Set to "1" to compile the networks on the CPU. Off by default: measured side by side
+#: (benchmarks/results/cpu_model_call.md) it saved 9% of a float32 call and nothing in
+#: bfloat16, for 10-15 minutes of compilation at start on a 2-core machine.
 COMPILE_ENV = "DEBLURDIFF_CPU_COMPILE"
 
 # oneDNN's ISA names, lowest first; a cap below the native-bf16 ones disables them.
@@ -147,18 +149,15 @@ class CPUConfig:
 def _compile_wanted(requested: bool | None) -> bool:
     if requested is not None:
         return bool(requested)
-    value = os.environ.get(COMPILE_ENV, "").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return False
-    return True
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
                       compile: bool | None = None) -> CPUConfig:
     """The fastest configuration that keeps float32-level results on this CPU.
 
-    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32;
-    compilation unless ``compile=False`` or ``DEBLURDIFF_CPU_COMPILE=0``. ``dtype``
+    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32; eager
+    unless ``compile=True`` or ``DEBLURDIFF_CPU_COMPILE=1``. ``dtype``
     ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested on a CPU
     without native support raises a ValueError saying why."""
     features = features or cpu_features()
@@ -186,8 +185,7 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
     else:
         raise ValueError(f"CPU dtype must be float32 or bfloat16, got {dtype}")
     use_compile = _compile_wanted(compile)
-    if not use_compile:
-        reason += "; compilation off"
+    reason += "; compiled" if use_compile else f"; eager (set {COMPILE_ENV}=1 to compile)"
     return CPUConfig(dtype=dtype, compile=use_compile, reason=reason)
 
 
@@ -227,7 +225,15 @@ def compile_for_cpu(module: torch.nn.Module) -> torch.nn.Module:
     def forward(self, *args, **kwargs):
         key = _shape_key(args, kwargs)
         if key in self._cpu_compiled_shapes:
-            return self._cpu_compiled(*args, **kwargs)
+            # Anything else that would recompile (another guidance batch, scale, grad
+            # mode…) runs eagerly instead of compiling for minutes inside a request.
+            try:
+                with torch.compiler.set_stance("fail_on_recompile"):
+                    return self._cpu_compiled(*args, **kwargs)
+            except RuntimeError as exc:
+                if "fail_on_recompile" not in str(exc):
+                    raise
+                return eager_forward(*args, **kwargs)
         if self._cpu_compile_open and not torch.is_grad_enabled():
             out = self._cpu_compiled(*args, **kwargs)
             self._cpu_compiled_shapes.add(key)
@@ -320,42 +326,56 @@ def _padded(n: int) -> int:
 
 
 # Measured on an AMD EPYC (2 threads, AVX-512 BF16), full-size random weights, 512×512,
-# with benchmarks/bench_model.py and benchmarks/bench_inference.py (see
-# benchmarks/results/). Seconds per megapixel: (one step, VAE encode + decode).
-# Used before anything has been measured on this machine; scaled by thread count.
+# with benchmarks/bench_inference.py and benchmarks/bench_model.py (benchmarks/results/).
+# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest). Used
+# until the pipeline has been timed on this machine; scaled by thread count.
 REFERENCE_THREADS = 2
 DEFAULT_CPU_SPEEDS = {
-    ("float32", False): (20.0, 30.0),
-    ("float32", True): (20.0, 30.0),
-    ("bfloat16", False): (6.5, 30.0),
-    ("bfloat16", True): (6.5, 30.0),
+    ("float32", False): (20.2, 56.8),
+    ("float32", True): (20.2 / 1.09, 56.8),  # compiled: 1.43× vs 1.31× the reference per call
+    ("bfloat16", False): (6.5, 28.8),
+    ("bfloat16", True): (6.5, 28.8),  # compiled: 2.09× vs 2.10× the reference per call
 }
+# Time grows faster than the pixel count (activations outgrow the caches; the VAE's
+# middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
+# megapixels ** 1.14, from float32 eager at 512² and 1024² (5.7× and 4.9× for 4× pixels).
+STEP_EXPONENT = 1.25
+FIXED_EXPONENT = 1.14
+
+
+def _scaled(seconds_per_mpx: float, mpx: float, at_mpx: float, exponent: float) -> float:
+    """Seconds for ``mpx`` given ``seconds_per_mpx`` measured at ``at_mpx``."""
+    return seconds_per_mpx * at_mpx * (mpx / at_mpx) ** exponent
 
 
 def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
                          config: CPUConfig | None = None, timing: CPUTiming | None = None,
-                         megapixels: float | None = None) -> float:
+                         tiles: int | None = None, tile_size: int = 512) -> float:
     """Seconds for one image of ``width``×``height`` on this CPU.
 
     Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the
     defaults measured for ``config`` on the reference machine, scaled by thread count.
-    ``megapixels``: what the networks process when tiled (the app's tile count); by
-    default the padded image. Sizes other than the warm-up size run eagerly when the
-    configuration compiles, and are estimated at the eager speed."""
+    ``tiles``: the number of ``tile_size`` tiles when the image runs tiled (None:
+    untiled). With a compiling configuration, networks run compiled only at the warm-up
+    size (whole image, or tiles of that size) and eagerly otherwise."""
     config = config or choose_cpu_config(compile=False)
-    mpx = megapixels if megapixels is not None else _padded(width) * _padded(height) / 1e6
+    image_mpx = _padded(width) * _padded(height) / 1e6
     branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
     default_step, default_fixed = DEFAULT_CPU_SPEEDS[(config.dtype_name, config.compile)]
-    scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
     if timing is not None:
         step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
-        warmed = (_padded(width), _padded(height)) == (_padded(timing.width), _padded(timing.height))
-        if config.compile and not warmed:
-            eager_step = DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0]
-            step *= eager_step / default_step  # the measured machine's speed, eager ratio
+        at_mpx = _padded(timing.width) * _padded(timing.height) / 1e6
+        warm = (_padded(timing.width), _padded(timing.height))
     else:
-        step, fixed = default_step * scale, default_fixed * scale
-    return mpx * (fixed + steps * branches * step)
+        scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
+        step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
+        warm = config.warmup_size
+    pass_size = (tile_size, tile_size) if tiles else (_padded(width), _padded(height))
+    if config.compile and pass_size != tuple(warm):
+        step *= DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0] / default_step  # runs eagerly
+    pass_mpx = pass_size[0] * pass_size[1] / 1e6
+    step_seconds = (tiles or 1) * _scaled(step, pass_mpx, at_mpx, STEP_EXPONENT)
+    return _scaled(fixed, image_mpx, at_mpx, FIXED_EXPONENT) + steps * branches * step_seconds
 
 
 def describe_cpu(features: CPUFeatures | None = None) -> str:

@@ -37,11 +37,15 @@ def test_bfloat16_requested_without_native_support_is_refused():
 
 
 def test_compilation_switch(monkeypatch):
-    monkeypatch.setenv(cpu.COMPILE_ENV, "0")
-    assert not choose_cpu_config(features()).compile
+    monkeypatch.delenv(cpu.COMPILE_ENV, raising=False)
+    assert not choose_cpu_config(features()).compile  # off by default: minutes at start for ~9%
     monkeypatch.setenv(cpu.COMPILE_ENV, "1")
     assert choose_cpu_config(features()).compile
+    assert "compiled" in choose_cpu_config(features()).describe()
     assert not choose_cpu_config(features(), compile=False).compile
+    monkeypatch.setenv(cpu.COMPILE_ENV, "0")
+    assert not choose_cpu_config(features()).compile
+    assert choose_cpu_config(features(), compile=True).compile
 
 
 def test_isa_cap_below_bf16_hides_native_bf16(monkeypatch):
@@ -102,12 +106,16 @@ def test_estimate_scales_with_size_steps_and_guidance():
     one = estimate_cpu_seconds(512, 512, 1, config=config)
     ten = estimate_cpu_seconds(512, 512, 10, config=config)
     guided = estimate_cpu_seconds(512, 512, 10, 3.0, config=config)
-    large = estimate_cpu_seconds(1024, 1024, 10, config=config)
     assert ten > one
     step = (ten - one) / 9
     assert guided == pytest.approx(ten + 10 * step)  # guidance doubles the batch of the networks
-    assert large == pytest.approx(4 * ten)
     assert estimate_cpu_seconds(500, 500, 10, config=config) == pytest.approx(ten)  # padded to 512
+    # 4× the pixels: more than 4× the time untiled (measured 5.7× per step); tiled, per tile.
+    large = estimate_cpu_seconds(1024, 1024, 10, config=config)
+    assert 4.5 * ten < large < 6 * ten
+    nine_tiles = estimate_cpu_seconds(1024, 1024, 10, config=config, tiles=9)
+    fixed = one - step
+    assert nine_tiles - large == pytest.approx(10 * (9 * step - (large - 4 ** cpu.FIXED_EXPONENT * fixed) / 10))
 
 
 def test_estimate_uses_measured_timing():
@@ -120,10 +128,14 @@ def test_estimate_uses_measured_timing():
 def test_compiled_config_estimates_other_sizes_at_the_eager_speed():
     timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=0.0, width=512, height=512)
     compiled = CPUConfig(dtype=torch.float32, compile=True)
-    warmed = estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing)
-    other = estimate_cpu_seconds(512, 768, 1, config=compiled, timing=timing) / 1.5
-    eager, fast = cpu.DEFAULT_CPU_SPEEDS[("float32", False)][0], cpu.DEFAULT_CPU_SPEEDS[("float32", True)][0]
-    assert other == pytest.approx(warmed * eager / fast)
+    eager = CPUConfig(dtype=torch.float32, compile=False)
+    speeds = cpu.DEFAULT_CPU_SPEEDS
+    gain = speeds[("float32", False)][0] / speeds[("float32", True)][0]
+    other = estimate_cpu_seconds(512, 768, 1, config=compiled, timing=timing)
+    assert other == pytest.approx(gain * estimate_cpu_seconds(512, 768, 1, config=eager, timing=timing))
+    # Tiles of the warm-up size run compiled.
+    tiled = estimate_cpu_seconds(1024, 768, 1, config=compiled, timing=timing, tiles=6)
+    assert tiled == pytest.approx(6 * estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing))
 
 
 def test_describe_cpu_names_the_features():
@@ -142,3 +154,24 @@ def test_prepare_tiny_pipeline_skips_compilation_and_measures():
     assert not hasattr(pipe.unet, "_cpu_compiled")
     assert timing.step_s_per_mpx > 0 and timing.fixed_s_per_mpx >= 0
     assert (timing.width, timing.height) == (64, 64)
+
+
+@pytest.mark.slow
+def test_real_compilation_runs_warmed_up_calls_and_never_recompiles():
+    """A call that would need a recompilation runs eagerly instead (compiles once, ~1 min)."""
+    torch._dynamo.reset()
+    linear = torch.nn.Linear(4, 3).eval()
+    x = torch.randn(2, 4)
+    compile_for_cpu(linear)
+    with torch.no_grad():
+        linear._cpu_compile_open = True
+        warm = linear(x)
+        linear._cpu_compile_open = False
+        again = linear(x)
+        other = linear(torch.randn(5, 4))
+    torch.testing.assert_close(warm, again)
+    assert other.shape == (5, 3)
+    with torch.enable_grad():  # grad mode is guarded: this would recompile, so it runs eagerly
+        linear._cpu_compiled_shapes.add(cpu._shape_key((x,), {}))
+        out = linear(x)
+    assert out.requires_grad
