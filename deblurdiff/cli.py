@@ -240,6 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     untrained = is_untrained(pipe)
     if untrained:
         print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+    if pipe.device.type == "cpu":
+        from .cpu import choose_cpu_config, prepare_cpu_pipeline
+
+        config = choose_cpu_config(dtype=pipe.unet.dtype)
+        print(f"CPU configuration: {config.describe()}", file=sys.stderr)
+        prepare_cpu_pipeline(pipe, config, progress=lambda message: print(message, file=sys.stderr), measure=False)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = plan_outputs(items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds
 from .tiling import count_tiles
 
 SIZE_MULTIPLE = 64
@@ -20,11 +21,10 @@ DEFAULT_STRIDE = 256
 
 # Seconds per megapixel: (one denoising step, VAE encode + decode), full-size model.
 # "cuda": an ESTIMATE for an H100/H200-class GPU in half precision, not yet measured on a GPU.
-# "mps": an estimate. "cpu": fp32 on 2 cores (see benchmarks/results/).
+# "mps": an estimate. The CPU's come from measurements: deblurdiff.cpu.estimate_cpu_seconds.
 DEFAULT_SPEEDS = {
     "cuda": (0.35, 0.6),
     "mps": (8.0, 6.0),
-    "cpu": (60.0, 30.0),
 }
 
 #: ZeroGPU: seconds asked for one run are clamped to this range. The upper end is the
@@ -65,11 +65,20 @@ class SpeedModel:
     measured: bool = False
     #: The pipeline's tiling rule ``(height, width, tiled) -> bool``; default: never tile.
     should_tile: Callable[[int, int, bool | None], bool] | None = None
+    #: On the CPU: how the networks run, and their measured speed (None: the defaults).
+    cpu_config: CPUConfig | None = None
+    cpu_timing: CPUTiming | None = None
 
     @classmethod
-    def default(cls, device_type: str, should_tile=None) -> "SpeedModel":
-        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["cpu"])
+    def default(cls, device_type: str, should_tile=None, cpu_config: CPUConfig | None = None) -> "SpeedModel":
+        if device_type == "cpu":
+            return cls(0.0, 0.0, "cpu", should_tile=should_tile, cpu_config=cpu_config or choose_cpu_config())
+        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["mps"])
         return cls(step, fixed, device_type, should_tile=should_tile)
+
+    @classmethod
+    def measured_cpu(cls, config: CPUConfig, timing: CPUTiming, should_tile=None) -> "SpeedModel":
+        return cls(0.0, 0.0, "cpu", measured=True, should_tile=should_tile, cpu_config=config, cpu_timing=timing)
 
     def _tiled(self, width: int, height: int, tiled: bool | None) -> bool:
         if self.should_tile is not None:
@@ -77,7 +86,13 @@ class SpeedModel:
         return bool(tiled)
 
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
-        mpx = processed_megapixels(width, height, self._tiled(width, height, tiled))
+        tiled = self._tiled(width, height, tiled)
+        if self.device == "cpu":
+            tiles = count_tiles(padded(height), padded(width), DEFAULT_TILE, DEFAULT_STRIDE) if tiled else None
+            return estimate_cpu_seconds(
+                width, height, steps, guidance_scale, config=self.cpu_config, timing=self.cpu_timing, tiles=tiles
+            )
+        mpx = processed_megapixels(width, height, tiled)
         return mpx * (self.fixed_s_per_mpx + steps * branches(guidance_scale) * self.step_s_per_mpx)
 
 
