@@ -19,7 +19,8 @@ computes its windows from the symbolic sizes.
 
 Export runs with ``backed_size_oblivious``: the number of attention windows is a
 symbolic size that is 1 for small images, and PyTorch would otherwise specialise the
-program on "one window" (a guard) instead of tracing the general case.
+program on "one window" (a guard) instead of tracing the general case. For the same
+reason the example input is large (:data:`EXAMPLE_LATENT`): Inductor specialises on it.
 
 The replaced ``forward`` of each network (:class:`CompiledNetwork`) keeps the call
 signature the pipeline uses; non-tensor arguments that the programs cannot take
@@ -59,9 +60,14 @@ LATENT_MULTIPLE = 8
 MAX_LATENT_SIDE = 512
 #: Batch sizes compiled by default: one sample, and two with classifier-free guidance.
 BATCH_SIZES = (1, 2)
-#: Example latent size used while exporting (distinct height and width, more than one
-#: multiple of 8, so that no size is mistaken for a constant).
-EXAMPLE_LATENT = (24, 16)
+#: Example latent size used while exporting. Inductor specialises its code on the
+#: example's sizes where it may (ahead of time, nothing checks that later inputs agree):
+#: with one attention window in the example it drops the window index altogether, and
+#: larger images come out as NaN. So the example has at least two windows along both
+#: sides at every level, the ControlNet's deepest included (window 64 at 1/8 of the
+#: latent: more than 512), with distinct height and width. Code made for several
+#: windows is also right for one.
+EXAMPLE_LATENT = (520, 528)
 #: Seconds asked of ZeroGPU for exporting and compiling the three networks.
 ZEROGPU_COMPILE_SECONDS = 1500
 
@@ -155,7 +161,7 @@ def export_network(module: nn.Module, args: tuple, max_side: int = MAX_LATENT_SI
     """``torch.export`` of ``module(*args)`` with the latent height and width dynamic
     (multiples of :data:`LATENT_MULTIPLE` up to ``max_side``) and the batch static."""
     height, width = args[0].shape[-2:]
-    units = max_side // LATENT_MULTIPLE
+    units = max(max_side, height, width) // LATENT_MULTIPLE
     h, w = Dim("latent_height_units", min=1, max=units), Dim("latent_width_units", min=1, max=units)
     shapes = _dynamic_shapes(args, height, width, h, w)
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):

@@ -188,3 +188,26 @@ def test_export_with_dynamic_sizes_covers_every_window_count():
         x, context = torch.randn(1, 16, *hw), torch.randn(1, 5, 12)
         expected = _reference_windows(block, x, context, 64)
         torch.testing.assert_close(run(x, context), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_ahead_of_time_compiled_block_covers_every_window_count():
+    """Inductor (ahead of time, on the CPU) compiles the exported block from the example
+    size the ZeroGPU path uses; the compiled code gives the reference's windows with one
+    window as well as with several (it once dropped the window index, or failed on the
+    scatter that adds the windows back)."""
+    import shutil
+
+    from deblurdiff.aoti import EXAMPLE_LATENT, export_network
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("needs a C++ compiler")
+    block = _block(seed=4)
+    _set_window(block, 64)
+    program = export_network(_BlockCall(block), (torch.randn(1, 16, *EXAMPLE_LATENT), torch.randn(1, 5, 12)))
+    compiled = torch._inductor.aoti_load_package(torch._inductor.aoti_compile_and_package(program))
+    for hw in [(8, 8), (72, 40)]:
+        x, context = torch.randn(1, 16, *hw), torch.randn(1, 5, 12)
+        torch.testing.assert_close(compiled(x, context), _reference_windows(block, x, context, 64),
+                                   rtol=1e-5, atol=1e-5)

@@ -75,6 +75,27 @@ def _window_index(side, k: int, device: torch.device) -> torch.Tensor:
     return starts[:, None] + torch.arange(k, device=device)[None, :]
 
 
+def _overlap_add_by_matmul(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b, h, w):
+    """Sum of the window outputs ``out`` ((n_h * n_w * b, c, kh, kw), window-major) at
+    their places, and the number of windows over each pixel, with two products by
+    one-hot placement matrices: ``total = P_h @ windows @ P_w^T``.
+
+    Used when tracing with symbolic sizes: Inductor's ahead-of-time compilation fails on
+    the ``index_add`` (a scatter) with these sizes, and a product only gathers. The
+    one-hot factors are exact; the sums may round in another order than ``index_add``.
+    """
+    n_h, kh = rows.shape
+    n_w, kw = cols.shape
+    c = out.shape[1]
+    windows = out.view(n_h, n_w, b, c, kh, kw).permute(2, 3, 0, 4, 1, 5)
+    windows = windows.clone(memory_format=torch.contiguous_format).view(b, c, n_h * kh, n_w * kw)
+    place_h = (rows.reshape(n_h * kh)[None, :] == torch.arange(h, device=out.device)[:, None]).to(out.dtype)
+    place_w = (cols.reshape(n_w * kw)[None, :] == torch.arange(w, device=out.device)[:, None]).to(out.dtype)
+    total = torch.matmul(torch.matmul(place_h, windows), place_w.t())
+    count = place_h.sum(1)[:, None] * place_w.sum(1)[None, :]
+    return total, count
+
+
 def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
     """``Transformer2DModel.forward`` run on the reference's windows of ``hidden_states``.
 
@@ -119,10 +140,13 @@ def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwa
     # The residual is the same in every window covering a pixel, so averaging the
     # full outputs equals averaging the transformer's part and adding the residual.
     c_out = out.shape[1]
-    out = out.clone(memory_format=torch.contiguous_format).view(n, b, c_out, kh * kw).permute(1, 2, 0, 3)
-    out = out.clone(memory_format=torch.contiguous_format).view(b, c_out, n * kh * kw)
-    total = out.new_zeros(b, c_out, h * w).index_add(2, pixels, out).view(b, c_out, h, w)
-    count = out.new_zeros(h * w).index_add(0, pixels, out.new_ones(n * kh * kw)).view(h, w)
+    if symbolic:
+        total, count = _overlap_add_by_matmul(out, rows, cols, b, h, w)
+    else:
+        out = out.clone(memory_format=torch.contiguous_format).view(n, b, c_out, kh * kw).permute(1, 2, 0, 3)
+        out = out.clone(memory_format=torch.contiguous_format).view(b, c_out, n * kh * kw)
+        total = out.new_zeros(b, c_out, h * w).index_add(2, pixels, out).view(b, c_out, h, w)
+        count = out.new_zeros(h * w).index_add(0, pixels, out.new_ones(n * kh * kw)).view(h, w)
     result = total / count
     if not return_dict:
         return (result,)
