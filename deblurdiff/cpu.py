@@ -28,6 +28,8 @@ from typing import Callable
 
 import torch
 
+from .tiling import padded
+
 __all__ = [
     "CPUConfig",
     "CPUFeatures",
@@ -317,12 +319,8 @@ def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2
          callback_on_step_end=stamp)
     total = time.perf_counter() - start
     step = stamps[-1] - stamps[-2] if len(stamps) >= 2 else total / (steps + 1)
-    mpx = _padded(width) * _padded(height) / 1e6
+    mpx = padded(width) * padded(height) / 1e6
     return CPUTiming(step / mpx, max(total - steps * step, 0.0) / mpx, width, height)
-
-
-def _padded(n: int) -> int:
-    return -(-n // 64) * 64
 
 
 # Measured on an AMD EPYC (2 threads, AVX-512 BF16), full-size random weights, 512×512,
@@ -359,18 +357,18 @@ def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: fl
     untiled). With a compiling configuration, networks run compiled only at the warm-up
     size (whole image, or tiles of that size) and eagerly otherwise."""
     config = config or choose_cpu_config(compile=False)
-    image_mpx = _padded(width) * _padded(height) / 1e6
+    image_mpx = padded(width) * padded(height) / 1e6
     branches = 2 if guidance_scale and float(guidance_scale) > 1.0 else 1
     default_step, default_fixed = DEFAULT_CPU_SPEEDS[(config.dtype_name, config.compile)]
     if timing is not None:
         step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
-        at_mpx = _padded(timing.width) * _padded(timing.height) / 1e6
-        warm = (_padded(timing.width), _padded(timing.height))
+        at_mpx = padded(timing.width) * padded(timing.height) / 1e6
+        warm = (padded(timing.width), padded(timing.height))
     else:
         scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
         step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
         warm = config.warmup_size
-    pass_size = (tile_size, tile_size) if tiles else (_padded(width), _padded(height))
+    pass_size = (tile_size, tile_size) if tiles else (padded(width), padded(height))
     if config.compile and pass_size != tuple(warm):
         step *= DEFAULT_CPU_SPEEDS[(config.dtype_name, False)][0] / default_step  # runs eagerly
     pass_mpx = pass_size[0] * pass_size[1] / 1e6

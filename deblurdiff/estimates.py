@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds
-from .tiling import count_tiles
+from .tiling import count_tiles, padded
 
-SIZE_MULTIPLE = 64
 DEFAULT_TILE = 512
 DEFAULT_STRIDE = 256
 
@@ -34,10 +33,6 @@ MAX_GPU_SECONDS = 300
 #: Seconds asked for = overhead + margin × estimate.
 GPU_OVERHEAD_SECONDS = 10
 GPU_MARGIN = 1.5
-
-
-def padded(n: int) -> int:
-    return -(-int(n) // SIZE_MULTIPLE) * SIZE_MULTIPLE
 
 
 def processed_megapixels(
@@ -88,7 +83,7 @@ class SpeedModel:
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
         tiled = self._tiled(width, height, tiled)
         if self.device == "cpu":
-            tiles = count_tiles(padded(height), padded(width), DEFAULT_TILE, DEFAULT_STRIDE) if tiled else None
+            tiles = count_tiles(height, width, DEFAULT_TILE, DEFAULT_STRIDE) if tiled else None
             return estimate_cpu_seconds(
                 width, height, steps, guidance_scale, config=self.cpu_config, timing=self.cpu_timing, tiles=tiles
             )

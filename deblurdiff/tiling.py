@@ -78,11 +78,14 @@ def latent_windows(latent_height: int, latent_width: int, tile_size: int, tile_s
     return sliding_windows(latent_height, latent_width, tile_size // 8, tile_stride // 8)
 
 
+def padded(side: int) -> int:
+    """An image side rounded up to the multiple of 64 that the pipeline pads it to."""
+    return math.ceil(side / SIZE_MULTIPLE) * SIZE_MULTIPLE
+
+
 def count_tiles(height: int, width: int, tile_size: int = 512, tile_stride: int = 256) -> int:
     """How many tiles cover an image of ``height`` × ``width`` pixels (padded to 64)."""
-    lh = math.ceil(height / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
-    lw = math.ceil(width / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
-    return len(latent_windows(lh, lw, tile_size, tile_stride))
+    return len(latent_windows(padded(height) // 8, padded(width) // 8, tile_size, tile_stride))
 
 
 def gaussian_weights(
@@ -274,8 +277,7 @@ def estimate_peak_memory(
     """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
     pipeline call on a ``height`` × ``width`` image (padded to 64). Tiled, the networks and
     the VAE see ``tile_batch_size`` tiles at a time."""
-    lh = math.ceil(height / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
-    lw = math.ceil(width / SIZE_MULTIPLE) * SIZE_MULTIPLE // 8
+    lh, lw = padded(height) // 8, padded(width) // 8
     pixels = lh * lw
     if tiled:
         tile = tile_size // 8
