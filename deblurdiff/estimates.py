@@ -104,17 +104,21 @@ def gpu_limit_advice(
     speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None
 ) -> str | None:
     """None when the run fits in one ZeroGPU task; otherwise what would fit, for the user."""
-    if fits_gpu_limit(speed.seconds(width, height, steps, guidance_scale, tiled)):
+
+    def fits(w: int, h: int, n: int) -> bool:
+        return fits_gpu_limit(speed.seconds(w, h, n, guidance_scale, tiled))
+
+    estimate = speed.seconds(width, height, steps, guidance_scale, tiled)
+    if fits_gpu_limit(estimate):
         return None
-    budget = (MAX_GPU_SECONDS - GPU_OVERHEAD_SECONDS) / GPU_MARGIN
-    most_steps = max(s for s in range(0, steps) if s == 0 or speed.seconds(width, height, s, guidance_scale, tiled) <= budget)
+    most_steps = max(s for s in range(0, steps) if s == 0 or fits(width, height, s))
     head = (
-        f"This run would take about {speed.seconds(width, height, steps, guidance_scale, tiled):.0f} s of GPU time "
+        f"This run would take about {estimate:.0f} s of GPU time "
         f"(an estimate), more than the {MAX_GPU_SECONDS} s one ZeroGPU run may last."
     )
     # The largest image of the same aspect ratio on which the requested steps fit.
     scale = 1.0
-    while scale > 0.02 and speed.seconds(int(width * scale), int(height * scale), steps, guidance_scale, tiled) > budget:
+    while scale > 0.02 and not fits(int(width * scale), int(height * scale), steps):
         scale *= 0.97
     resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
     if most_steps >= 1:
