@@ -223,7 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("nothing to do: no input images")
         return EXIT_USAGE
 
-    from .loading import RANDOM_TINY, ModelUnavailableError, load_pipeline
+    from .loading import MODEL_ENV, RANDOM_TINY, ModelUnavailableError, load_pipeline
+    from .weights import OFFICIAL_LABEL
 
     model = RANDOM_TINY if args.dev_random_weights else args.model
     try:
@@ -249,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = plan_outputs(items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite)
-    model_name = RANDOM_TINY if untrained else (args.model or os.environ.get("DEBLURDIFF_MODEL") or "kkkls/DeblurDiff official checkpoint")
+    model_name = RANDOM_TINY if untrained else (args.model or os.environ.get(MODEL_ENV) or OFFICIAL_LABEL)
     print(
         f"{len(items)} image(s), {options.steps} steps, seed {options.seed}, guidance {options.guidance_scale:g}, "
         f"device {pipe.device} → {out_dir}",
