@@ -21,6 +21,8 @@ Configurations (``--configs``; default: all that make sense on this CPU):
   fp32            float32, eager (this project's default before CPU tuning)
   fp32-cl         float32, eager, channels-last
   fp32-compile    float32, torch.compile (Inductor, frozen weights)
+  fp32-winograd   float32, eager, Winograd F(4×4, 3×3) / unfolded 3×3 convolutions
+                  (the configuration chosen without native bf16)
   bf16            bfloat16, eager              (only with native bf16: AVX-512 BF16 or AMX)
   bf16-compile    bfloat16, torch.compile      (only with native bf16)
   fp32-int8       float32 with dynamic int8 linear layers (costs quality; never a default)
@@ -55,7 +57,9 @@ from deblurdiff.cpu import (  # noqa: E402
     compile_for_cpu,
     cpu_features,
     describe_cpu,
+    winograd_budget_bytes,
 )
+from deblurdiff.ops.winograd import WinogradBudget, disable_winograd, enable_winograd, winograd_bytes  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
 NETWORKS = ("unet", "controlnet", "lkpn")
@@ -63,11 +67,12 @@ CONFIGS = {
     "fp32": dict(dtype=torch.float32),
     "fp32-cl": dict(dtype=torch.float32, channels_last=True),
     "fp32-compile": dict(dtype=torch.float32, compile=True),
+    "fp32-winograd": dict(dtype=torch.float32, winograd=True),
     "bf16": dict(dtype=torch.bfloat16),
     "bf16-compile": dict(dtype=torch.bfloat16, compile=True),
     "fp32-int8": dict(dtype=torch.float32, int8=True),
 }
-DEFAULT_CONFIGS = ("fp32", "fp32-compile", "bf16", "bf16-compile")
+DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16")
 MODEL_T = 500
 
 
@@ -192,6 +197,10 @@ def configure(pipe, name: str) -> None:
         if config.compile:
             compile_for_cpu(module)
             module._cpu_compile_open = True
+    if spec.get("winograd"):
+        budget = WinogradBudget(winograd_budget_bytes())
+        for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
+            enable_winograd(module, budget=budget)
     if spec.get("int8"):
         from torch.ao.quantization import quantize_dynamic
 
@@ -201,7 +210,9 @@ def configure(pipe, name: str) -> None:
 
 
 def unconfigure(pipe) -> None:
-    """Drop compiled graphs (and their frozen weight copies)."""
+    """Drop compiled graphs (and their frozen weight copies) and Winograd filters."""
+    for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
+        disable_winograd(module)
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
         for attr in ("_cpu_compiled", "_cpu_compiled_shapes", "_cpu_compile_open"):
             module.__dict__.pop(attr, None)
@@ -303,15 +314,17 @@ def main(argv=None) -> None:
                    ref=statistics.median(ref_s) if ref_s else None, ratio=statistics.median(ratios) if ratios else None)
         rows.append(row)
         ref_text = f", reference {row['ref']:.2f} s, ratio {row['ratio']:.2f}×" if ratios else ""
-        print(f"  {name}: {row['ours']:.2f} s per call (first {first:.1f} s){ref_text}, RSS {rss_gb():.1f} GB, "
-              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        extra = sum(winograd_bytes(getattr(pipe, n)) for n in NETWORKS)
+        extra_text = f" (Winograd filters {extra / 2**30:.2f} GB)" if extra else ""
+        print(f"  {name}: {row['ours']:.2f} s per call (first {first:.1f} s){ref_text}, RSS {rss_gb():.1f} GB"
+              f"{extra_text}, load {os.getloadavg()[0]:.2f}", flush=True)
         if name == "fp32" and args.eac_share:
             from deblurdiff.ops import eac
 
             with torch.no_grad():
                 kernels = pipe.lkpn.predict_kernels(c, x, t.expand(1), text)
                 _, eac_s, _ = timed(lambda: eac(c, kernels, residual=True), 5)
-        if CONFIGS[name].get("compile"):
+        if CONFIGS[name].get("compile") or CONFIGS[name].get("winograd"):
             unconfigure(pipe)
 
     size = args.latent * 8

@@ -3,8 +3,10 @@ compilation with a visible warm-up, and time estimates.
 
 bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX);
 elsewhere oneDNN emulates it and a model call becomes over 100× slower than float32,
-so bfloat16 is chosen only after checking for those features. Everything chosen here
-keeps results within rounding of float32 (bfloat16 where native: the pipeline's GPU
+so bfloat16 is chosen only after checking for those features. Without them, float32
+runs its 3×3 convolutions by Winograd's algorithm or one unfolded matrix product
+(:mod:`deblurdiff.ops.winograd`), 1.2× a whole model call on AVX2. Everything chosen
+here keeps results within rounding of float32 (bfloat16 where native: the pipeline's GPU
 precision); nothing that costs quality is turned on by default.
 
 Typical use (app or CLI, once at start)::
@@ -28,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from .ops.winograd import WinogradBudget, enable_winograd
 from .tiling import padded
 
 __all__ = [
@@ -47,6 +50,16 @@ __all__ = [
 #: (benchmarks/results/cpu_model_call.md) it saved 9% of a float32 call and nothing in
 #: bfloat16, for 10-15 minutes of compilation at start on a 2-core machine.
 COMPILE_ENV = "DEBLURDIFF_CPU_COMPILE"
+
+#: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
+#: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
+WINOGRAD_ENV = "DEBLURDIFF_CPU_WINOGRAD"
+
+#: At most this share of the machine's memory (and never more than
+#: WINOGRAD_MAX_BYTES) holds transformed Winograd filters; convolutions beyond it run
+#: directly. A 512² image needs about 1.7 GB for the UNet, ControlNet and LKPN.
+WINOGRAD_MEMORY_SHARE = 0.15
+WINOGRAD_MAX_BYTES = 4 * 2**30
 
 # oneDNN's ISA names, lowest first; a cap below the native-bf16 ones disables them.
 _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
@@ -128,11 +141,15 @@ def cpu_features() -> CPUFeatures:
 @dataclass(frozen=True)
 class CPUConfig:
     """How the networks run on the CPU. ``compile``: torch.compile (Inductor, weights
-    frozen into the graph) for the warmed-up image size; other sizes run eagerly."""
+    frozen into the graph) for the warmed-up image size; other sizes run eagerly.
+    ``winograd``: float32 3×3 convolutions by Winograd's F(4×4, 3×3) on feature maps of
+    32 pixels and more, by one unfolded matrix product on smaller ones
+    (:func:`deblurdiff.ops.winograd.enable_winograd`; float32-level results)."""
 
     dtype: torch.dtype = torch.float32
     compile: bool = False
     channels_last: bool = False
+    winograd: bool = False
     warmup_size: tuple[int, int] = (512, 512)
     reason: str = ""
 
@@ -142,24 +159,32 @@ class CPUConfig:
 
     def describe(self) -> str:
         parts = [self.dtype_name, "torch.compile (Inductor, frozen weights)" if self.compile else "eager"]
+        if self.winograd:
+            parts.append("Winograd 3×3 convolutions")
         if self.channels_last:
             parts.append("channels-last")
         text = ", ".join(parts)
         return f"{text} — {self.reason}" if self.reason else text
 
 
-def _compile_wanted(requested: bool | None) -> bool:
+def _switch(env: str, requested: bool | None, default: bool) -> bool:
     if requested is not None:
         return bool(requested)
-    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
 
 
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
-                      compile: bool | None = None) -> CPUConfig:
+                      compile: bool | None = None, winograd: bool | None = None) -> CPUConfig:
     """The fastest configuration that keeps float32-level results on this CPU.
 
-    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32; eager
-    unless ``compile=True`` or ``DEBLURDIFF_CPU_COMPILE=1``. ``dtype``
+    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32 with
+    Winograd convolutions (unless ``winograd=False`` or ``DEBLURDIFF_CPU_WINOGRAD=0``);
+    eager unless ``compile=True`` or ``DEBLURDIFF_CPU_COMPILE=1``. ``dtype``
     ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested on a CPU
     without native support raises a ValueError saying why."""
     features = features or cpu_features()
@@ -186,9 +211,11 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
         reason = "float32 as requested"
     else:
         raise ValueError(f"CPU dtype must be float32 or bfloat16, got {dtype}")
-    use_compile = _compile_wanted(compile)
+    use_compile = _switch(COMPILE_ENV, compile, False)
     reason += "; compiled" if use_compile else f"; eager (set {COMPILE_ENV}=1 to compile)"
-    return CPUConfig(dtype=dtype, compile=use_compile, reason=reason)
+    # Winograd runs float32 only; bfloat16 convolutions are oneDNN's (fast where native).
+    use_winograd = dtype == torch.float32 and _switch(WINOGRAD_ENV, winograd, True)
+    return CPUConfig(dtype=dtype, compile=use_compile, winograd=use_winograd, reason=reason)
 
 
 # ----------------------------------------------------------------------------------
@@ -261,6 +288,15 @@ class CPUTiming:
     height: int
 
 
+def winograd_budget_bytes() -> int:
+    """Bytes that transformed Winograd filters may take on this machine."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return int(min(WINOGRAD_MAX_BYTES, WINOGRAD_MEMORY_SHARE * total))
+
+
 def _networks(pipe):
     return (pipe.unet, pipe.controlnet, pipe.lkpn.unet)
 
@@ -281,6 +317,10 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
     if config.channels_last:
         for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
             module.to(memory_format=torch.channels_last)
+    if config.winograd and config.dtype == torch.float32:
+        budget = WinogradBudget(winograd_budget_bytes())
+        for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
+            enable_winograd(module, budget=budget)
     width, height = config.warmup_size
     small = sum(p.numel() for p in pipe.unet.parameters()) < MIN_COMPILE_PARAMETERS
     if config.compile and small:
@@ -334,6 +374,10 @@ DEFAULT_CPU_SPEEDS = {
     ("bfloat16", False): (6.5, 28.8),
     ("bfloat16", True): (6.5, 28.8),  # compiled: 2.09× vs 2.10× the reference per call
 }
+# Winograd convolutions (float32): (per step, VAE encode + decode) speed-ups measured at
+# 512² on 2 AVX2 cores, Intel Xeon capped at AVX2 (benchmarks/results/cpu_estimate.txt):
+# 39.1 -> 27.9 s per step per megapixel, VAE 24.8 -> 18.0 s.
+WINOGRAD_SPEEDUP = (1.40, 1.38)
 # Time grows faster than the pixel count (activations outgrow the caches; the VAE's
 # middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
 # megapixels ** 1.14, from float32 eager at 512² and 1024² (5.7× and 4.9× for 4× pixels).
@@ -367,6 +411,8 @@ def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: fl
     else:
         scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
         step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
+        if config.winograd:
+            step, fixed = step / WINOGRAD_SPEEDUP[0], fixed / WINOGRAD_SPEEDUP[1]
         warm = config.warmup_size
     pass_size = (tile_size, tile_size) if tiles else (padded(width), padded(height))
     if config.compile and pass_size != tuple(warm):

@@ -21,6 +21,33 @@ def test_float32_without_native_bf16():
     assert "no native bfloat16" in config.describe()
 
 
+def test_winograd_with_float32_only(monkeypatch):
+    monkeypatch.delenv(cpu.WINOGRAD_ENV, raising=False)
+    assert choose_cpu_config(features()).winograd
+    assert "Winograd" in choose_cpu_config(features()).describe()
+    assert not choose_cpu_config(features(bf16=True)).winograd  # bfloat16: oneDNN's convolutions
+    assert not choose_cpu_config(features(bf16=True), dtype="fp32", winograd=False).winograd
+    monkeypatch.setenv(cpu.WINOGRAD_ENV, "0")
+    assert not choose_cpu_config(features()).winograd
+    assert "Winograd" not in choose_cpu_config(features()).describe()
+    assert choose_cpu_config(features(), winograd=True).winograd
+
+
+def test_prepared_pipeline_runs_winograd_within_float32_rounding():
+    from conftest import tiny_pipeline
+
+    from deblurdiff.ops.winograd import winograd_bytes
+
+    direct, fast = tiny_pipeline(), tiny_pipeline()
+    cpu.prepare_cpu_pipeline(fast, CPUConfig(dtype=torch.float32, winograd=True), measure=False)
+    image = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(0))
+    outputs = [pipe(image, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np").images
+               for pipe in (direct, fast)]
+    assert sum(winograd_bytes(m) for m in (fast.unet, fast.controlnet, fast.lkpn, fast.vae)) > 0
+    assert abs(outputs[0] - outputs[1]).max() < 1e-4
+    assert 0 < cpu.winograd_budget_bytes() <= cpu.WINOGRAD_MAX_BYTES
+
+
 @pytest.mark.parametrize("bf16, amx, name", [(True, False, "AVX-512 BF16"), (False, True, "AMX")])
 def test_bfloat16_with_native_support(bf16, amx, name):
     config = choose_cpu_config(features(bf16, amx), compile=False)
@@ -136,6 +163,16 @@ def test_compiled_config_estimates_other_sizes_at_the_eager_speed():
     # Tiles of the warm-up size run compiled.
     tiled = estimate_cpu_seconds(1024, 768, 1, config=compiled, timing=timing, tiles=6)
     assert tiled == pytest.approx(6 * estimate_cpu_seconds(512, 512, 1, config=compiled, timing=timing))
+
+
+def test_winograd_config_estimates_faster_until_measured():
+    direct = estimate_cpu_seconds(512, 512, 10, config=CPUConfig(dtype=torch.float32))
+    fast = estimate_cpu_seconds(512, 512, 10, config=CPUConfig(dtype=torch.float32, winograd=True))
+    assert direct / cpu.WINOGRAD_SPEEDUP[0] <= fast <= direct / cpu.WINOGRAD_SPEEDUP[1]
+    timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=4.0, width=512, height=512)
+    measured = [estimate_cpu_seconds(512, 512, 10, config=CPUConfig(dtype=torch.float32, winograd=w), timing=timing)
+                for w in (False, True)]
+    assert measured[0] == measured[1]  # a measurement already includes it
 
 
 def test_describe_cpu_names_the_features():

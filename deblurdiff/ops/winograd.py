@@ -1,0 +1,244 @@
+"""3×3 convolutions by Winograd's minimal filtering, F(m×m, 3×3), for float32 on the CPU.
+
+A 3×3 convolution computes each m×m output tile from an (m+2)×(m+2) input tile with
+9·m² multiplications; Winograd's algorithm does it with (m+2)² (Lavin & Gray, 2015):
+the input tiles and the filters are transformed (``V = Bᵀ d B``, ``U = G g Gᵀ``), the
+transformed values are multiplied channel-wise, which is one batched matrix product
+over the (m+2)² positions, and the result is transformed back (``Y = Aᵀ M A``).
+F(2×2, 3×3) needs 2.25× fewer multiplications, F(4×4, 3×3) 4× fewer; both leave the
+arithmetic to MKL's GEMM, which runs closer to the CPU's peak than oneDNN's direct
+convolution does on AVX2. The filters are transformed once (in float64) and kept.
+
+Accuracy, the largest error against float64 relative to the output's largest value, on
+random data (``tests/test_winograd.py``, ``benchmarks/bench_winograd.py``): F(2, 3)
+about 4e-7, F(4, 3) 4e-6 to 1.4e-5; oneDNN's own float32 convolution gives 3e-7 to 9e-7
+with AVX-512 and 2e-6 to 9e-6 with AVX2 alone. That is float32-level (the TF32
+convolutions that PyTorch runs by default on recent GPUs, where the reference runs,
+round to about 1e-3).
+
+Memory: the transformed filters take (m+2)²/9 of the filter's size (1.8× for m = 2,
+4× for m = 4), on top of the original weights, which stay as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DEFAULT_PLAN",
+    "WINOGRAD_TILES",
+    "WinogradBudget",
+    "im2col_conv2d",
+    "disable_winograd",
+    "enable_winograd",
+    "winograd_bytes",
+    "winograd_conv2d",
+    "winograd_filters",
+    "winograd_matrices",
+    "winograd_supported",
+]
+
+WINOGRAD_TILES = (2, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(Bᵀ, G, Aᵀ)`` of F(m, 3) in float64: interpolation points 0, ±1 (m = 2) and
+    0, ±1, ±2 (m = 4), each with the point at infinity."""
+    if m == 2:
+        bt = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+        g = [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]]
+        at = [[1, 1, 1, 0], [0, 1, -1, -1]]
+    elif m == 4:
+        bt = [[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+              [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]]
+        g = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+             [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+        at = [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]]
+    else:
+        raise ValueError(f"Winograd tile size must be one of {WINOGRAD_TILES}, got {m}")
+    return tuple(torch.tensor(a, dtype=torch.float64) for a in (bt, g, at))
+
+
+def winograd_supported(conv: torch.nn.Module) -> bool:
+    """A plain 3×3 convolution with stride 1, zero padding 1, no dilation or groups."""
+    return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def winograd_filters(weight: torch.Tensor, m: int) -> torch.Tensor:
+    """``U = G g Gᵀ`` for every filter: (K, C, 3, 3) -> ((m+2)², K, C), computed in float64
+    (one product with G ⊗ G) and returned in ``weight``'s dtype."""
+    if weight.ndim != 4 or weight.shape[-2:] != (3, 3):
+        raise ValueError(f"expected (K, C, 3, 3) filters, got {tuple(weight.shape)}")
+    _, g, _ = winograd_matrices(m)
+    k, c = weight.shape[:2]
+    kron = torch.kron(g, g).to(weight.device)  # ((m+2)², 9): U[p·a + q] = Σ G[p, i] G[q, j] g[i, j]
+    u = torch.mm(weight.detach().reshape(k * c, 9).to(torch.float64), kron.T)
+    return u.T.to(weight.dtype).reshape(-1, k, c).contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _transforms(m: int, channels: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input transform as a grouped convolution's weight ((m+2)²·C, 1, m+2, m+2) and
+    the output transform as an (m², (m+2)²) matrix."""
+    bt, _, at = winograd_matrices(m)
+    a = m + 2
+    input_kernel = torch.einsum("pi,qj->pqij", bt, bt).reshape(a * a, 1, a, a)
+    output = torch.einsum("pi,qj->pqij", at, at).reshape(m * m, a * a)
+    return input_kernel.repeat(channels, 1, 1, 1).to(dtype), output.to(dtype)
+
+
+def winograd_conv2d(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None, m: int) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3×3 ``weight``, given its
+    :func:`winograd_filters` ``filters`` (same ``m``). Any height and width (the last
+    tiles are cut to size); no autograd formula is needed (inference only)."""
+    b, c, h, w = x.shape
+    a = m + 2
+    taps, k, c_filters = filters.shape
+    if taps != a * a or c_filters != c:
+        raise ValueError(f"filters of shape {tuple(filters.shape)} do not fit F({m}, 3) and {c} input channels")
+    input_kernel, output_transform = _transforms(m, c, x.dtype)
+    th, tw = -(-h // m), -(-w // m)
+    x = x.contiguous()
+    if th * m != h or tw * m != w:  # pad the bottom and right so that the tiles cover the image
+        x = F.pad(x, (0, tw * m - w, 0, th * m - h))
+    # Every (m+2)×(m+2) tile with stride m, transformed: (B, C·(m+2)², th, tw).
+    v = F.conv2d(x, input_kernel, stride=m, padding=1, groups=c)
+    tiles = th * tw
+    # (positions, C, B·tiles); a strided view for one image, which MKL reads as it is.
+    v = v.view(b, c, a * a, tiles).permute(2, 1, 0, 3)
+    v = v.reshape(a * a, c, b * tiles) if b > 1 else v.squeeze(2)
+    products = torch.bmm(filters, v)  # (positions, K, B·tiles)
+    y = torch.mm(output_transform, products.view(a * a, -1))  # (m·m, K·B·tiles)
+    y = y.view(m, m, k, b, th, tw).permute(3, 2, 4, 0, 5, 1)  # (B, K, th, m, tw, m)
+    out = torch.empty((b, k, th, m, tw, m), dtype=x.dtype, device=x.device)
+    if bias is None:
+        out.copy_(y)
+    else:
+        torch.add(y, bias.view(1, k, 1, 1, 1, 1), out=out)
+    out = out.view(b, k, th * m, tw * m)
+    return out[:, :, :h, :w].contiguous() if th * m != h or tw * m != w else out
+
+
+# ----------------------------------------------------------------------------------
+# Using it in a model
+# ----------------------------------------------------------------------------------
+
+
+class WinogradBudget:
+    """Bytes that transformed filters may take, shared by the convolutions of a model
+    (filters are transformed when a convolution first runs at a size that uses them)."""
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes
+        self.used = 0
+
+    def take(self, nbytes: int) -> bool:
+        if self.max_bytes is not None and self.used + nbytes > self.max_bytes:
+            return False
+        self.used += nbytes
+        return True
+
+
+def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3×3 ``weight`` as one matrix product
+    over the unfolded input. On small feature maps with many channels this beats
+    oneDNN's convolution, which reorders the whole filter bank at every call."""
+    b, _, h, w = x.shape
+    k = weight.shape[0]
+    cols = F.unfold(x, 3, padding=1)  # (B, C·9, H·W)
+    flat = weight.reshape(k, -1)
+    if b == 1:
+        out = torch.mm(flat, cols[0]) if bias is None else torch.addmm(bias[:, None], flat, cols[0])
+        return out.view(1, k, h, w)
+    out = torch.matmul(flat, cols)
+    if bias is not None:
+        out += bias[:, None]
+    return out.view(b, k, h, w)
+
+
+#: Which F(m, 3) runs at which feature-map size (the smaller side, at least). Measured
+#: per convolution on 2 AVX2 cores against oneDNN (benchmarks/results/winograd_cpu.md):
+#: F(4, 3) 1.5-2.3× at 32² and 64², F(2, 3) 2.0-2.7× at 16² and 8², unfolding 1.2-2.3×
+#: at 16² and 8². In a whole 512² model call adding ``(16, 2)`` gained 3.5% for 1.8 GB
+#: more filters, so by default the maps under 32² are unfolded instead.
+DEFAULT_PLAN = ((32, 4),)
+
+
+def _winograd_forward(self, x: torch.Tensor) -> torch.Tensor:
+    if (x.ndim == 4 and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()):
+        side = min(x.shape[-2:])
+        tile = next((m for min_side, m in self._winograd_plan if side >= min_side), None)
+        filters = _cached_filters(self, tile) if tile is not None else None
+        if filters is not None:
+            return winograd_conv2d(x, filters, self.bias, tile)
+        if side <= self._im2col_max_size:
+            return im2col_conv2d(x, self.weight, self.bias)
+    return type(self).forward(self, x)
+
+
+def _cached_filters(conv, tile: int) -> torch.Tensor | None:
+    """The filters for F(tile, 3), transformed again when the weights changed; None
+    when the budget has no room for them."""
+    weight = conv.weight
+    # Inference tensors (made under torch.inference_mode) keep no version counter.
+    key = (weight.data_ptr(), None if weight.is_inference() else weight._version, weight.dtype)
+    cached_key, filters = conv._winograd_cache.get(tile, (None, None))
+    if cached_key == key:
+        return filters
+    if filters is not None:
+        conv._winograd_budget.used -= filters.numel() * filters.element_size()
+    nbytes = (tile + 2) ** 2 * conv.out_channels * conv.in_channels * conv.weight.element_size()
+    filters = winograd_filters(conv.weight, tile) if conv._winograd_budget.take(nbytes) else None
+    conv._winograd_cache[tile] = (key, filters)
+    return filters
+
+
+def enable_winograd(module: torch.nn.Module, plan: tuple[tuple[int, int], ...] = DEFAULT_PLAN,
+                    im2col_max_size: int = 16, budget: WinogradBudget | int | None = None) -> int:
+    """Run ``module``'s plain 3×3 convolutions faster where the input is float32 on the
+    CPU and no gradient is being recorded (everything else runs as before).
+
+    ``plan``: ``(min_side, m)`` pairs, largest first: F(m, 3) on inputs whose smaller
+    side is at least ``min_side``. Inputs no Winograd tile is planned for (or whose
+    filters do not fit the budget) with sides of at most ``im2col_max_size`` run by
+    :func:`im2col_conv2d`, the rest by oneDNN as before.
+
+    Transformed filters are made when a convolution first runs at a size that uses them,
+    and kept; ``budget`` (bytes, or a :class:`WinogradBudget` shared between models) caps
+    them. Returns the number of convolutions set up."""
+    for _, tile in plan:
+        if tile not in WINOGRAD_TILES:
+            raise ValueError(f"Winograd tile size must be one of {WINOGRAD_TILES}, got {tile}")
+    if not isinstance(budget, WinogradBudget):
+        budget = WinogradBudget(budget)
+    plan = tuple(sorted(plan, reverse=True))
+    count = 0
+    for conv in module.modules():
+        if not winograd_supported(conv):
+            continue
+        conv._winograd_plan, conv._im2col_max_size, conv._winograd_budget = plan, im2col_max_size, budget
+        conv._winograd_cache = {}
+        conv.forward = _winograd_forward.__get__(conv)
+        count += 1
+    return count
+
+
+def disable_winograd(module: torch.nn.Module) -> None:
+    """Undo :func:`enable_winograd` (and free the transformed filters)."""
+    for conv in module.modules():
+        if "_winograd_cache" in conv.__dict__:
+            for name in ("forward", "_winograd_plan", "_im2col_max_size", "_winograd_budget", "_winograd_cache"):
+                conv.__dict__.pop(name, None)
+
+
+def winograd_bytes(module: torch.nn.Module) -> int:
+    """Bytes held by the transformed filters of ``module``'s convolutions."""
+    return sum(f.numel() * f.element_size() for conv in module.modules()
+               for _, f in conv.__dict__.get("_winograd_cache", {}).values() if f is not None)
