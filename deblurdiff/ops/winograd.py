@@ -165,8 +165,8 @@ def im2col_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 #: Which F(m, 3) runs at which feature-map size (the smaller side, at least). Measured
 #: per convolution on 2 AVX2 cores against oneDNN (benchmarks/results/winograd_cpu.md):
 #: F(4, 3) 1.5-2.3× at 32² and 64², F(2, 3) 2.0-2.7× at 16² and 8², unfolding 1.2-2.3×
-#: at 16² and 8². In a whole 512² model call adding ``(16, 2)`` gained 3.5% for 1.8 GB
-#: more filters, so by default the maps under 32² are unfolded instead.
+#: at 16² and 8². In a whole 512² model call, adding ``(16, 2)`` gained only a few
+#: percent for 1.8 GB more filters, so by default the maps under 32² are unfolded instead.
 DEFAULT_PLAN = ((32, 4),)
 
 
