@@ -57,9 +57,9 @@ from deblurdiff.cpu import (  # noqa: E402
     compile_for_cpu,
     cpu_features,
     describe_cpu,
-    winograd_budget_bytes,
+    enable_cpu_winograd,
 )
-from deblurdiff.ops.winograd import WinogradBudget, disable_winograd, enable_winograd, winograd_bytes  # noqa: E402
+from deblurdiff.ops.winograd import disable_winograd, winograd_bytes  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
 NETWORKS = ("unet", "controlnet", "lkpn")
@@ -198,9 +198,7 @@ def configure(pipe, name: str) -> None:
             compile_for_cpu(module)
             module._cpu_compile_open = True
     if spec.get("winograd"):
-        budget = WinogradBudget(winograd_budget_bytes())
-        for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
-            enable_winograd(module, budget=budget)
+        enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn)
     if spec.get("int8"):
         from torch.ao.quantization import quantize_dynamic
 

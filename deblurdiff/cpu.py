@@ -41,6 +41,7 @@ __all__ = [
     "compile_for_cpu",
     "cpu_features",
     "describe_cpu",
+    "enable_cpu_winograd",
     "measure_cpu_timing",
     "estimate_cpu_seconds",
     "prepare_cpu_pipeline",
@@ -297,6 +298,13 @@ def winograd_budget_bytes() -> int:
     return int(min(WINOGRAD_MAX_BYTES, WINOGRAD_MEMORY_SHARE * total))
 
 
+def enable_cpu_winograd(*modules: torch.nn.Module) -> None:
+    """Winograd convolutions for ``modules``, their filters sharing this machine's budget."""
+    budget = WinogradBudget(winograd_budget_bytes())
+    for module in modules:
+        enable_winograd(module, budget=budget)
+
+
 def _networks(pipe):
     return (pipe.unet, pipe.controlnet, pipe.lkpn.unet)
 
@@ -318,9 +326,7 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
         for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
             module.to(memory_format=torch.channels_last)
     if config.winograd and config.dtype == torch.float32:
-        budget = WinogradBudget(winograd_budget_bytes())
-        for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
-            enable_winograd(module, budget=budget)
+        enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae)
     width, height = config.warmup_size
     small = sum(p.numel() for p in pipe.unet.parameters()) < MIN_COMPILE_PARAMETERS
     if config.compile and small:
