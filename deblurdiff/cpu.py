@@ -58,7 +58,8 @@ WINOGRAD_ENV = "DEBLURDIFF_CPU_WINOGRAD"
 
 #: At most this share of the machine's memory (and never more than
 #: WINOGRAD_MAX_BYTES) holds transformed Winograd filters; convolutions beyond it run
-#: directly. A 512² image needs about 1.7 GB for the UNet, ControlNet and LKPN.
+#: directly. A 512² image needs about 2.8 GB: 1.6 GB for the UNet, ControlNet and LKPN,
+#: 1.2 GB for the VAE (benchmarks/results/cpu_model_call.md, cpu_estimate.txt).
 WINOGRAD_MEMORY_SHARE = 0.15
 WINOGRAD_MAX_BYTES = 4 * 2**30
 
