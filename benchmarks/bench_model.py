@@ -12,8 +12,12 @@ built at full size with random weights (its CUDA EAC kernel replaced by
 ``deblurdiff.ops.eac_reference``, its VAE and text tower at a small size since a model
 call does not use them), timed in its own configuration (float32, eager), and our
 networks are converted from the same weights, so that the outputs can be compared too.
-Without it, our networks are built with ``build_components("full")`` and ratios are
-taken against our float32 eager call.
+The reference runs in a child process of its own, as a user would run it (the C
+allocator's settings left alone; ``--reference-process same`` runs it in this process
+instead, where configurations that keep freed memory change its allocator too), and
+each of our calls is timed right after one of its calls. Without it, our networks are
+built with ``build_components("full")`` and ratios are taken against our float32 eager
+call.
 
     python benchmarks/bench_model.py --reference REF_DIR [--repeats 2] [--configs ...]
 
@@ -22,10 +26,14 @@ Configurations (``--configs``; default: all that make sense on this CPU):
   fp32-cl         float32, eager, channels-last
   fp32-compile    float32, torch.compile (Inductor, frozen weights)
   fp32-winograd   float32, eager, Winograd F(4×4, 3×3) / unfolded 3×3 convolutions
-                  (the configuration chosen without native bf16)
+  fp32-winograd-keep  the same, freed memory kept for reuse (deblurdiff.cpu.keep_freed_memory;
+                  process-wide from then on, so these configurations run last)
   bf16            bfloat16, eager              (only with native bf16: AVX-512 BF16 or AMX)
+  bf16-keep       bfloat16, eager, freed memory kept for reuse
   bf16-compile    bfloat16, torch.compile      (only with native bf16)
   fp32-int8       float32 with dynamic int8 linear layers (costs quality; never a default)
+  auto            what the app and CLI run on this CPU (deblurdiff.cpu.choose_cpu_config and
+                  prepare_cpu_pipeline, which also splits the GEGLU projections: ops/geglu.py)
 Configurations that would crawl on this CPU (bfloat16 without native support) are
 skipped with the reason printed. To see what a CPU without AVX-512 does, cap the
 instruction sets (and check the bf16 probe printed in the header):
@@ -33,7 +41,8 @@ instruction sets (and check the bf16 probe printed in the header):
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_model.py ...
 
 Memory: about 5.5 GB of float32 weights, shared between the reference and our networks,
-plus up to as much again for a compiled or bfloat16 copy: run one such job at a time.
+5.7 GB more in the reference's child process, plus up to 5.5 GB for a compiled or
+bfloat16 copy and 1.6 GB of Winograd filters: run one such job at a time.
 """
 
 from __future__ import annotations
@@ -41,8 +50,11 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +66,14 @@ sys.path.insert(0, str(ROOT))
 
 from deblurdiff.cpu import (  # noqa: E402
     CPUConfig,
+    choose_cpu_config,
     compile_for_cpu,
     cpu_features,
     describe_cpu,
     enable_cpu_winograd,
+    keep_freed_memory,
 )
+from deblurdiff.ops.geglu import disable_split_geglu, enable_split_geglu  # noqa: E402
 from deblurdiff.ops.winograd import disable_winograd, winograd_bytes  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
@@ -68,11 +83,22 @@ CONFIGS = {
     "fp32-cl": dict(dtype=torch.float32, channels_last=True),
     "fp32-compile": dict(dtype=torch.float32, compile=True),
     "fp32-winograd": dict(dtype=torch.float32, winograd=True),
+    "fp32-winograd-keep": dict(dtype=torch.float32, winograd=True, keep_memory=True),
     "bf16": dict(dtype=torch.bfloat16),
+    "bf16-keep": dict(dtype=torch.bfloat16, keep_memory=True),
     "bf16-compile": dict(dtype=torch.bfloat16, compile=True),
     "fp32-int8": dict(dtype=torch.float32, int8=True),
 }
-DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16")
+DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16", "auto")
+
+
+def auto_config() -> tuple[str, dict]:
+    """The configuration the app chooses on this CPU, as a CONFIGS entry."""
+    config = choose_cpu_config(compile=False)
+    spec = dict(dtype=config.dtype, winograd=config.winograd, keep_memory=config.keep_memory, split_geglu=True)
+    return f"auto ({config.describe().split(' — ')[0]})", spec
+
+
 MODEL_T = 500
 
 
@@ -126,6 +152,66 @@ def build_reference(ref_dir: Path):
     for name, b in cldm.named_buffers():
         b.zero_()
     return cldm.eval()
+
+
+class ReferenceProcess:
+    """The reference's model call in a child process (``--serve-reference``): same
+    weights (built from the same seed) and inputs, the C allocator as it comes."""
+
+    def __init__(self, ref_dir: Path, latent: int, threads: int | None):
+        command = [sys.executable, __file__, "--serve-reference", str(ref_dir), "--latent", str(latent)]
+        if threads:
+            command += ["--threads", str(threads)]
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.ask("ready")
+
+    def ask(self, line: str) -> str:
+        self.child.stdin.write(line + "\n")
+        self.child.stdin.flush()
+        answer = self.child.stdout.readline().strip()
+        if not answer:
+            raise RuntimeError(f"the reference process stopped (exit code {self.child.poll()})")
+        return answer
+
+    def call(self) -> float:
+        """Seconds of one model call."""
+        return float(self.ask("call"))
+
+    def output(self) -> torch.Tensor:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "eps.pt"
+            self.ask(f"save {path}")
+            return torch.load(path)
+
+    def close(self) -> None:
+        self.child.stdin.close()
+        self.child.wait()
+
+
+def serve_reference(ref_dir: Path, latent: int) -> None:
+    """The child's side of ReferenceProcess: one line in, one line out."""
+    answers, sys.stdout = sys.stdout, sys.stderr  # the reference prints as it builds
+    torch.set_flush_denormal(True)
+    cldm = build_reference(ref_dir.resolve())
+    x, c, text = inputs(latent, 1024)
+    t, cond, eps = torch.tensor([MODEL_T]), {"c_txt": text, "c_img": c}, None
+    print(f"# reference process: built, RSS {rss_gb():.1f} GB", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        command, _, arg = line.strip().partition(" ")
+        if command == "call":
+            faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+            with torch.inference_mode():
+                eps = cldm(x, t, cond)[0]
+            seconds = time.perf_counter() - start
+            print(f"# reference call: {seconds:.2f} s, "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults:,} page faults", file=sys.stderr)
+            answer = f"{seconds:.6f}"
+        elif command == "save":
+            torch.save(eps, arg)
+            answer = "saved"
+        else:
+            answer = "ready"
+        print(answer, file=answers, flush=True)
 
 
 def ours_from_reference(cldm):
@@ -199,6 +285,11 @@ def configure(pipe, name: str) -> None:
             module._cpu_compile_open = True
     if spec.get("winograd"):
         enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn)
+    if spec.get("split_geglu"):
+        for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
+            enable_split_geglu(module)
+    if spec.get("keep_memory") and not keep_freed_memory():
+        print(f"# {name}: the C allocator's settings could not be changed here")
     if spec.get("int8"):
         from torch.ao.quantization import quantize_dynamic
 
@@ -211,6 +302,7 @@ def unconfigure(pipe) -> None:
     """Drop compiled graphs (and their frozen weight copies) and Winograd filters."""
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
         disable_winograd(module)
+        disable_split_geglu(module)
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
         for attr in ("_cpu_compiled", "_cpu_compiled_shapes", "_cpu_compile_open"):
             module.__dict__.pop(attr, None)
@@ -222,14 +314,20 @@ def unconfigure(pipe) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, default=None, help="checkout of kkkls/DeblurDiff")
-    parser.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="*", default=None, choices=sorted(CONFIGS) + ["auto"])
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after the warm-up (median reported)")
     parser.add_argument("--latent", type=int, default=64, help="latent size (image size / 8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's)")
     parser.add_argument("--eac-share", action="store_true", help="also time EAC alone in the float32 call")
+    parser.add_argument("--reference-process", choices=("child", "same"), default="child",
+                        help="run the reference in a child process with the allocator as it comes (default), "
+                             "or in this process")
+    parser.add_argument("--serve-reference", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve_reference:
+        return serve_reference(args.serve_reference, args.latent)
     diffusers_logging.set_verbosity_error()  # the in-place bfloat16 cast is intended
     # Random weights give denormal activations, which slow float32 kernels erratically
     # (in both implementations alike); flushing them measures the arithmetic.
@@ -246,6 +344,10 @@ def main(argv=None) -> None:
     print(f"# load average at start {os.getloadavg()[0]:.2f}; full-size networks, RANDOM weights")
 
     names = list(args.configs or DEFAULT_CONFIGS)
+    if "auto" in names:
+        auto_name, auto_spec = auto_config()
+        CONFIGS[auto_name] = auto_spec
+        names[names.index("auto")] = auto_name
     runnable = []
     for name in names:
         if CONFIGS[name]["dtype"] == torch.bfloat16 and not features.native_bf16:
@@ -253,21 +355,33 @@ def main(argv=None) -> None:
                   f"bfloat16 would run {bf16_ms / fp32_ms:.0f}× slower than float32")
             continue
         runnable.append(name)
-    # float32 first (bfloat16 copies replace the float32 weights); int8 last (in place).
-    runnable.sort(key=lambda n: (CONFIGS[n].get("int8", False), CONFIGS[n]["dtype"] != torch.float32))
+    # Kept memory last (process-wide from then on), int8 after it (in place), float32
+    # before bfloat16 (bfloat16 copies replace the float32 weights).
+    runnable.sort(key=lambda n: (CONFIGS[n].get("keep_memory", False), CONFIGS[n].get("int8", False),
+                                 CONFIGS[n]["dtype"] != torch.float32))
 
     t0 = time.perf_counter()
     x, c, text = inputs(args.latent, 1024)
     t = torch.tensor([MODEL_T])
-    cldm = ref_call = None
+    cldm = ref_call = child = None
     if args.reference:
         cldm = build_reference(args.reference.resolve())
         print(f"# reference built in {time.perf_counter() - t0:.0f} s (RSS {rss_gb():.1f} GB)", flush=True)
         cond = {"c_txt": text, "c_img": c}
+        if args.reference_process == "child":
+            child = ReferenceProcess(args.reference, args.latent, args.threads)
+            print("# the reference runs in a child process (C allocator as it comes)", flush=True)
 
-        def ref_call():
-            with torch.inference_mode():
-                return cldm(x, t, cond)[0]
+            def ref_call():
+                return child.call()
+        else:
+            print("# the reference runs in this process", flush=True)
+
+            def ref_call():
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    cldm(x, t, cond)
+                return time.perf_counter() - start
 
         pipe = ours_from_reference(cldm)  # the same weight tensors
     else:
@@ -283,7 +397,12 @@ def main(argv=None) -> None:
 
     ref_eps = None
     if ref_call is not None:
-        _, _, ref_eps = timed(ref_call, 0)  # warm-up
+        ref_call()  # warm-up
+        if child is not None:
+            ref_eps = child.output()
+        else:
+            with torch.inference_mode():
+                ref_eps = cldm(x, t, cond)[0]
     rows, eac_s = [], None
     for name in runnable:
         configure(pipe, name)
@@ -294,15 +413,15 @@ def main(argv=None) -> None:
                 if hasattr(module, "_cpu_compile_open"):
                     module._cpu_compile_open = False
         # Interleaved with the reference, so that changes in the machine's load hit both.
-        ours_s, ref_s, ratios = [], [], []
+        ours_s, ref_s, ratios, faults = [], [], [], 0
         for _ in range(args.repeats):
             if ref_call is not None:
-                tr = time.perf_counter()
-                ref_call()
-                ref_s.append(time.perf_counter() - tr)
+                ref_s.append(ref_call())
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt  # ours only, with a child
             to = time.perf_counter()
             eps = call()
             ours_s.append(time.perf_counter() - to)
+            faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
             if ref_s:
                 ratios.append(ref_s[-1] / ours_s[-1])
         diff = None
@@ -315,19 +434,23 @@ def main(argv=None) -> None:
         extra = sum(winograd_bytes(getattr(pipe, n)) for n in NETWORKS)
         extra_text = f" (Winograd filters {extra / 2**30:.2f} GB)" if extra else ""
         print(f"  {name}: {row['ours']:.2f} s per call (first {first:.1f} s){ref_text}, RSS {rss_gb():.1f} GB"
-              f"{extra_text}, load {os.getloadavg()[0]:.2f}", flush=True)
+              f"{extra_text}, {faults // max(1, args.repeats):,} page faults per call, "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
         if name == "fp32" and args.eac_share:
             from deblurdiff.ops import eac
 
             with torch.no_grad():
                 kernels = pipe.lkpn.predict_kernels(c, x, t.expand(1), text)
                 _, eac_s, _ = timed(lambda: eac(c, kernels, residual=True), 5)
-        if CONFIGS[name].get("compile") or CONFIGS[name].get("winograd"):
+        if any(CONFIGS[name].get(key) for key in ("compile", "winograd", "split_geglu")):
             unconfigure(pipe)
 
+    if child is not None:
+        child.close()
     size = args.latent * 8
     print()
-    against = "the reference's fp32 eager call, timed alternately with each configuration" if cldm is not None \
+    where = " in a child process" if child is not None else " in this process"
+    against = f"the reference's fp32 eager call{where}, timed alternately with each configuration" if cldm is not None \
         else f"our '{rows[0]['name']}' call"
     print(f"One model call (LKPN + EAC -> ControlNet -> UNet), batch 1, {size}×{size} image, "
           f"median of {args.repeats} after a warm-up call; speed-up against {against}:")

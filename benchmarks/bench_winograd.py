@@ -1,7 +1,8 @@
 """3×3 convolutions on the CPU: oneDNN's direct convolution against Winograd F(2, 3) and
 F(4, 3) and one unfolded matrix product (deblurdiff/ops/winograd.py), float32, at the
-shapes a 512² model call runs (UNet, ControlNet, LKPN), with each method's largest
-error against float64 relative to the output's largest value.
+shapes a 512² model call runs (UNet, ControlNet, LKPN; the downsampling stride-2 ones in
+a second table), with each method's largest error against float64 relative to the
+output's largest value.
 
     python benchmarks/bench_winograd.py [--repeats 7] [--vae]
 
@@ -39,6 +40,8 @@ from deblurdiff.ops.winograd import (  # noqa: E402
 # (input channels, output channels, side): the most frequent 3×3 shapes of a 512² call.
 SHAPES = [(320, 320, 64), (640, 320, 64), (128, 128, 64), (640, 640, 32), (1920, 640, 32),
           (1280, 1280, 16), (2560, 1280, 16), (1280, 1280, 8), (2560, 1280, 8)]
+# The downsampling (stride-2) convolutions: channels, input side.
+STRIDE_TWO_SHAPES = [(320, 64), (640, 32), (1280, 16), (512, 16), (256, 32), (128, 64)]
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -83,6 +86,21 @@ def main(argv=None) -> None:
         cells = [f"{ms['direct']:.1f}"] + [f"{ms[n]:.1f} ({base / ms[n]:.2f}×)" for n in ("F2", "F4", "unfolded")]
         print(f"| {c} → {k}, {side}² | " + " | ".join(cells) + " | "
               + " | ".join(f"{err[n]:.1e}" for n in methods) + " |", flush=True)
+    print()
+    print("| stride 2: C → C, side | direct ms | unfolded ms | error direct | unfolded |")
+    print("|---|---:|---:|---:|---:|")
+    for c, side in STRIDE_TWO_SHAPES:
+        g = torch.Generator().manual_seed(side + c)
+        x = torch.randn(1, c, side, side, generator=g)
+        weight = torch.randn(c, c, 3, 3, generator=g) / (3 * c**0.5)
+        bias = torch.randn(c, generator=g)
+        exact = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
+        methods = {"direct": lambda: F.conv2d(x, weight, bias, stride=2, padding=1),
+                   "unfolded": lambda: im2col_conv2d(x, weight, bias, stride=2)}
+        ms = {name: median_ms(fn, args.repeats) for name, fn in methods.items()}
+        err = {name: ((fn().double() - exact).abs().max() / exact.abs().max()).item() for name, fn in methods.items()}
+        print(f"| {c} → {c}, {side}² | {ms['direct']:.1f} | {ms['unfolded']:.1f} ({ms['direct'] / ms['unfolded']:.2f}×) | "
+              f"{err['direct']:.1e} | {err['unfolded']:.1e} |", flush=True)
     if args.vae:
         time_vae(max(1, args.repeats // 3))
 

@@ -5,7 +5,10 @@ bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX)
 elsewhere oneDNN emulates it and a model call becomes over 100× slower than float32,
 so bfloat16 is chosen only after checking for those features. Without them, float32
 runs its 3×3 convolutions by Winograd's algorithm or one unfolded matrix product
-(:mod:`deblurdiff.ops.winograd`), 1.2× a whole model call on AVX2. Everything chosen
+(:mod:`deblurdiff.ops.winograd`), 1.2× a whole model call on AVX2. Memory freed by one
+tensor is kept in the process for the next (:func:`keep_freed_memory`): otherwise every
+large tensor arrives as fresh pages that the kernel faults in one by one (115,000 page
+faults in a 512² model call). Everything chosen
 here keeps results within rounding of float32 (bfloat16 where native: the pipeline's GPU
 precision); nothing that costs quality is turned on by default.
 
@@ -20,6 +23,7 @@ Typical use (app or CLI, once at start)::
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import platform
@@ -30,7 +34,8 @@ from typing import Callable
 
 import torch
 
-from .ops.winograd import WinogradBudget, enable_winograd
+from .ops.geglu import enable_split_geglu
+from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
 from .tiling import padded
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "enable_cpu_winograd",
     "measure_cpu_timing",
     "estimate_cpu_seconds",
+    "keep_freed_memory",
     "prepare_cpu_pipeline",
 ]
 
@@ -55,6 +61,9 @@ COMPILE_ENV = "DEBLURDIFF_CPU_COMPILE"
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
 WINOGRAD_ENV = "DEBLURDIFF_CPU_WINOGRAD"
+
+#: Set to "0" to leave the C allocator's settings alone (see keep_freed_memory).
+KEEP_MEMORY_ENV = "DEBLURDIFF_CPU_KEEP_MEMORY"
 
 #: At most this share of the machine's memory (and never more than
 #: WINOGRAD_MAX_BYTES) holds transformed Winograd filters; convolutions beyond it run
@@ -146,12 +155,15 @@ class CPUConfig:
     frozen into the graph) for the warmed-up image size; other sizes run eagerly.
     ``winograd``: float32 3×3 convolutions by Winograd's F(4×4, 3×3) on feature maps of
     32 pixels and more, by one unfolded matrix product on smaller ones
-    (:func:`deblurdiff.ops.winograd.enable_winograd`; float32-level results)."""
+    (:func:`deblurdiff.ops.winograd.enable_winograd`; float32-level results).
+    ``keep_memory``: freed memory stays in the process (:func:`keep_freed_memory`;
+    results unchanged)."""
 
     dtype: torch.dtype = torch.float32
     compile: bool = False
     channels_last: bool = False
     winograd: bool = False
+    keep_memory: bool = False
     warmup_size: tuple[int, int] = (512, 512)
     reason: str = ""
 
@@ -165,6 +177,8 @@ class CPUConfig:
             parts.append("Winograd 3×3 convolutions")
         if self.channels_last:
             parts.append("channels-last")
+        if self.keep_memory:
+            parts.append("freed memory kept for reuse")
         text = ", ".join(parts)
         return f"{text} — {self.reason}" if self.reason else text
 
@@ -181,12 +195,15 @@ def _switch(env: str, requested: bool | None, default: bool) -> bool:
 
 
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
-                      compile: bool | None = None, winograd: bool | None = None) -> CPUConfig:
+                      compile: bool | None = None, winograd: bool | None = None,
+                      keep_memory: bool | None = None) -> CPUConfig:
     """The fastest configuration that keeps float32-level results on this CPU.
 
     bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32 with
     Winograd convolutions (unless ``winograd=False`` or ``DEBLURDIFF_CPU_WINOGRAD=0``);
-    eager unless ``compile=True`` or ``DEBLURDIFF_CPU_COMPILE=1``. ``dtype``
+    eager unless ``compile=True`` or ``DEBLURDIFF_CPU_COMPILE=1``; freed memory kept for
+    reuse where the C library allows it, unless ``keep_memory=False`` or
+    ``DEBLURDIFF_CPU_KEEP_MEMORY=0``. ``dtype``
     ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested on a CPU
     without native support raises a ValueError saying why."""
     features = features or cpu_features()
@@ -217,7 +234,52 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
     reason += "; compiled" if use_compile else f"; eager (set {COMPILE_ENV}=1 to compile)"
     # Winograd runs float32 only; bfloat16 convolutions are oneDNN's (fast where native).
     use_winograd = dtype == torch.float32 and _switch(WINOGRAD_ENV, winograd, True)
-    return CPUConfig(dtype=dtype, compile=use_compile, winograd=use_winograd, reason=reason)
+    use_keep_memory = _switch(KEEP_MEMORY_ENV, keep_memory, True) and _glibc()
+    return CPUConfig(dtype=dtype, compile=use_compile, winograd=use_winograd, keep_memory=use_keep_memory,
+                     reason=reason)
+
+
+# ----------------------------------------------------------------------------------
+# The C allocator
+# ----------------------------------------------------------------------------------
+
+# glibc's mallopt() parameters (malloc.h); the values are C ints.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: Allocations above this still get pages of their own (none at 512², a few above 2048²).
+KEEP_MEMORY_MMAP_THRESHOLD = 2**30
+#: The heap is given back to the kernel only when this much is free at its top.
+KEEP_MEMORY_TRIM_THRESHOLD = 2**31 - 1
+
+
+def _glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+@functools.lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Keep the memory of freed tensors in the process for the next ones (glibc only;
+    process-wide, once). Returns whether the settings took effect.
+
+    glibc gives every allocation above its mmap threshold (128 KiB, raised as it goes up
+    to 32 MiB) pages of its own and hands them back to the kernel when it is freed; the
+    next tensor of that size is zero-filled again, one page fault per 4 KiB. A 512²
+    float32 model call made 115,000 such faults (450 MB). Raising the mmap threshold (to
+    1 GiB) serves those tensors from the heap, and raising the trim threshold (to 2 GiB)
+    keeps the heap's freed memory: the heap grows over the first calls, then is reused
+    without new faults. On 2 AVX2 cores of a virtual machine, where faults are dear, a
+    model call went from 7.33 to 7.15 s side by side in one benchmark
+    (benchmarks/results/cpu_model_call.md). The price is
+    memory: the process keeps its peak working set between calls (0.3 GB more resident
+    at 512²) instead of returning it. Results are unchanged."""
+    if not _glibc():
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, KEEP_MEMORY_MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, KEEP_MEMORY_TRIM_THRESHOLD)))
 
 
 # ----------------------------------------------------------------------------------
@@ -321,6 +383,11 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
     # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
     # results far below float32 rounding of the outputs.
     torch.set_flush_denormal(True)
+    # Contiguous GEGLU halves: same results within float32 rounding, a few % per layer.
+    for module in _networks(pipe):
+        enable_split_geglu(module)
+    if config.keep_memory and not keep_freed_memory():
+        say("Could not change the C allocator's settings: freed memory goes back to the system.")
     if pipe.unet.dtype != config.dtype:
         pipe.to(dtype=config.dtype)
     if config.channels_last:
@@ -353,7 +420,8 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
 @torch.no_grad()
 def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2) -> CPUTiming:
     """Time one ``steps``-step call on a grey image: seconds per step (the last step) and
-    the rest (VAE encode + decode, colour fix), per megapixel."""
+    the rest (VAE encode + decode, colour fix), per megapixel. Transforming Winograd
+    filters, which the first call at a size does once, is left out of the rest."""
     stamps = []
 
     def stamp(p, i, t, kwargs):
@@ -361,23 +429,27 @@ def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2
         return {}
 
     image = torch.full((1, 3, height, width), 0.5)
+    one_off = filter_transform_seconds()
     start = time.perf_counter()
     pipe(image, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt",
          callback_on_step_end=stamp)
-    total = time.perf_counter() - start
+    total = time.perf_counter() - start - (filter_transform_seconds() - one_off)
     step = stamps[-1] - stamps[-2] if len(stamps) >= 2 else total / (steps + 1)
     mpx = padded(width) * padded(height) / 1e6
     return CPUTiming(step / mpx, max(total - steps * step, 0.0) / mpx, width, height)
 
 
-# Measured on an AMD EPYC (2 threads, AVX-512 BF16), full-size random weights, 512×512,
-# with benchmarks/bench_inference.py and benchmarks/bench_model.py (benchmarks/results/).
-# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest). Used
-# until the pipeline has been timed on this machine; scaled by thread count.
+# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest), full-size
+# random weights, 2 threads. Used until the pipeline has been timed on this machine;
+# scaled by thread count. bfloat16: an AMD EPYC with AVX-512 BF16 (benchmarks/
+# bench_inference.py, bench_model.py). float32, chosen on CPUs without native bf16: an AMD
+# EPYC with AVX2 only, 3-step runs with Winograd convolutions and kept memory (27.8 s per
+# step per megapixel, 51.0 s for the rest; benchmarks/results/cpu_estimate.txt), given
+# here without Winograd (times WINOGRAD_SPEEDUP).
 REFERENCE_THREADS = 2
 DEFAULT_CPU_SPEEDS = {
-    ("float32", False): (20.2, 56.8),
-    ("float32", True): (20.2 / 1.09, 56.8),  # compiled: 1.43× vs 1.31× the reference per call
+    ("float32", False): (38.9, 70.4),
+    ("float32", True): (38.9 / 1.09, 70.4),  # compiled: 1.43× vs 1.31× the reference per call
     ("bfloat16", False): (6.5, 28.8),
     ("bfloat16", True): (6.5, 28.8),  # compiled: 2.09× vs 2.10× the reference per call
 }

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -73,6 +77,73 @@ def test_compilation_switch(monkeypatch):
     monkeypatch.setenv(cpu.COMPILE_ENV, "0")
     assert not choose_cpu_config(features()).compile
     assert choose_cpu_config(features(), compile=True).compile
+
+
+def test_keep_memory_switch(monkeypatch):
+    monkeypatch.delenv(cpu.KEEP_MEMORY_ENV, raising=False)
+    monkeypatch.setattr(cpu, "_glibc", lambda: True)
+    assert choose_cpu_config(features()).keep_memory
+    assert "freed memory kept" in choose_cpu_config(features()).describe()
+    assert choose_cpu_config(features(bf16=True)).keep_memory  # whatever the dtype
+    assert not choose_cpu_config(features(), keep_memory=False).keep_memory
+    monkeypatch.setenv(cpu.KEEP_MEMORY_ENV, "0")
+    assert not choose_cpu_config(features()).keep_memory
+    assert "freed memory" not in choose_cpu_config(features()).describe()
+    monkeypatch.setattr(cpu, "_glibc", lambda: False)  # another C library: nothing to set
+    assert not choose_cpu_config(features(), keep_memory=True).keep_memory
+
+
+# Page faults of six calls that make and free tensors of 36-80 MB as a network does, in a
+# fresh process (the setting is process-wide and cannot be undone), with and without
+# keep_freed_memory().
+_FAULTS_SCRIPT = """
+import resource, sys, torch
+from deblurdiff import cpu
+
+def call():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(12 * 2**20)
+    for n in (20, 9, 16, 12):
+        y = torch.ones(n * 2**20)
+        x = x[: 9 * 2**20] * 2 + y[: 9 * 2**20]
+    del x, y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+applied = cpu.keep_freed_memory() if sys.argv[1] == "keep" else None
+print(applied, *[call() for _ in range(6)])
+"""
+
+
+def _faults(mode: str) -> tuple[str, list[int]]:
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", _FAULTS_SCRIPT, mode], cwd=root, capture_output=True, text=True,
+                            check=True)
+    applied, *faults = result.stdout.split()
+    return applied, [int(n) for n in faults]
+
+
+@pytest.mark.skipif(not cpu._glibc(), reason="glibc's allocator only")
+def test_keep_freed_memory_stops_page_faults_for_large_tensors():
+    _, default = _faults("default")
+    applied, kept = _faults("keep")
+    assert applied == "True"
+    # By default glibc maps every tensor over 32 MiB afresh: 144,000 faults of 4 KiB pages
+    # per call, every call. Kept, the heap grows over the first calls, then is reused.
+    assert sum(kept[-2:]) * 10 < sum(default[-2:]), (default, kept)
+    assert sum(kept) < sum(default)
+
+
+def test_prepare_keeps_freed_memory_when_configured(monkeypatch):
+    from conftest import tiny_pipeline
+
+    calls, messages = [], []
+    monkeypatch.setattr(cpu, "keep_freed_memory", lambda: calls.append(True) and False)
+    cpu.prepare_cpu_pipeline(tiny_pipeline(), CPUConfig(keep_memory=True), progress=messages.append,
+                             measure=False)
+    assert calls == [True]
+    assert any("C allocator" in m for m in messages)  # said when it could not be applied
+    cpu.prepare_cpu_pipeline(tiny_pipeline(), CPUConfig(keep_memory=False), measure=False)
+    assert calls == [True]
 
 
 def test_isa_cap_below_bf16_hides_native_bf16(monkeypatch):
@@ -150,6 +221,26 @@ def test_estimate_uses_measured_timing():
     config = CPUConfig(dtype=torch.bfloat16)
     mpx = 512 * 512 / 1e6
     assert estimate_cpu_seconds(512, 512, 20, config=config, timing=timing) == pytest.approx(mpx * (4 + 20 * 10))
+
+
+def test_timing_leaves_out_filter_transforms(monkeypatch):
+    """Encode 3 s (2.5 s of it transforming filters, once), steps 2 s each, decode 1 s."""
+    clock = {"now": 0.0, "transforms": 0.0}
+    monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(cpu, "filter_transform_seconds", lambda: clock["transforms"])
+
+    def pipe(image, num_inference_steps, callback_on_step_end, **kwargs):
+        clock["now"] += 3.0
+        clock["transforms"] += 2.5
+        for i in range(num_inference_steps):
+            clock["now"] += 2.0
+            callback_on_step_end(pipe, i, 0, {})
+        clock["now"] += 1.0
+
+    timing = cpu.measure_cpu_timing(pipe, 512, 512, steps=3)
+    mpx = 512 * 512 / 1e6
+    assert timing.step_s_per_mpx * mpx == pytest.approx(2.0)
+    assert timing.fixed_s_per_mpx * mpx == pytest.approx(3.0 + 1.0 - 2.5)
 
 
 def test_compiled_config_estimates_other_sizes_at_the_eager_speed():

@@ -192,7 +192,9 @@ def test_save_and_load_round_trip(pipe, tmp_path):
     loaded = DeblurDiffPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     image = random_image(64, 64)
-    assert np.array_equal(np.asarray(run(pipe, image).images[0]), np.asarray(run(loaded, image).images[0]))
+    # Differently loaded weights sit at other addresses, where MKL may round differently.
+    torch.testing.assert_close(run(loaded, image, output_type="pt").images, run(pipe, image, output_type="pt").images,
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_bfloat16_pipeline_runs_close_to_float32(tmp_path):

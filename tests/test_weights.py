@@ -119,7 +119,18 @@ def test_second_start_loads_the_cache_without_the_downloader(served, tokenizer_d
     assert pipe.unet is not None
 
 
-def test_each_dtype_is_converted_once_from_the_verified_file(served, tokenizer_dir, tmp_path):
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """This CPU as one that runs bfloat16 natively, so that a bf16 conversion is allowed
+    whatever machine the tests run on (these tests are about the files, not the speed)."""
+    from deblurdiff import cpu
+
+    features = cpu.cpu_features()
+    monkeypatch.setattr(cpu, "cpu_features", lambda: cpu.CPUFeatures(
+        features.model, features.flags | {"avx512_bf16"}, features.capability, features.threads, True, features.amx))
+
+
+def test_each_dtype_is_converted_once_from_the_verified_file(served, tokenizer_dir, tmp_path, native_bf16):
     downloader = FixtureDownloader(served)
     start(downloader, tokenizer=tokenizer_dir)
     pipe = start(downloader, dtype="bf16", tokenizer=tokenizer_dir)
@@ -155,7 +166,8 @@ def test_a_file_refused_twice_is_never_kept(served, tmp_path):
     assert sorted(p.name for p in official(tmp_path).iterdir()) == [".lock"]  # nothing that could be loaded
 
 
-def test_a_checkpoint_changed_on_disk_is_refused_and_fetched_again(served, tokenizer_dir, tmp_path, capsys):
+def test_a_checkpoint_changed_on_disk_is_refused_and_fetched_again(served, tokenizer_dir, tmp_path, capsys,
+                                                                   native_bf16):
     downloader = FixtureDownloader(served)
     start(downloader, tokenizer=tokenizer_dir)
     cached = official(tmp_path) / "model.pth"

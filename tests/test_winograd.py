@@ -10,6 +10,7 @@ from deblurdiff.ops.winograd import (
     WinogradBudget,
     disable_winograd,
     enable_winograd,
+    filter_transform_seconds,
     im2col_conv2d,
     winograd_bytes,
     winograd_conv2d,
@@ -72,6 +73,15 @@ def test_im2col_matches_the_exact_convolution(b, h, w, bias):
     assert relative_error(out, exact) < 2e-6
 
 
+@pytest.mark.parametrize("b, h, w", [(1, 16, 16), (2, 7, 10), (1, 1, 3)])
+def test_im2col_with_stride_two_matches_the_exact_convolution(b, h, w):
+    x, weight, bias, _ = case(b, 10, 12, h, w, seed=h * w, bias=True)
+    exact = torch.nn.functional.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
+    out = im2col_conv2d(x, weight, bias, stride=2)
+    assert out.shape == exact.shape
+    assert relative_error(out, exact) < 2e-6
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="one of"):
         winograd_matrices(3)
@@ -97,7 +107,7 @@ class Net(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.down = torch.nn.Conv2d(8, 8, 3, padding=1, stride=2)  # not supported: runs as before
+        self.down = torch.nn.Conv2d(8, 8, 3, padding=1, stride=2)  # stride 2: only ever unfolded
         self.b = torch.nn.Conv2d(8, 6, 3, padding=1, bias=False)
         self.point = torch.nn.Conv2d(6, 4, 1)
 
@@ -107,13 +117,14 @@ class Net(torch.nn.Module):
 
 def test_enabled_model_matches_its_direct_convolutions_at_every_size():
     net = Net().eval()
-    assert enable_winograd(Net(), budget=None) == 2
+    assert enable_winograd(Net(), budget=None) == 3
     with torch.no_grad():
         # 64 -> 32 after the stride: F(4, 3) twice; 40 -> 20: F(4, 3), then F(2, 3);
-        # 16 -> 8: F(2, 3), then unfolded.
-        inputs = [torch.randn(2, 3, 64, 64), torch.randn(1, 3, 40, 36), torch.randn(1, 3, 16, 16)]
+        # 16 -> 8: F(2, 3), then unfolded; 8×10 -> 4×5: unfolded, the stride too.
+        inputs = [torch.randn(2, 3, 64, 64), torch.randn(1, 3, 40, 36), torch.randn(1, 3, 16, 16),
+                  torch.randn(1, 3, 8, 10)]
         direct = [net(x) for x in inputs]
-        assert enable_winograd(net, plan=((32, 4), (16, 2)), im2col_max_size=8) == 2
+        assert enable_winograd(net, plan=((32, 4), (16, 2)), im2col_max_size=8) == 3
         fast = [net(x) for x in inputs]
     for out, ref in zip(fast, direct):
         torch.testing.assert_close(out, ref, rtol=0, atol=5e-5 * ref.abs().max().item())
@@ -143,6 +154,27 @@ def test_each_path_is_the_one_taken(monkeypatch):
         other(torch.randn(1, 2, 16, 16))  # no room for filters: unfolded instead
         other(torch.randn(1, 2, 32, 32))  # no room, too large to unfold: oneDNN
     assert calls == ["im2col_conv2d"]
+    calls.clear()
+    down = torch.nn.Conv2d(2, 2, 3, padding=1, stride=2)
+    enable_winograd(down, plan=((8, 2),), im2col_max_size=16)
+    with torch.no_grad():
+        assert down(torch.randn(1, 2, 16, 12)).shape == (1, 2, 8, 6)  # stride 2: unfolded, never Winograd
+        down(torch.randn(1, 2, 32, 32))  # too large to unfold: oneDNN
+    assert calls == ["im2col_conv2d"]
+    assert winograd_bytes(down) == 0
+
+
+def test_filter_transforms_are_timed_once_per_size():
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).eval()
+    enable_winograd(conv, plan=((32, 4), (16, 2)))
+    spent = filter_transform_seconds()
+    with torch.no_grad():
+        conv(torch.randn(1, 8, 32, 32))
+        first = filter_transform_seconds()
+        conv(torch.randn(1, 8, 32, 32))  # filters kept: nothing more to transform
+        assert filter_transform_seconds() == first > spent
+        conv(torch.randn(1, 8, 16, 16))  # F(2, 3): transformed once more
+    assert filter_transform_seconds() > first
 
 
 def test_recording_gradients_runs_the_original_convolution():
