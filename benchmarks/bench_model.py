@@ -72,8 +72,9 @@ from deblurdiff.cpu import (  # noqa: E402
     describe_cpu,
     enable_cpu_winograd,
     keep_freed_memory,
+    prepare_cpu_pipeline,
 )
-from deblurdiff.ops.geglu import disable_split_geglu, enable_split_geglu  # noqa: E402
+from deblurdiff.ops.geglu import disable_split_geglu  # noqa: E402
 from deblurdiff.ops.winograd import disable_winograd, winograd_bytes  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
@@ -93,9 +94,10 @@ DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16", "auto")
 
 
 def auto_config() -> tuple[str, dict]:
-    """The configuration the app chooses on this CPU, as a CONFIGS entry."""
+    """The configuration the app chooses on this CPU, as a CONFIGS entry that
+    configure() applies with the app's own prepare_cpu_pipeline."""
     config = choose_cpu_config(compile=False)
-    spec = dict(dtype=config.dtype, winograd=config.winograd, keep_memory=config.keep_memory, split_geglu=True)
+    spec = dict(dtype=config.dtype, keep_memory=config.keep_memory, prepare=config)
     return f"auto ({config.describe().split(' — ')[0]})", spec
 
 
@@ -272,6 +274,9 @@ def bf16_probe() -> tuple[float, float]:
 
 def configure(pipe, name: str) -> None:
     spec = CONFIGS[name]
+    if "prepare" in spec:
+        prepare_cpu_pipeline(pipe, spec["prepare"], measure=False)
+        return
     config = CPUConfig(dtype=spec["dtype"], compile=spec.get("compile", False),
                        channels_last=spec.get("channels_last", False))
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -285,9 +290,6 @@ def configure(pipe, name: str) -> None:
             module._cpu_compile_open = True
     if spec.get("winograd"):
         enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn)
-    if spec.get("split_geglu"):
-        for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
-            enable_split_geglu(module)
     if spec.get("keep_memory") and not keep_freed_memory():
         print(f"# {name}: the C allocator's settings could not be changed here")
     if spec.get("int8"):
@@ -299,8 +301,9 @@ def configure(pipe, name: str) -> None:
 
 
 def unconfigure(pipe) -> None:
-    """Drop compiled graphs (and their frozen weight copies) and Winograd filters."""
-    for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
+    """Drop compiled graphs (and their frozen weight copies), Winograd filters and
+    split GEGLU layers."""
+    for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
         disable_winograd(module)
         disable_split_geglu(module)
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
@@ -376,11 +379,12 @@ def main(argv=None) -> None:
                 return child.call()
         else:
             print("# the reference runs in this process", flush=True)
+            last = {}
 
             def ref_call():
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    cldm(x, t, cond)
+                    last["eps"] = cldm(x, t, cond)[0]
                 return time.perf_counter() - start
 
         pipe = ours_from_reference(cldm)  # the same weight tensors
@@ -398,11 +402,7 @@ def main(argv=None) -> None:
     ref_eps = None
     if ref_call is not None:
         ref_call()  # warm-up
-        if child is not None:
-            ref_eps = child.output()
-        else:
-            with torch.inference_mode():
-                ref_eps = cldm(x, t, cond)[0]
+        ref_eps = child.output() if child is not None else last["eps"]
     rows, eac_s = [], None
     for name in runnable:
         configure(pipe, name)
@@ -442,7 +442,7 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 kernels = pipe.lkpn.predict_kernels(c, x, t.expand(1), text)
                 _, eac_s, _ = timed(lambda: eac(c, kernels, residual=True), 5)
-        if any(CONFIGS[name].get(key) for key in ("compile", "winograd", "split_geglu")):
+        if any(CONFIGS[name].get(key) for key in ("compile", "winograd", "prepare")):
             unconfigure(pipe)
 
     if child is not None:

@@ -44,6 +44,13 @@ SHAPES = [(320, 320, 64), (640, 320, 64), (128, 128, 64), (640, 640, 32), (1920,
 STRIDE_TWO_SHAPES = [(320, 64), (640, 32), (1280, 16), (512, 16), (256, 32), (128, 64)]
 
 
+def timed_methods(methods: dict, exact: torch.Tensor, repeats: int) -> tuple[dict, dict]:
+    """Each method's median ms and largest error against ``exact`` (relative to its largest value)."""
+    ms = {name: median_ms(fn, repeats) for name, fn in methods.items()}
+    err = {name: ((fn().double() - exact).abs().max() / exact.abs().max()).item() for name, fn in methods.items()}
+    return ms, err
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()
     times = []
@@ -80,8 +87,7 @@ def main(argv=None) -> None:
             "F4": lambda: winograd_conv2d(x, filters[4], bias, 4),
             "unfolded": lambda: im2col_conv2d(x, weight, bias),
         }
-        ms = {name: median_ms(fn, args.repeats) for name, fn in methods.items()}
-        err = {name: ((fn().double() - exact).abs().max() / exact.abs().max()).item() for name, fn in methods.items()}
+        ms, err = timed_methods(methods, exact, args.repeats)
         base = ms["direct"]
         cells = [f"{ms['direct']:.1f}"] + [f"{ms[n]:.1f} ({base / ms[n]:.2f}×)" for n in ("F2", "F4", "unfolded")]
         print(f"| {c} → {k}, {side}² | " + " | ".join(cells) + " | "
@@ -97,8 +103,7 @@ def main(argv=None) -> None:
         exact = F.conv2d(x.double(), weight.double(), bias.double(), stride=2, padding=1)
         methods = {"direct": lambda: F.conv2d(x, weight, bias, stride=2, padding=1),
                    "unfolded": lambda: im2col_conv2d(x, weight, bias, stride=2)}
-        ms = {name: median_ms(fn, args.repeats) for name, fn in methods.items()}
-        err = {name: ((fn().double() - exact).abs().max() / exact.abs().max()).item() for name, fn in methods.items()}
+        ms, err = timed_methods(methods, exact, args.repeats)
         print(f"| {c} → {c}, {side}² | {ms['direct']:.1f} | {ms['unfolded']:.1f} ({ms['direct'] / ms['unfolded']:.2f}×) | "
               f"{err['direct']:.1e} | {err['unfolded']:.1e} |", flush=True)
     if args.vae:

@@ -268,9 +268,9 @@ def keep_freed_memory() -> bool:
     keeps the heap's freed memory: the heap grows over the first calls, then is reused
     without new faults. On 2 AVX2 cores of a virtual machine, where faults are dear, a
     model call went from 7.33 to 7.15 s side by side in one benchmark
-    (benchmarks/results/cpu_model_call.md). The price is
-    memory: the process keeps its peak working set between calls (0.3 GB more resident
-    at 512²) instead of returning it. Results are unchanged."""
+    (benchmarks/results/cpu_model_call.md). The price is memory: the process keeps its
+    peak working set between calls (0.3 GB more resident at 512²) instead of returning
+    it. Results are unchanged."""
     if not _glibc():
         return False
     try:
