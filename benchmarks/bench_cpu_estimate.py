@@ -7,7 +7,7 @@ it measure itself at the warm-up size as the app does at start, then runs whole 
 the estimate from the built-in constants, the estimate from the start-up measurement,
 and the measured time.
 
-    python benchmarks/bench_cpu_estimate.py [--steps 4] [--sizes 512x512 768x512] [--compile]
+    python benchmarks/bench_cpu_estimate.py [--steps 4] [--sizes 512x512 768x512]
 
 Only the relative error matters here; other processes on the machine inflate both
 the start-up measurement and the runs (the load average is printed).
@@ -46,11 +46,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--sizes", type=size, nargs="*", default=[(512, 512), (768, 512)])
-    parser.add_argument("--compile", action="store_true", help="compile as DEBLURDIFF_CPU_COMPILE=1 does")
     args = parser.parse_args(argv)
     diffusers_logging.set_verbosity_error()
 
-    config = choose_cpu_config(compile=True if args.compile else None)
+    config = choose_cpu_config()
     print(f"# {describe_cpu()}")
     print(f"# configuration: {config.describe()}")
     print(f"# load average at start {os.getloadavg()[0]:.2f}; full-size networks, RANDOM weights", flush=True)

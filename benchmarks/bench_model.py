@@ -3,8 +3,7 @@ against the reference's, side by side in one process.
 
 Full-size architectures with random weights (the timings are real, the outputs
 meaningless), batch 1, a 512×512 image (64×64 latent), no guidance. Each configuration
-is timed as the median of ``--repeats`` calls after a warm-up call (the warm-up of a
-compiled configuration is its compilation, reported separately).
+is timed as the median of ``--repeats`` calls after a warm-up call.
 
 With ``--reference DIR`` (a checkout of the authors' repository, kkkls/DeblurDiff,
 which needs ``einops``, ``omegaconf`` and ``ftfy``) the reference's ``ControlLDM`` is
@@ -12,10 +11,8 @@ built at full size with random weights (its CUDA EAC kernel replaced by
 ``deblurdiff.ops.eac_reference``, its VAE and text tower at a small size since a model
 call does not use them), timed in its own configuration (float32, eager), and our
 networks are converted from the same weights, so that the outputs can be compared too.
-The reference runs in a child process of its own, as a user would run it (the C
-allocator's settings left alone; ``--reference-process same`` runs it in this process
-instead, where configurations that keep freed memory change its allocator too), and
-each of our calls is timed right after one of its calls. Without it, our networks are
+The reference runs in a child process of its own, as a user would run it
+(``--reference-process same`` runs it in this process instead), and each of our calls is timed right after one of its calls. Without it, our networks are
 built with ``build_components("full")`` and ratios are taken against our float32 eager
 call.
 
@@ -24,16 +21,11 @@ call.
 Configurations (``--configs``; default: all that make sense on this CPU):
   fp32            float32, eager (this project's default before CPU tuning)
   fp32-cl         float32, eager, channels-last
-  fp32-compile    float32, torch.compile (Inductor, frozen weights)
   fp32-winograd   float32, eager, Winograd F(4×4, 3×3) / unfolded 3×3 convolutions
-  fp32-winograd-keep  the same, freed memory kept for reuse (deblurdiff.cpu.keep_freed_memory;
-                  process-wide from then on, so these configurations run last)
   bf16            bfloat16, eager              (only with native bf16: AVX-512 BF16 or AMX)
-  bf16-keep       bfloat16, eager, freed memory kept for reuse
-  bf16-compile    bfloat16, torch.compile      (only with native bf16)
   fp32-int8       float32 with dynamic int8 linear layers (costs quality; never a default)
   auto            what the app and CLI run on this CPU (deblurdiff.cpu.choose_cpu_config and
-                  prepare_cpu_pipeline, which also splits the GEGLU projections: ops/geglu.py)
+                  prepare_cpu_pipeline)
 Configurations that would crawl on this CPU (bfloat16 without native support) are
 skipped with the reason printed. To see what a CPU without AVX-512 does, cap the
 instruction sets (and check the bf16 probe printed in the header):
@@ -41,7 +33,7 @@ instruction sets (and check the bf16 probe printed in the header):
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 python benchmarks/bench_model.py ...
 
 Memory: about 5.5 GB of float32 weights, shared between the reference and our networks,
-5.7 GB more in the reference's child process, plus up to 5.5 GB for a compiled or
+5.7 GB more in the reference's child process, plus up to 5.5 GB for a
 bfloat16 copy and 1.6 GB of Winograd filters: run one such job at a time.
 """
 
@@ -67,14 +59,11 @@ sys.path.insert(0, str(ROOT))
 from deblurdiff.cpu import (  # noqa: E402
     CPUConfig,
     choose_cpu_config,
-    compile_for_cpu,
     cpu_features,
     describe_cpu,
     enable_cpu_winograd,
-    keep_freed_memory,
     prepare_cpu_pipeline,
 )
-from deblurdiff.ops.geglu import disable_split_geglu  # noqa: E402
 from deblurdiff.ops.winograd import disable_winograd, winograd_bytes  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
@@ -82,12 +71,8 @@ NETWORKS = ("unet", "controlnet", "lkpn")
 CONFIGS = {
     "fp32": dict(dtype=torch.float32),
     "fp32-cl": dict(dtype=torch.float32, channels_last=True),
-    "fp32-compile": dict(dtype=torch.float32, compile=True),
     "fp32-winograd": dict(dtype=torch.float32, winograd=True),
-    "fp32-winograd-keep": dict(dtype=torch.float32, winograd=True, keep_memory=True),
     "bf16": dict(dtype=torch.bfloat16),
-    "bf16-keep": dict(dtype=torch.bfloat16, keep_memory=True),
-    "bf16-compile": dict(dtype=torch.bfloat16, compile=True),
     "fp32-int8": dict(dtype=torch.float32, int8=True),
 }
 DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16", "auto")
@@ -96,8 +81,8 @@ DEFAULT_CONFIGS = ("fp32", "fp32-winograd", "bf16", "auto")
 def auto_config() -> tuple[str, dict]:
     """The configuration the app chooses on this CPU, as a CONFIGS entry that
     configure() applies with the app's own prepare_cpu_pipeline."""
-    config = choose_cpu_config(compile=False)
-    spec = dict(dtype=config.dtype, keep_memory=config.keep_memory, prepare=config)
+    config = choose_cpu_config()
+    spec = dict(dtype=config.dtype, prepare=config)
     return f"auto ({config.describe().split(' — ')[0]})", spec
 
 
@@ -277,21 +262,14 @@ def configure(pipe, name: str) -> None:
     if "prepare" in spec:
         prepare_cpu_pipeline(pipe, spec["prepare"], measure=False)
         return
-    config = CPUConfig(dtype=spec["dtype"], compile=spec.get("compile", False),
-                       channels_last=spec.get("channels_last", False))
+    config = CPUConfig(dtype=spec["dtype"], channels_last=spec.get("channels_last", False))
     fmt = torch.channels_last if config.channels_last else torch.contiguous_format
     if pipe.unet.dtype != config.dtype:
         pipe.to(dtype=config.dtype)
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
         module.to(memory_format=fmt)
-    for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
-        if config.compile:
-            compile_for_cpu(module)
-            module._cpu_compile_open = True
     if spec.get("winograd"):
         enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn)
-    if spec.get("keep_memory") and not keep_freed_memory():
-        print(f"# {name}: the C allocator's settings could not be changed here")
     if spec.get("int8"):
         from torch.ao.quantization import quantize_dynamic
 
@@ -301,16 +279,9 @@ def configure(pipe, name: str) -> None:
 
 
 def unconfigure(pipe) -> None:
-    """Drop compiled graphs (and their frozen weight copies), Winograd filters and
-    split GEGLU layers."""
+    """Drop Winograd filters."""
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
         disable_winograd(module)
-        disable_split_geglu(module)
-    for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
-        for attr in ("_cpu_compiled", "_cpu_compiled_shapes", "_cpu_compile_open"):
-            module.__dict__.pop(attr, None)
-        module.__dict__.pop("forward", None)
-    torch._dynamo.reset()
     gc.collect()
 
 
@@ -358,10 +329,8 @@ def main(argv=None) -> None:
                   f"bfloat16 would run {bf16_ms / fp32_ms:.0f}× slower than float32")
             continue
         runnable.append(name)
-    # Kept memory last (process-wide from then on), int8 after it (in place), float32
-    # before bfloat16 (bfloat16 copies replace the float32 weights).
-    runnable.sort(key=lambda n: (CONFIGS[n].get("keep_memory", False), CONFIGS[n].get("int8", False),
-                                 CONFIGS[n]["dtype"] != torch.float32))
+    # int8 last (in place), float32 before bfloat16 (bfloat16 copies replace the float32 weights).
+    runnable.sort(key=lambda n: (CONFIGS[n].get("int8", False), CONFIGS[n]["dtype"] != torch.float32))
 
     t0 = time.perf_counter()
     x, c, text = inputs(args.latent, 1024)
@@ -406,12 +375,7 @@ def main(argv=None) -> None:
     rows, eac_s = [], None
     for name in runnable:
         configure(pipe, name)
-        try:
-            first, _, eps = timed(call, 0)  # warm-up (compilation for the compiled ones)
-        finally:
-            for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
-                if hasattr(module, "_cpu_compile_open"):
-                    module._cpu_compile_open = False
+        first, _, eps = timed(call, 0)  # warm-up
         # Interleaved with the reference, so that changes in the machine's load hit both.
         ours_s, ref_s, ratios, faults = [], [], [], 0
         for _ in range(args.repeats):
@@ -442,7 +406,7 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 kernels = pipe.lkpn.predict_kernels(c, x, t.expand(1), text)
                 _, eac_s, _ = timed(lambda: eac(c, kernels, residual=True), 5)
-        if any(CONFIGS[name].get(key) for key in ("compile", "winograd", "prepare")):
+        if any(CONFIGS[name].get(key) for key in ("winograd", "prepare")):
             unconfigure(pipe)
 
     if child is not None:

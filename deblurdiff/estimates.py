@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds
+from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds, guided_branches
 from .tiling import count_tiles, padded
 
 DEFAULT_TILE = 512
@@ -43,11 +43,6 @@ def processed_megapixels(
     if not tiled or max(w, h) <= tile:
         return w * h / 1e6
     return count_tiles(h, w, tile, stride) * min(w, tile) * min(h, tile) / 1e6
-
-
-def branches(guidance_scale: float) -> int:
-    """Classifier-free guidance runs the networks twice per step."""
-    return 2 if guidance_scale is not None and float(guidance_scale) != 1.0 else 1
 
 
 @dataclass
@@ -88,7 +83,7 @@ class SpeedModel:
                 width, height, steps, guidance_scale, config=self.cpu_config, timing=self.cpu_timing, tiles=tiles
             )
         mpx = processed_megapixels(width, height, tiled)
-        return mpx * (self.fixed_s_per_mpx + steps * branches(guidance_scale) * self.step_s_per_mpx)
+        return mpx * (self.fixed_s_per_mpx + steps * guided_branches(guidance_scale) * self.step_s_per_mpx)
 
 
 def gpu_request_seconds(estimate: float) -> int:

@@ -125,9 +125,10 @@ def native_bf16(monkeypatch):
     whatever machine the tests run on (these tests are about the files, not the speed)."""
     from deblurdiff import cpu
 
-    features = cpu.cpu_features()
-    monkeypatch.setattr(cpu, "cpu_features", lambda: cpu.CPUFeatures(
-        features.model, features.flags | {"avx512_bf16"}, features.capability, features.threads, True, features.amx))
+    import dataclasses
+
+    features = dataclasses.replace(cpu.cpu_features(), avx512_bf16=True)
+    monkeypatch.setattr(cpu, "cpu_features", lambda: features)
 
 
 def test_each_dtype_is_converted_once_from_the_verified_file(served, tokenizer_dir, tmp_path, native_bf16):
