@@ -15,10 +15,10 @@ import re
 import sys
 from pathlib import Path
 
+from .parsing import DTYPES
 from .single_file import (
     COMPONENTS,
     CheckpointError,
-    DTYPES,
     TokenizerUnavailableError,
     file_sha256,
     load_single_file_components,

@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 
+from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
 from .tiling import padded
 
@@ -147,17 +148,6 @@ class CPUConfig:
         return f"{text} — {self.reason}" if self.reason else text
 
 
-def _switch(env: str, requested: bool | None, default: bool) -> bool:
-    if requested is not None:
-        return bool(requested)
-    value = os.environ.get(env, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return default
-
-
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
                       winograd: bool | None = None) -> CPUConfig:
     """The fastest configuration that keeps float32-level results on this CPU.
@@ -167,11 +157,11 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
     ``dtype`` ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested
     on a CPU without native support raises a ValueError saying why."""
     features = features or cpu_features()
-    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
     if isinstance(dtype, str) and dtype != "auto":
-        if dtype not in names:
-            raise ValueError(f"CPU dtype must be one of fp32, bf16 or auto, got {dtype!r}")
-        dtype = names[dtype]
+        try:
+            dtype = parse_dtype(dtype, allowed=("fp32", "bf16"))
+        except ValueError:
+            raise ValueError(f"CPU dtype must be one of fp32, bf16 or auto, got {dtype!r}") from None
     if dtype in (None, "auto"):
         if features.native_bf16:
             dtype = torch.bfloat16
@@ -191,7 +181,7 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
     else:
         raise ValueError(f"CPU dtype must be float32 or bfloat16, got {dtype}")
     # Winograd runs float32 only; bfloat16 convolutions are oneDNN's (fast where native).
-    use_winograd = dtype == torch.float32 and _switch(WINOGRAD_ENV, winograd, True)
+    use_winograd = dtype == torch.float32 and (env_flag(WINOGRAD_ENV, True) if winograd is None else bool(winograd))
     return CPUConfig(dtype=dtype, winograd=use_winograd, reason=reason)
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .parsing import parse_dtype
+
 MODEL_ENV = "DEBLURDIFF_MODEL"
 TOKENIZER_ENV = "DEBLURDIFF_TOKENIZER"
 RANDOM_TINY = "random-tiny"
@@ -37,15 +39,13 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if requested and requested != "auto":
-        if requested not in names:
-            raise ValueError(f"dtype must be one of {sorted(names)} or 'auto', got {requested!r}")
-        if device.type == "cpu" and requested == "bf16":
+        dtype = parse_dtype(requested)
+        if device.type == "cpu" and dtype == torch.bfloat16:
             from .cpu import choose_cpu_config
 
             choose_cpu_config(dtype="bf16")  # raises, saying why, where bf16 is not native
-        return names[requested]
+        return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":

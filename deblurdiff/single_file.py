@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # Checkpoint prefix -> component. The LDM names are accepted too.
 PREFIXES = {

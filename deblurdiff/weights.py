@@ -39,6 +39,7 @@ from typing import Callable
 
 import torch
 
+from .parsing import dtype_name, env_flag
 from .single_file import file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
@@ -91,10 +92,7 @@ def download_allowed(allow_download: bool | None = None) -> bool:
     ``HF_HUB_OFFLINE`` is set to a true value."""
     if allow_download is not None:
         return bool(allow_download)
-    for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"):
-        if os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on"):
-            return False
-    return True
+    return not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
 
 
 def manual_steps(cache_dir=None) -> str:
@@ -291,12 +289,8 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
 
 
 # ---------------------------------------------------------------------------- converting
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def converted_dir(dtype: torch.dtype, cache_dir=None) -> Path:
-    return official_dir(cache_dir) / f"diffusers-{_dtype_name(dtype)}"
+    return official_dir(cache_dir) / f"diffusers-{dtype_name(dtype)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -313,7 +307,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
-    report(f"Converting {checkpoint.name} to a diffusers folder ({_dtype_name(dtype)}, once; about a minute) ...")
+    report(f"Converting {checkpoint.name} to a diffusers folder ({dtype_name(dtype)}, once; about a minute) ...")
     start = time.perf_counter()
     components = load_single_file_components(
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
@@ -323,7 +317,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
     pipe.save_pretrained(staging, safe_serialization=True)
     del pipe, components
     record = read_record(checkpoint) or {}
-    marker = dict(source_sha256=record.get("sha256"), dtype=_dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
+    marker = dict(source_sha256=record.get("sha256"), dtype=dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
     (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
     _remove(target)
     os.replace(staging, target)
