@@ -4,7 +4,7 @@
 The sharp originals are freely licensed photographs shipped with
 scikit-image (``skimage.data``; public domain or CC0, see the table written to
 ``examples/README.md``). Each one is blurred with a synthetic but realistic
-kernel from :mod:`deblurdiff.blur_kernels`, then given a little sensor noise
+kernel from :mod:`deblurdiff.train.blur_kernels`, then given a little sensor noise
 and JPEG compression, as a real blurry photo would have:
 
 1. sRGB values are converted to linear light (blur is a physical averaging of
@@ -41,10 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from deblurdiff.blur_kernels import (  # noqa: E402
+from deblurdiff.train.blur_kernels import (  # noqa: E402
     apply_kernel,
     defocus_kernel,
-    kernel_to_image,
     linear_motion_kernel,
     motion_kernel,
 )
@@ -131,6 +130,19 @@ EXAMPLES: List[Example] = [
 ]
 
 
+def kernel_to_image(kernel: np.ndarray, scale: int = 1) -> np.ndarray:
+    """Visualise a kernel as a uint8 greyscale array (peak = white).
+
+    ``scale`` enlarges each kernel pixel to a ``scale x scale`` block.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    peak = k.max()
+    img = np.zeros(k.shape, dtype=np.uint8) if peak <= 0 else np.rint(255.0 * k / peak).astype(np.uint8)
+    if scale > 1:
+        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+    return img
+
+
 def srgb_to_linear(x: np.ndarray) -> np.ndarray:
     """sRGB-encoded values in [0, 1] to linear light."""
     return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
@@ -207,7 +219,7 @@ def write_readme(out_dir: Path, records: List[Dict[str, object]]) -> None:
         "with scikit-image 0.26), each under a public-domain or CC0 licence as stated in the",
         "docstring of its `skimage.data` function (source and licence in the table). They were",
         "blurred synthetically: converted from sRGB to linear light, convolved with the kernel",
-        "listed below (from `deblurdiff.blur_kernels`), encoded back to sRGB, given mild Gaussian",
+        "listed below (from `deblurdiff.train.blur_kernels`), encoded back to sRGB, given mild Gaussian",
         "noise and saved as JPEG. All random choices are seeded. The sharp originals are not",
         "stored here; load them with the `skimage.data` function named in the table.",
         "",

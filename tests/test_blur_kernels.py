@@ -1,10 +1,9 @@
 import numpy as np
 import pytest
 
-from deblurdiff.blur_kernels import (
+from deblurdiff.train.blur_kernels import (
     apply_kernel,
     defocus_kernel,
-    kernel_to_image,
     linear_motion_kernel,
     motion_kernel,
 )
@@ -144,8 +143,3 @@ def test_apply_kernel_blurs_and_rejects_bad_input():
         apply_kernel(img, np.ones(3))
     with pytest.raises(ValueError):
         apply_kernel(img, defocus_kernel(1), mode="nearest")
-
-
-def test_kernel_to_image():
-    vis = kernel_to_image(defocus_kernel(2), scale=3)
-    assert vis.dtype == np.uint8 and vis.shape == (15, 15) and vis.max() == 255

@@ -6,7 +6,7 @@ CodeFormer/DiffBIR "first-order" degradation):
 1. blur with a random kernel: isotropic or anisotropic Gaussian (41 x 41,
    sigma 0.1-12) as in the reference, plus camera-shake kernels from random
    trajectories (and optionally straight-line motion and defocus disks) from
-   :mod:`deblurdiff.blur_kernels`;
+   :mod:`deblurdiff.train.blur_kernels`;
 2. bilinear downsampling by a random factor in [1, 12];
 3. additive Gaussian noise, sigma in [0, 15] on the 0-255 scale, clipped;
 4. JPEG compression, quality in [30, 100];
@@ -29,7 +29,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from ..blur_kernels import apply_kernel, defocus_kernel, linear_motion_kernel, motion_kernel
+from .blur_kernels import apply_kernel, defocus_kernel, linear_motion_kernel, motion_kernel
 
 KERNEL_TYPES = ("iso", "aniso", "motion", "linear_motion", "defocus")
 

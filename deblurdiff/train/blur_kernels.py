@@ -26,7 +26,6 @@ __all__ = [
     "linear_motion_kernel",
     "defocus_kernel",
     "apply_kernel",
-    "kernel_to_image",
 ]
 
 RngLike = Union[np.random.Generator, int, None]
@@ -330,16 +329,3 @@ def apply_kernel(image_array: np.ndarray, kernel: np.ndarray, *, mode: str = "re
     if img.dtype in (np.float32, np.float64):
         return out.astype(img.dtype, copy=False)
     return out.astype(np.float32)
-
-
-def kernel_to_image(kernel: np.ndarray, scale: int = 1) -> np.ndarray:
-    """Visualise a kernel as a uint8 greyscale array (peak = white).
-
-    ``scale`` enlarges each kernel pixel to a ``scale x scale`` block.
-    """
-    k = np.asarray(kernel, dtype=np.float64)
-    peak = k.max()
-    img = np.zeros(k.shape, dtype=np.uint8) if peak <= 0 else np.rint(255.0 * k / peak).astype(np.uint8)
-    if scale > 1:
-        img = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-    return img
