@@ -41,7 +41,7 @@ import gradio as gr
 import spaces
 import torch
 
-from . import image_io
+from . import image_io, service
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import (
@@ -386,10 +386,10 @@ class DeblurApp:
     def deblur(
         self,
         image,
-        steps=image_io.DEFAULT_STEPS,
+        steps=service.DEFAULT_STEPS,
         seed=0,
         randomize_seed=True,
-        guidance_scale=image_io.DEFAULT_GUIDANCE,
+        guidance_scale=service.DEFAULT_GUIDANCE,
         prompt="",
         negative_prompt=None,
         color_fix=True,
@@ -567,14 +567,14 @@ class DeblurApp:
                         run_btn = gr.Button("Deblur", variant="primary", elem_id="run-button")
                         cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
                     steps = gr.Slider(
-                        image_io.MIN_STEPS, image_io.MAX_STEPS, value=image_io.DEFAULT_STEPS, step=1,
+                        service.MIN_STEPS, service.MAX_STEPS, value=service.DEFAULT_STEPS, step=1,
                         label="Steps", info="More steps: finer detail, longer run.", elem_id="steps",
                     )
                     with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=image_io.MIN_SEED, maximum=image_io.MAX_SEED, label="Seed")
+                        seed = gr.Number(value=0, precision=0, minimum=service.MIN_SEED, maximum=service.MAX_SEED, label="Seed")
                         randomize = gr.Checkbox(value=True, label="Randomize seed", info="The seed used is shown with the result.")
                     guidance = gr.Slider(
-                        image_io.MIN_GUIDANCE, image_io.MAX_GUIDANCE, value=image_io.DEFAULT_GUIDANCE, step=0.1,
+                        service.MIN_GUIDANCE, service.MAX_GUIDANCE, value=service.DEFAULT_GUIDANCE, step=0.1,
                         label="Guidance scale", info="1 = no classifier-free guidance (the default); higher values follow the prompts more and take twice as long.",
                     )
                     with gr.Accordion("Advanced", open=False):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from . import image_io
+from . import image_io, service
 from .image_io import InvalidInputError
 from .service import (
     DEFAULT_SAMPLER,
@@ -43,6 +43,7 @@ EXIT_INTERRUPTED = 130
 #: File name extensions picked up when a folder is given (explicit files are always tried).
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
+    | {".heic", ".heif", ".avif"}
 )
 
 
@@ -159,18 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for the results (created if needed)")
     parser.add_argument(
         "--steps",
-        default=image_io.DEFAULT_STEPS,
-        help=f"denoising steps, {image_io.MIN_STEPS}-{image_io.MAX_STEPS} (default {image_io.DEFAULT_STEPS})",
+        default=service.DEFAULT_STEPS,
+        help=f"denoising steps, {service.MIN_STEPS}-{service.MAX_STEPS} (default {service.DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--seed",
         default=None,
-        help=f"random seed, {image_io.MIN_SEED}-{image_io.MAX_SEED}; default: a random one (printed, and stored in each PNG)",
+        help=f"random seed, {service.MIN_SEED}-{service.MAX_SEED}; default: a random one (printed, and stored in each PNG)",
     )
     parser.add_argument(
         "--guidance",
-        default=image_io.DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale, {image_io.MIN_GUIDANCE:g}-{image_io.MAX_GUIDANCE:g} (default {image_io.DEFAULT_GUIDANCE:g}: no guidance)",
+        default=service.DEFAULT_GUIDANCE,
+        help=f"classifier-free guidance scale, {service.MIN_GUIDANCE:g}-{service.MAX_GUIDANCE:g} (default {service.DEFAULT_GUIDANCE:g}: no guidance)",
     )
     parser.add_argument("--prompt", default=None, help="text prompt (default: empty)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt, used when --guidance > 1 (default: the model's)")

@@ -88,7 +88,12 @@ class DeblurDiffPipelineOutput(BaseOutput):
 
 
 def image_to_tensor(image) -> torch.Tensor:
-    """PIL image(s), uint8/float HWC array(s) or a (B, 3, H, W) tensor in [0, 1] -> float32 (B, 3, H, W) in [0, 1]."""
+    """PIL image(s), array(s) or a (B, 3, H, W) tensor in [0, 1] -> float32 (B, 3, H, W) in [0, 1].
+
+    The one rule for arrays (the input loader uses it too): H×W greyscale, H×W×3 RGB or H×W×4
+    RGBA composited onto white; bool, uint8 (0-255), uint16 (0-65535), other integers in 0-255,
+    or floats in [0, 1] (an overshoot of 0.02 is clipped). PIL images are read as RGB(A).
+    """
     if isinstance(image, torch.Tensor):
         tensor = image if image.ndim == 4 else image[None]
         return tensor.float()
@@ -98,11 +103,36 @@ def image_to_tensor(image) -> torch.Tensor:
     arrays = []
     for im in images:
         if isinstance(im, PIL.Image.Image):
-            im = np.asarray(im.convert("RGB"))
-        im = np.asarray(im)
-        if im.ndim != 3 or im.shape[2] != 3:
-            raise ValueError(f"expected an RGB image (H, W, 3), got an array of shape {im.shape}")
-        arrays.append(im.astype(np.float32) / 255.0 if im.dtype == np.uint8 else im.astype(np.float32))
+            im = im if im.mode == "RGB" else im.convert("RGBA")
+        a = np.asarray(im)
+        a = a[..., None] if a.ndim == 2 else a
+        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+            hint = ", which looks channels-first: use arr.transpose(1, 2, 0)" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+            hint = ", with a batch dimension: pass a list of images" if a.ndim == 4 else hint
+            raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}{hint}")
+        if a.size == 0:
+            raise ValueError(f"the image is empty (shape {a.shape})")
+        if a.dtype == np.uint8 or a.dtype == np.bool_:
+            a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+        elif a.dtype.kind in "iu":
+            top = 65535 if a.dtype == np.uint16 else 255
+            if a.min() < 0 or a.max() > top:
+                raise ValueError(f"{a.dtype} values must be in 0-{top}, got {a.min()} to {a.max()} (uint16 holds 16-bit data)")
+            a = a.astype(np.float32) / top
+        elif a.dtype.kind == "f":
+            a = a.astype(np.float32)
+            if not np.isfinite(a).all():
+                raise ValueError("it contains NaN or infinite values")
+            lo, hi = float(a.min()), float(a.max())
+            if lo < -0.02 or hi > 1.02:
+                hint = " (divide 0-255 data by 255)" if lo >= 0 and hi <= 255 else " ((arr + 1) / 2 maps [-1, 1] to it)" if lo >= -1.02 and hi <= 1.02 else ""
+                raise ValueError(f"float values must be in [0, 1], got {lo:.4g} to {hi:.4g}{hint}")
+            a = a.clip(0.0, 1.0)
+        else:
+            raise ValueError(f"unsupported data type {a.dtype}: use uint8, uint16, bool or float")
+        if a.shape[2] == 4:
+            a = a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:])
+        arrays.append(np.broadcast_to(a, a.shape[:2] + (3,)))
     if len({a.shape for a in arrays}) > 1:
         raise ValueError("all images in a batch must have the same size")
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()

@@ -1,25 +1,34 @@
 """Restore one image with given options: the step the web app and the command line share.
 
-:func:`make_options` turns user input (text from a form, a command line or an API call)
-into validated :class:`RestoreOptions`, raising :class:`InvalidInputError` with a message
-for the user; :func:`restore` runs the pipeline on one RGB image with them;
+:func:`make_options` turns user input (text from a form, a command line or an API call;
+numbers may come as numeric strings) into validated :class:`RestoreOptions`, raising
+:class:`InvalidInputError` with a message for the user; :func:`restore` runs the pipeline on one RGB image with them;
 :func:`png_metadata` records in the output file how it was made.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
+import secrets
 import time
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from . import image_io
 from .image_io import InvalidInputError
-from .pipeline import SAMPLERS
+from .pipeline import DEFAULT_STEPS, SAMPLERS
+
+MIN_STEPS, MAX_STEPS = 1, 100
+DEFAULT_GUIDANCE, MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 1.0, 10.0
+MIN_SEED, MAX_SEED = 0, 2**32 - 1
+#: Seed value (besides None and an empty string) meaning "draw one at random".
+RANDOM_SEED = -1
 
 #: Tiling of large images: "auto" lets the pipeline decide.
 TILING_CHOICES = ("auto", "on", "off")
@@ -33,6 +42,66 @@ UNTRAINED_WARNING = (
     "it only exercises the code."
 )
 _MAX_STEM_CHARS = 100
+
+
+def _to_number(value, label: str, hint: str) -> float | int:
+    """A user-supplied number: int, float, numpy scalar or numeric string (as web forms send)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise InvalidInputError(f"{label} must be a number ({hint}), not {value!r}.")
+    if isinstance(value, (str, bytes)):
+        text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).strip()
+        if not text:
+            raise InvalidInputError(f"{label} is empty. Please enter a number ({hint}).")
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        raise InvalidInputError(f"{label} must be a number ({hint}); got {value!r}.")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise InvalidInputError(f"{label} must be a number ({hint}); got a value of type '{type(value).__name__}'.")
+
+
+def _to_whole(value, label: str, hint: str) -> int:
+    number = _to_number(value, label, hint)
+    if isinstance(number, float):
+        if not math.isfinite(number):
+            raise InvalidInputError(f"{label} must be a finite whole number ({hint}); got {number}.")
+        if not number.is_integer():
+            raise InvalidInputError(f"{label} must be a whole number ({hint}); got {number:g}.")
+    return int(number)
+
+
+def validate_steps(value) -> int:
+    steps = _to_whole(value, "The number of steps", f"a whole number from {MIN_STEPS} to {MAX_STEPS}")
+    if not MIN_STEPS <= steps <= MAX_STEPS:
+        raise InvalidInputError(f"The number of steps must be between {MIN_STEPS} and {MAX_STEPS}; got {steps}.")
+    return steps
+
+
+def validate_seed(value) -> int:
+    """A whole number in [MIN_SEED, MAX_SEED]; None, "" or RANDOM_SEED draw one at random."""
+    hint = f"a whole number from {MIN_SEED} to {MAX_SEED}, or {RANDOM_SEED} for a random seed"
+    random = value is None or (isinstance(value, str) and not value.strip())
+    seed = RANDOM_SEED if random else _to_whole(value, "The seed", hint)
+    if seed == RANDOM_SEED:
+        return secrets.randbelow(MAX_SEED + 1)
+    if not MIN_SEED <= seed <= MAX_SEED:
+        raise InvalidInputError(f"The seed must be {hint}; got {seed}.")
+    return seed
+
+
+def validate_guidance(value) -> float:
+    hint = f"from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
+    scale = float(_to_number(value, "The guidance scale", hint))
+    if not math.isfinite(scale):
+        raise InvalidInputError(f"The guidance scale must be a finite number ({hint}); got {scale}.")
+    if not MIN_GUIDANCE <= scale <= MAX_GUIDANCE:
+        raise InvalidInputError(f"The guidance scale must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}; got {scale:g}.")
+    return scale
 
 
 def parse_tiling(value) -> bool | None:
@@ -87,9 +156,9 @@ def safe_stem(name: str, default: str = "image") -> str:
 class RestoreOptions:
     """Validated settings of one run (see :func:`make_options`)."""
 
-    steps: int = image_io.DEFAULT_STEPS
+    steps: int = DEFAULT_STEPS
     seed: int = 0
-    guidance_scale: float = image_io.DEFAULT_GUIDANCE
+    guidance_scale: float = DEFAULT_GUIDANCE
     prompt: str = ""
     negative_prompt: str | None = None  # None: the model's default negative prompt
     color_fix: bool = True
@@ -111,9 +180,9 @@ class RestoreOptions:
 
 def make_options(
     *,
-    steps=image_io.DEFAULT_STEPS,
+    steps=DEFAULT_STEPS,
     seed=None,
-    guidance_scale=image_io.DEFAULT_GUIDANCE,
+    guidance_scale=DEFAULT_GUIDANCE,
     prompt=None,
     negative_prompt=None,
     color_fix: bool = True,
@@ -122,11 +191,10 @@ def make_options(
     return_lkpn_image: bool = False,
 ) -> RestoreOptions:
     """Validate user input; ``seed=None`` draws a random seed. Raises InvalidInputError."""
-    params = image_io.validate_parameters(steps, seed, guidance_scale)
     return RestoreOptions(
-        steps=params.steps,
-        seed=params.seed,
-        guidance_scale=params.guidance_scale,
+        steps=validate_steps(steps),
+        seed=validate_seed(seed),
+        guidance_scale=validate_guidance(guidance_scale),
         prompt=validate_prompt(prompt, "prompt", ""),
         negative_prompt=validate_prompt(negative_prompt, "negative prompt", None),
         color_fix=bool(color_fix),

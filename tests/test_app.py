@@ -206,7 +206,7 @@ def bad_file(tmp_path, kind):
 @pytest.mark.parametrize(
     "kind, expected",
     [
-        ("text", ["notes.png", "not an image", "text file"]),
+        ("text", ["notes.png", "not an image", "PNG, JPEG"]),
         ("corrupt", ["broken.png", "damaged"]),
         ("empty", ["empty.jpg", "empty (0 bytes)"]),
         ("huge", ["6000×6000", "16,777,216 pixels", "downscale"]),

@@ -56,6 +56,13 @@ def test_folder_with_two_images_and_a_bad_file(photos, tmp_path, capsys):
     assert sorted(p.name for p in photos.rglob("*") if p.is_file()) == ["beach.jpg", "beach.png", "notes.png"]
 
 
+def test_folders_yield_heic_and_avif_photos(tmp_path):
+    for name in ("IMG_0001.HEIC", "b.avif", "c.heif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    items, problems = cli.collect_inputs([str(tmp_path)])
+    assert sorted(item.path.name for item in items) == ["IMG_0001.HEIC", "b.avif", "c.heif"] and not problems
+
+
 def test_all_good_inputs_exit_zero_and_keep_existing_outputs(photos, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

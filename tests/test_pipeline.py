@@ -39,8 +39,12 @@ def test_image_to_tensor_accepts_pil_arrays_and_tensors():
     assert from_pil.shape == (1, 3, 8, 12) and from_pil.max() <= 1
     torch.testing.assert_close(image_to_tensor(np.asarray(image)), from_pil)
     torch.testing.assert_close(image_to_tensor(from_pil[0]), from_pil)
-    with pytest.raises(ValueError, match="RGB"):
-        image_to_tensor(np.zeros((8, 8)))
+    grey = np.full((8, 12), 0.25)
+    torch.testing.assert_close(image_to_tensor(grey), torch.full((1, 3, 8, 12), 0.25))
+    with pytest.raises(ValueError, match=r"got \(8, 8, 2\)"):
+        image_to_tensor(np.zeros((8, 8, 2)))
+    with pytest.raises(ValueError, match="float values must be in"):
+        image_to_tensor(np.full((8, 8, 3), 255.0))
 
 
 @pytest.mark.parametrize("size", [(64, 64), (70, 90)])
