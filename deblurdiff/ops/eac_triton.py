@@ -22,6 +22,16 @@ compiled graph. With symbolic sizes (dynamic-shape tracing) the launch configura
 cannot depend on the size, and the 8 x 64 tiles are used for every size; the tiles only
 change the work split, not the arithmetic.
 
+Loads are vectorised along W only where the compiler knows the row starts are aligned.
+Triton's specialisation marks integers divisible by 16 (AOTInductor: those it can prove
+so), which a row width of 8 mod 16 is not: the project's dynamic ``W = 8 * s`` and any
+eager latent width of 8 * odd. So the launcher passes ``ALIGN = 8`` when it can prove
+the row width and the batch, channel and row strides multiples of 8 (:func:`alignment`),
+and the kernels round those down to multiples of ALIGN, which changes no value but
+tells the compiler. ``tests/test_triton_compile.py`` compiles every kernel as the
+launchers (:func:`forward_launch`, :func:`grad_x_launch`, :func:`grad_kernels_launch`)
+launch it, for sm_90, sm_100 and sm_120, and checks the load widths.
+
 Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before this
 module is imported) the kernels also run on CPU tensors, which the tests use.
 """
@@ -39,7 +49,8 @@ from torch.library import triton_op, wrap_triton
 
 from .eac_shapes import common_dtype, eac_geometry
 
-__all__ = ["eac_triton", "launch_config", "INTERPRETED"]
+__all__ = ["eac_triton", "launch_config", "alignment", "forward_launch", "grad_x_launch", "grad_kernels_launch",
+           "INTERPRETED"]
 
 
 @triton.jit
