@@ -357,11 +357,15 @@ for _dtype in ("float32", "float16", "bfloat16"):
         (f"{_dtype}-B2C4G4k5-7x13-residual", 2, 4, 4, 5, 7, 13, _dtype, True, "contiguous", None),
         (f"{_dtype}-B1C4G2k3-9x13-strided-tiles", 1, 4, 2, 3, 9, 13, _dtype, False, "strided", (4, 8, 4)),
         (f"{_dtype}-B2C3G1k7-5x6-expanded-residual", 2, 3, 1, 7, 5, 6, _dtype, True, "expanded", None),
+        # Row width and strides multiples of 8: the kernels round them to ALIGN.
+        (f"{_dtype}-B2C4G4k5-5x24-aligned-residual", 2, 4, 4, 5, 5, 24, _dtype, True, "contiguous", None),
     ]
 TRITON_CASES += [
     ("float32-B1C4G4k5-1x1", 1, 4, 4, 5, 1, 1, "float32", True, "contiguous", None),
     ("float32-B1C6G3k3-6x70-default-tiles", 1, 6, 3, 3, 6, 70, "float32", False, "contiguous", None),
+    ("float16-B1C4G2k3-6x16-aligned-tiles", 1, 4, 2, 3, 6, 16, "float16", False, "contiguous", (4, 8, 4)),
 ]
+ALIGNED_CASES = [case for case in TRITON_CASES if "aligned" in case[0]]
 
 
 def _run_triton_cases() -> dict:
@@ -398,6 +402,17 @@ def triton_results():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: c[0])
+def test_triton_cases_cover_both_alignments(case):
+    """The "aligned" cases run the kernels with ALIGN = 8 (rounding the row width and
+    strides), the others with 1."""
+    eac_triton = pytest.importorskip("deblurdiff.ops.eac_triton")
+    _, B, C, G, k, H, W, dtype, residual, layout, _ = case
+    x, kernels, grad = make_inputs(B, C, G, k, H, W, getattr(torch, dtype), layout)
+    want = eac_triton.ALIGN if case in ALIGNED_CASES else 1
+    assert eac_triton.alignment(W, x, kernels, grad) == want
 
 
 def test_triton_interpreter_active(triton_results):

@@ -22,21 +22,45 @@ compiled graph. With symbolic sizes (dynamic-shape tracing) the launch configura
 cannot depend on the size, and the 8 x 64 tiles are used for every size; the tiles only
 change the work split, not the arithmetic.
 
+Loads are vectorised along W only where the compiler knows the row starts are aligned.
+Triton's specialisation marks integers divisible by 16 (AOTInductor: those it can prove
+so), which a row width of 8 mod 16 is not: the project's dynamic ``W = 8 * s`` and any
+eager latent width of 8 * odd. So the launcher passes ``ALIGN = 8`` when it can prove
+the row width and the batch, channel and row strides multiples of 8 (:func:`alignment`),
+and the kernels round those down to multiples of ALIGN, which changes no value but
+tells the compiler. ``tests/test_triton_compile.py`` compiles every kernel as the
+launchers (:func:`forward_launch`, :func:`grad_x_launch`, :func:`grad_kernels_launch`)
+launch it, for sm_90, sm_100 and sm_120, and checks the load widths.
+
 Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before this
 module is imported) the kernels also run on CPU tensors, which the tests use.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.library import triton_op, wrap_triton
 
 from .eac_shapes import common_dtype, eac_geometry
 
-__all__ = ["eac_triton", "launch_config", "INTERPRETED"]
+__all__ = ["eac_triton", "launch_config", "alignment", "forward_launch", "grad_x_launch", "grad_kernels_launch",
+           "INTERPRETED"]
+
+
+@triton.jit
+def _aligned(value, ALIGN: tl.constexpr):
+    """``value`` rounded down to a multiple of ALIGN: unchanged when the launcher passes
+    ALIGN > 1 (it does so only for values it knows to be multiples), but now known to
+    the compiler, which then vectorises the loads along W."""
+    if ALIGN > 1:
+        value = value // ALIGN * ALIGN
+    return value
 
 
 @triton.jit
@@ -47,7 +71,12 @@ def _eac_fwd_kernel(
     skb, skc, skh, skw,
     sob, soc, soh, sow,
     K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    W = _aligned(W, ALIGN)
+    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
+    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
+    sob, soc, soh = _aligned(sob, ALIGN), _aligned(soc, ALIGN), _aligned(soh, ALIGN)
     pid_tile = tl.program_id(0)
     pid_plane = tl.program_id(1)
     b = (pid_plane // C).to(tl.int64)
@@ -87,8 +116,13 @@ def _eac_grad_x_kernel(
     skb, skc, skh, skw,
     sxb, sxc, sxh, sxw,
     K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # grad_x[h, w] = sum_{i,j} grad_out[h - i + P, w - j + P] * kernel[i, j, h - i + P, w - j + P]
+    W = _aligned(W, ALIGN)
+    sgb, sgc, sgh = _aligned(sgb, ALIGN), _aligned(sgc, ALIGN), _aligned(sgh, ALIGN)
+    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
+    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
     pid_tile = tl.program_id(0)
     pid_plane = tl.program_id(1)
     b = (pid_plane // C).to(tl.int64)
@@ -123,13 +157,18 @@ def _eac_grad_x_kernel(
 @triton.jit
 def _eac_grad_k_kernel(
     go_ptr, x_ptr, gk_ptr,
-    G, H, W, CPG, tiles_w,
+    G, H, W, tiles_w,
     sgb, sgc, sgh, sgw,
     sxb, sxc, sxh, sxw,
     skb, skc, skh, skw,
-    K: tl.constexpr, SINGLE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    K: tl.constexpr, CPG: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     # grad_kernels[g, i, j, h, w] = sum_{c in group g} grad_out[c, h, w] * x[c, h + i - P, w + j - P]
+    W = _aligned(W, ALIGN)
+    sgb, sgc, sgh = _aligned(sgb, ALIGN), _aligned(sgc, ALIGN), _aligned(sgh, ALIGN)
+    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
+    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
     pid_tile = tl.program_id(0)
     pid_plane = tl.program_id(1)
     b = (pid_plane // G).to(tl.int64)
@@ -143,7 +182,7 @@ def _eac_grad_k_kernel(
     x_group = x_ptr + b * sxb + c0 * sxc
     gk_pixels = gk_ptr + b * skb + g * (K * K) * skc + hs * skh + ws * skw
     P: tl.constexpr = K // 2
-    if SINGLE:
+    if CPG == 1:
         gv0 = tl.load(go_pixels, mask=inside, other=0.0).to(tl.float32)
     for i in tl.static_range(K):
         hh = hs + (i - P)
@@ -152,7 +191,7 @@ def _eac_grad_k_kernel(
             ww = ws + (j - P)
             m = row_ok & (ww >= 0) & (ww < W)
             shifted = hh * sxh + ww * sxw
-            if SINGLE:
+            if CPG == 1:
                 acc = gv0 * tl.load(x_group + shifted, mask=m, other=0.0).to(tl.float32)
             else:
                 acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
@@ -164,6 +203,12 @@ def _eac_grad_k_kernel(
 
 
 INTERPRETED = not isinstance(_eac_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _traceable(kernel):
+    """``wrap_triton(kernel)``, or the interpreted kernel itself (some torch versions'
+    ``wrap_triton`` refuse the interpreter's functions; there is nothing to trace)."""
+    return kernel if INTERPRETED else wrap_triton(kernel)
 
 
 DYNAMIC_CONFIG = (8, 64, 4)
@@ -193,31 +238,78 @@ def _grid(H: int, W: int, planes: int, block_h: int, block_w: int):
     return (triton.cdiv(H, block_h) * tiles_w, planes), tiles_w
 
 
+#: Rows are vectorised along W when the compiler knows that the row width and every
+#: batch, channel and row stride are multiples of this many elements.
+ALIGN = 8
+
+
+def alignment(W, *tensors: torch.Tensor) -> int:
+    """:data:`ALIGN` when ``W`` and the batch, channel and row strides of ``tensors`` are
+    provably multiples of it, else 1. Triton's own specialisation only marks integers
+    divisible by 16 (AOTInductor: those it can prove so), so a row width of 8 mod 16
+    (a latent width of 8 * odd) would otherwise make every load scalar. Sizes may be
+    symbolic (tracing for export or AOTInductor): then only what the shape environment
+    proves counts, and no guard is added."""
+    values = [W] + [s for t in tensors for s in t.stride()[:3]]
+    return ALIGN if all(statically_known_true(v % ALIGN == 0) for v in values) else 1
+
+
+class Launch(NamedTuple):
+    """One kernel launch as the operators make it: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: object
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+def forward_launch(x, kernels, out, groups: int, k: int, residual: bool,
+                   block_h: int, block_w: int, num_warps: int) -> Launch:
+    B, C, H, W = x.shape
+    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
+    return Launch(_eac_fwd_kernel, grid, (
+        x, kernels, out, C, H, W, C // groups, tiles_w, *x.stride(), *kernels.stride(), *out.stride(),
+    ), dict(K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=alignment(W, x, kernels, out),
+            num_warps=num_warps))
+
+
+def grad_x_launch(grad, kernels, grad_x, groups: int, k: int, residual: bool,
+                  block_h: int, block_w: int, num_warps: int) -> Launch:
+    B, C, H, W = grad.shape
+    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
+    return Launch(_eac_grad_x_kernel, grid, (
+        grad, kernels, grad_x, C, H, W, C // groups, tiles_w, *grad.stride(), *kernels.stride(), *grad_x.stride(),
+    ), dict(K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=alignment(W, grad, kernels, grad_x),
+            num_warps=num_warps))
+
+
+def grad_kernels_launch(grad, x, grad_k, groups: int, k: int,
+                        block_h: int, block_w: int, num_warps: int) -> Launch:
+    B, C, H, W = x.shape
+    grid, tiles_w = _grid(H, W, B * groups, block_h, block_w)
+    return Launch(_eac_grad_k_kernel, grid, (
+        grad, x, grad_k, groups, H, W, tiles_w, *grad.stride(), *x.stride(), *grad_k.stride(),
+    ), dict(K=k, CPG=C // groups, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=alignment(W, grad, x, grad_k),
+            num_warps=num_warps))
+
+
+def _run(launch: Launch) -> None:
+    _traceable(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
+
+
 @triton_op("deblurdiff::eac_triton_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
                 block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
-    B, C, H, W = x.shape
-    out = torch.empty((B, C, H, W), dtype=x.dtype, device=x.device)
-    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    wrap_triton(_eac_fwd_kernel)[grid](
-        x, kernels, out, C, H, W, C // groups, tiles_w,
-        *x.stride(), *kernels.stride(), *out.stride(),
-        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-    )
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _run(forward_launch(x, kernels, out, groups, k, residual, block_h, block_w, num_warps))
     return out
 
 
 @triton_op("deblurdiff::eac_triton_grad_x", mutates_args=())
 def _grad_x_op(grad: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
                block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
-    B, C, H, W = grad.shape
-    grad_x = torch.empty((B, C, H, W), dtype=grad.dtype, device=grad.device)
-    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    wrap_triton(_eac_grad_x_kernel)[grid](
-        grad, kernels, grad_x, C, H, W, C // groups, tiles_w,
-        *grad.stride(), *kernels.stride(), *grad_x.stride(),
-        K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-    )
+    grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    _run(grad_x_launch(grad, kernels, grad_x, groups, k, residual, block_h, block_w, num_warps))
     return grad_x
 
 
@@ -226,12 +318,7 @@ def _grad_kernels_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor,
                      block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
     B, C, H, W = x.shape
     grad_k = torch.empty((B, groups * k * k, H, W), dtype=kernels.dtype, device=x.device)
-    grid, tiles_w = _grid(H, W, B * groups, block_h, block_w)
-    wrap_triton(_eac_grad_k_kernel)[grid](
-        grad, x, grad_k, groups, H, W, C // groups, tiles_w,
-        *grad.stride(), *x.stride(), *grad_k.stride(),
-        K=k, SINGLE=(C == groups), BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-    )
+    _run(grad_kernels_launch(grad, x, grad_k, groups, k, block_h, block_w, num_warps))
     return grad_k
 
 
