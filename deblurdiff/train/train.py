@@ -250,6 +250,10 @@ class Trainer:
         opt = config.training
         self.output_dir = Path(config.output_dir)
         _release_previous_accelerator_state()
+        from accelerate.state import PartialState
+
+        # Recorded resolved, so that the loop, the logs and config.json agree.
+        opt.gradient_accumulation_steps = opt.accumulation_steps(PartialState().num_processes)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=opt.gradient_accumulation_steps,
             mixed_precision=opt.mixed_precision,
