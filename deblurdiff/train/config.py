@@ -44,7 +44,8 @@ class ModelConfig:
       * ``stable-diffusion``: ``path`` is a Stable Diffusion 2.1-base diffusers folder or Hub id
         (a local copy or a mirror: Stability AI removed the original Hub repository in 2025).
         UNet, VAE and text encoder are loaded (and frozen); the ControlNet is initialised from
-        the UNet's encoder (extra input channels zero), the LKPN from scratch.
+        the UNet's encoder (extra input channels zero), the LKPN from scratch with its output
+        layers zero (``LKPNModel.zero_init``: it starts as the identity, ``z_s = c``).
       * ``pipeline``: ``path`` is a DeblurDiff pipeline folder (ours, e.g. a training checkpoint):
         training continues from its ControlNet and LKPN.
       * ``single-file``: ``path`` is the official checkpoint (``model.pth``); ``tokenizer`` as for
