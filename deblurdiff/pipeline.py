@@ -55,7 +55,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
-from .models.windowed_attention import DEFAULT_WINDOW, attention_windows, enable_windowed_attention
+from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
 from .tiling import (
     SIZE_MULTIPLE,
     available_memory,
@@ -262,12 +262,11 @@ class DeblurDiffPipeline(DiffusionPipeline):
             scheduler=scheduler,
         )
         # The reference attends within windows (models/windowed_attention.py). The LKPN and
-        # the ControlNet keep their window in their config; the plain UNet follows the
-        # ControlNet's unless it was given one already.
-        if unet is not None and not any(
-            hasattr(unet.get_submodule(name), "attention_window") for name in attention_windows(unet)
-        ):
-            enable_windowed_attention(unet, getattr(controlnet.config, "attention_window", DEFAULT_WINDOW))
+        # the ControlNet keep their window in their config; a plain UNet just loaded
+        # (from_pretrained, from_single_file) takes the ControlNet's. A UNet that has a
+        # layout already (built or loaded by this package, e.g. for training) is left as is.
+        if unet is not None:
+            ensure_attention_layout(unet, getattr(controlnet.config, "attention_window", DEFAULT_WINDOW))
         self._prompt_cache: dict = {}
         # Embeddings known without the text encoder ({prompt: float32 CPU tensor}).
         self._stored_prompt_embeds: dict[str, torch.Tensor] = {}

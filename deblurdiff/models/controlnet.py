@@ -21,6 +21,7 @@ from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
 def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` (in place, without recording gradients)."""
     for p in module.parameters():
         nn.init.zeros_(p)
     return module

@@ -10,9 +10,12 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from ..ops import eac
+from .controlnet import zero_module
 from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
@@ -22,6 +25,9 @@ class LKPNModel(ModelMixin, ConfigMixin):
     ``attention_head_dim`` is the number of channels per head (64 in the reference).
     ``attention_window`` is the reference's attention window at the first level (halved
     per level, see :mod:`.windowed_attention`); ``None`` gives global attention.
+
+    The constructor keeps diffusers' default initialisation (what loading overwrites);
+    a network trained from scratch starts from :meth:`zero_init`, the identity.
     """
 
     _supports_gradient_checkpointing = True
@@ -64,6 +70,20 @@ class LKPNModel(ModelMixin, ConfigMixin):
             freq_shift=0,
         )
         enable_windowed_attention(self, attention_window)
+
+    def zero_init(self) -> "LKPNModel":
+        """Zero the UNet's output convolution, every residual block's output convolution
+        and every spatial transformer's output projection, as the reference initialises
+        its LKPN for training. The kernels are then 0 and ``z_s = c`` exactly, while
+        every other layer keeps its random initialisation (so gradients flow from the
+        first step). In place; returns ``self``."""
+        zero_module(self.unet.conv_out)
+        for module in self.unet.modules():
+            if isinstance(module, ResnetBlock2D):
+                zero_module(module.conv2)
+            elif isinstance(module, Transformer2DModel):
+                zero_module(module.proj_out)
+        return self
 
     def predict_kernels(self, condition, sample, timestep, encoder_hidden_states) -> torch.Tensor:
         """Per-pixel kernels, shape (B, C·k·k, h, w)."""

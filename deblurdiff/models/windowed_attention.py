@@ -33,6 +33,8 @@ __all__ = [
     "DEFAULT_WINDOW",
     "attention_windows",
     "enable_windowed_attention",
+    "ensure_attention_layout",
+    "has_attention_layout",
     "window_starts",
     "windowed_transformer_forward",
 ]
@@ -203,3 +205,19 @@ def enable_windowed_attention(model: nn.Module, base: int | None = DEFAULT_WINDO
     for name, window in windows.items():
         _set_window(model.get_submodule(name), window)
     return windows
+
+
+def has_attention_layout(model: nn.Module) -> bool:
+    """Whether the spatial transformers of ``model`` were given a layout (windows, or
+    ``None`` for global attention) by :func:`enable_windowed_attention`."""
+    return any(hasattr(model.get_submodule(name), "attention_window") for name in attention_windows(model))
+
+
+def ensure_attention_layout(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> bool:
+    """Give ``model`` the reference's windows (first-level side ``base``) unless it has a
+    layout already, which is kept. Meant for the moment a model is built or loaded (a plain
+    diffusers ``UNet2DConditionModel`` has none); returns whether it set one."""
+    if has_attention_layout(model):
+        return False
+    enable_windowed_attention(model, base)
+    return True

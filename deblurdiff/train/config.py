@@ -44,7 +44,8 @@ class ModelConfig:
       * ``stable-diffusion``: ``path`` is a Stable Diffusion 2.1-base diffusers folder or Hub id
         (a local copy or a mirror: Stability AI removed the original Hub repository in 2025).
         UNet, VAE and text encoder are loaded (and frozen); the ControlNet is initialised from
-        the UNet's encoder (extra input channels zero), the LKPN from scratch.
+        the UNet's encoder (extra input channels zero), the LKPN from scratch with its output
+        layers zero (``LKPNModel.zero_init``: it starts as the identity, ``z_s = c``).
       * ``pipeline``: ``path`` is a DeblurDiff pipeline folder (ours, e.g. a training checkpoint):
         training continues from its ControlNet and LKPN.
       * ``single-file``: ``path`` is the official checkpoint (``model.pth``); ``tokenizer`` as for
@@ -111,6 +112,9 @@ class OptimConfig:
     # Per process; the reference's 64 was global (split over its GPUs).
     batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    # Images per optimizer step over all processes; when set, the accumulation is derived:
+    # global_batch_size / (batch_size x processes), which must be a whole number.
+    global_batch_size: int | None = None
     learning_rate: float = 1e-4
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -146,6 +150,28 @@ class OptimConfig:
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ValueError("training.global_batch_size must be >= 1 (or null)")
+
+    def accumulation_steps(self, num_processes: int) -> int:
+        """Micro-batches per optimizer step: ``gradient_accumulation_steps``, or what gives
+        ``global_batch_size`` images per step over ``num_processes`` processes."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.batch_size * num_processes
+        steps, rest = divmod(self.global_batch_size, per_step)
+        if rest or steps < 1:
+            raise ValueError(
+                f"training.global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                f"{self.batch_size} x {num_processes} process(es)"
+            )
+        if self.gradient_accumulation_steps not in (1, steps):
+            raise ValueError(
+                f"training.gradient_accumulation_steps {self.gradient_accumulation_steps} contradicts "
+                f"global_batch_size {self.global_batch_size} ({steps} with batch_size {self.batch_size} x "
+                f"{num_processes} process(es)); set only one of them"
+            )
+        return steps
 
 
 @dataclass

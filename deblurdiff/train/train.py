@@ -58,7 +58,18 @@ PIPELINE_DIR = "pipeline"
 
 # ----------------------------------------------------------------------------- components
 def load_components(model: ModelConfig, seed: int = 0) -> dict:
-    """The seven pipeline components, as ``model`` says (see :class:`ModelConfig`)."""
+    """The seven pipeline components, as ``model`` says (see :class:`ModelConfig`), with the
+    attention layout they keep for training and inference alike: the reference's windows,
+    the UNet's following the ControlNet's (set here, once, for a UNet loaded without one)."""
+    from ..models.windowed_attention import DEFAULT_WINDOW, ensure_attention_layout
+
+    components = _load_components(model, seed)
+    window = getattr(components["controlnet"].config, "attention_window", DEFAULT_WINDOW)
+    ensure_attention_layout(components["unet"], window)
+    return components
+
+
+def _load_components(model: ModelConfig, seed: int) -> dict:
     if model.init == "tiny-random":
         from ..models.configs import build_components
 
@@ -73,7 +84,8 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
 
         return dict(load_single_file_components(model.path, tokenizer=model.tokenizer))
 
-    # Stable Diffusion 2.1-base: frozen UNet/VAE/text encoder, ControlNet from the UNet, LKPN from scratch.
+    # Stable Diffusion 2.1-base: frozen UNet/VAE/text encoder, ControlNet from the UNet, LKPN from
+    # scratch, starting as the identity (z_s = c) like the reference's.
     if not model.path:
         raise ValueError(
             "model.init='stable-diffusion' needs model.path: a Stable Diffusion 2.1-base diffusers folder or "
@@ -100,7 +112,7 @@ def load_components(model: ModelConfig, seed: int = 0) -> dict:
         tokenizer=tokenizer,
         unet=unet,
         controlnet=LatentControlNetModel.from_unet(unet),
-        lkpn=LKPNModel(**lkpn_config),
+        lkpn=LKPNModel(**lkpn_config).zero_init(),
         scheduler=make_scheduler(),
     )
 
@@ -238,6 +250,10 @@ class Trainer:
         opt = config.training
         self.output_dir = Path(config.output_dir)
         _release_previous_accelerator_state()
+        from accelerate.state import PartialState
+
+        # Recorded resolved, so that the loop, the logs and config.json agree.
+        opt.gradient_accumulation_steps = opt.accumulation_steps(PartialState().num_processes)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=opt.gradient_accumulation_steps,
             mixed_precision=opt.mixed_precision,
