@@ -68,8 +68,6 @@ BATCH_SIZES = (1, 2)
 #: latent: more than 512), with distinct height and width. Code made for several
 #: windows is also right for one.
 EXAMPLE_LATENT = (520, 528)
-#: Seconds asked of ZeroGPU for exporting and compiling the three networks.
-ZEROGPU_COMPILE_SECONDS = 1500
 
 NETWORKS = ("lkpn", "controlnet", "unet")
 
@@ -285,15 +283,20 @@ def apply_compiled(pipe, compiled: dict, apply: Callable | None = None, max_side
     return pipe
 
 
-def compile_for_zerogpu(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, duration: int = ZEROGPU_COMPILE_SECONDS):
+def compile_for_zerogpu(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, duration: int | None = None):
     """Export and compile the LKPN, ControlNet and UNet ahead of time on ZeroGPU and make
     ``pipe`` use them; returns ``pipe``.
 
     Call it at import time, after the pipeline has been placed on ``cuda``: the export
-    and compilation run in one ZeroGPU call of up to ``duration`` seconds, the compiled
-    programs come back to the main process and every later request's worker loads them.
+    and compilation run in one ZeroGPU call of ``duration`` seconds (default: what
+    ZeroGPU allows at start-up, :func:`deblurdiff.zerogpu.startup_request_seconds`), the
+    compiled programs come back to the main process and every later request's worker loads them.
     """
     import spaces
+
+    from .zerogpu import startup_request_seconds
+
+    duration = startup_request_seconds() if duration is None else duration
 
     @spaces.GPU(duration=duration)
     def export_and_compile():

@@ -41,14 +41,12 @@ import gradio as gr
 import spaces
 import torch
 
-from . import image_io, service
+from . import image_io, service, zerogpu
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import (
     SpeedModel,
     format_seconds,
-    gpu_limit_advice,
-    gpu_request_seconds,
     processed_megapixels,
 )
 from .image_io import InvalidInputError
@@ -75,7 +73,8 @@ logger = logging.getLogger(__name__)
 
 #: GPU memory of a ZeroGPU slice ("large", the default: half an RTX Pro 6000 Blackwell; docs, August 2026).
 ZERO_GPU_MEMORY_BYTES = 48 * 1024**3
-#: Set to "0" to skip the ahead-of-time compilation on ZeroGPU (faster start, slower runs).
+#: The ahead-of-time compilation on ZeroGPU: "0" skips it (faster start, slower runs), "1"
+#: runs it with the development weights too; by default it runs with real weights only.
 AOTI_ENV = "DEBLURDIFF_AOTI"
 
 #: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set
@@ -171,10 +170,11 @@ _RUNTIMES: dict[int, Runtime] = {}
 
 
 def _gpu_duration(runtime_id: int, image, options: RestoreOptions, slot: int) -> int:
-    """Seconds of GPU time to ask ZeroGPU for: the time estimate with a margin."""
+    """Duration to give ``@spaces.GPU``: the time estimate with a margin, divided by the
+    factor ``spaces`` multiplies it by, so that what ZeroGPU books is the estimate's."""
     runtime = _RUNTIMES.get(runtime_id)
     speed = runtime.speed if runtime and runtime.speed.device == "cuda" else SpeedModel.default("cuda")
-    return gpu_request_seconds(speed.seconds(image.width, image.height, options.steps, options.guidance_scale, options.tiled))
+    return zerogpu.duration_for(speed.seconds(image.width, image.height, options.steps, options.guidance_scale, options.tiled))
 
 
 @spaces.GPU(duration=_gpu_duration)
@@ -267,6 +267,8 @@ class DeblurApp:
         self.runtime_id = id(self.runtime)
         _RUNTIMES[self.runtime_id] = self.runtime
         self.active_runs: dict[str, int] = {}  # session -> run-control slot
+        # ZeroGPU gives each call its own GPU slice; a local device runs one image at a time.
+        self.concurrency_limit = zerogpu.CONCURRENCY if on_zero_gpu() else 1
         self.speed_ready = threading.Event()
         if pipe is not None and measure_speed and not on_zero_gpu():
             threading.Thread(target=self._measure_speed, name="deblurdiff-speed-probe", daemon=True).start()
@@ -324,10 +326,16 @@ class DeblurApp:
         if on_zero_gpu():
             speed = self._gpu_speed()
             seconds = speed.seconds(size[0], size[1], n_steps, guidance, tiled)
-            text = f"Estimated GPU time: **about {format_seconds(seconds)}** for {_steps(n_steps)}, plus waiting for a GPU (an estimate)."
-            advice = gpu_limit_advice(speed, size[0], size[1], n_steps, guidance, tiled)
+            booked = zerogpu.booked_for(seconds)
+            text = (
+                f"Estimated GPU time: **about {format_seconds(seconds)}** for {_steps(n_steps)}, plus waiting for a GPU "
+                f"(an estimate; {format_seconds(booked)} of your daily GPU quota is reserved for it)."
+            )
+            advice = zerogpu.limit_advice(speed, size[0], size[1], n_steps, guidance, tiled)
             if advice:
                 text += f" ⚠️ {advice}"
+            elif booked > min(zerogpu.DAILY_QUOTA_SECONDS.values()):
+                text += f" ⚠️ More than some visitors have: {zerogpu.quota_note()}"
         if seconds > 120 and speed.device != "cuda":
             text += " ⏳ That is long: fewer steps or a smaller image make it faster."
         return text
@@ -456,7 +464,7 @@ class DeblurApp:
         loaded = image_io.load_image_with_notes(image)
         if on_zero_gpu():
             w, h = loaded.size
-            advice = gpu_limit_advice(self._gpu_speed(), w, h, options.steps, options.guidance_scale, options.tiled)
+            advice = zerogpu.limit_advice(self._gpu_speed(), w, h, options.steps, options.guidance_scale, options.tiled)
             if advice:
                 raise _user_error(advice, "Too long for one GPU run")
 
@@ -527,6 +535,14 @@ class DeblurApp:
             result = run_on_device(self.runtime_id, image, options, slot)
             result.interrupted = result.interrupted or control.cancelled(slot)
             return result
+        except gr.Error as exc:  # ZeroGPU's refusal, through `spaces`: say what fits instead
+            refusal = on_zero_gpu() and zerogpu.quota_refusal(
+                str(exc.message), self._gpu_speed(), image.width, image.height, options.steps,
+                options.guidance_scale, options.tiled,
+            )
+            if refusal:
+                raise _user_error(refusal, "Not enough ZeroGPU quota") from None
+            raise
         finally:
             finished.set()
             relay_thread.join()
@@ -606,7 +622,7 @@ class DeblurApp:
                 description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
             run_event = run_btn.click(
                 self.deblur, inputs, outputs, api_name="deblur", api_description=description,
-                concurrency_limit=1, concurrency_id="model", show_progress_on=[slider],
+                concurrency_limit=self.concurrency_limit, concurrency_id="model", show_progress_on=[slider],
             )
 
             example_files, example_labels = _load_examples(self.examples_dir)
@@ -626,7 +642,7 @@ class DeblurApp:
                 )
                 cancellable.append(
                     examples.load_input_event.then(
-                        self.deblur, inputs, outputs, api_visibility="private", concurrency_limit=1, concurrency_id="model",
+                        self.deblur, inputs, outputs, api_visibility="private", concurrency_limit=self.concurrency_limit, concurrency_id="model",
                         show_progress_on=[slider],
                     )
                 )
@@ -670,7 +686,8 @@ def prepare_for_zero_gpu(pipe) -> None:
     networks compiled ahead of time (ZeroGPU does not run ``torch.compile``)."""
     weights = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
     pipe.memory_budget = ZERO_GPU_MEMORY_BYTES - weights
-    if os.environ.get(AOTI_ENV, "1") == "0" or is_untrained(pipe):
+    aoti = os.environ.get(AOTI_ENV, "").strip()
+    if aoti == "0" or (is_untrained(pipe) and aoti != "1"):
         return
     try:
         compile_for_zerogpu(pipe)

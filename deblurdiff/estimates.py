@@ -8,12 +8,16 @@ them by a measurement of the loaded model where it can run one before a request)
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
 from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds, guided_branches
 from .tiling import count_tiles, padded
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TILE = 512
 DEFAULT_STRIDE = 256
@@ -26,13 +30,18 @@ DEFAULT_SPEEDS = {
     "mps": (8.0, 6.0),
 }
 
-#: ZeroGPU: seconds asked for one run are clamped to this range. The upper end is the
-#: longest task ZeroGPU accepts (5 minutes, as its maintainers state; not documented).
+#: ZeroGPU: GPU time booked for one run = overhead + margin × estimate (the app's own
+#: margin over its estimate), at least MIN_GPU_SECONDS. Booked seconds are what ZeroGPU
+#: reserves and charges to the visitor's quota (deblurdiff.zerogpu turns them into the
+#: duration given to ``@spaces.GPU``).
 MIN_GPU_SECONDS = 20
-MAX_GPU_SECONDS = 300
-#: Seconds asked for = overhead + margin × estimate.
 GPU_OVERHEAD_SECONDS = 10
 GPU_MARGIN = 1.5
+#: A cap on the GPU time one run may book, in seconds: ``DEBLURDIFF_ZEROGPU_MAX_SECONDS``.
+#: ZeroGPU documents no per-call maximum; what it enforces is each visitor's daily quota
+#: (at most 40 minutes, with PRO), so the default cap is that: no visitor could run more.
+GPU_CAP_ENV = "DEBLURDIFF_ZEROGPU_MAX_SECONDS"
+DEFAULT_GPU_CAP_SECONDS = 40 * 60
 
 
 def processed_megapixels(
@@ -86,30 +95,59 @@ class SpeedModel:
         return mpx * (self.fixed_s_per_mpx + steps * guided_branches(guidance_scale) * self.step_s_per_mpx)
 
 
-def gpu_request_seconds(estimate: float) -> int:
-    """Seconds of GPU time to ask ZeroGPU for: the estimate with a margin, clamped."""
-    return int(min(MAX_GPU_SECONDS, max(MIN_GPU_SECONDS, GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate)))
+def gpu_cap_seconds() -> int:
+    """The cap on one run's booked GPU time (``DEBLURDIFF_ZEROGPU_MAX_SECONDS``, else the default)."""
+    value = os.environ.get(GPU_CAP_ENV, "").strip()
+    try:
+        cap = int(value) if value else DEFAULT_GPU_CAP_SECONDS
+    except ValueError:
+        cap = 0
+    if cap < MIN_GPU_SECONDS:
+        logger.warning("%s=%r is not a number of seconds >= %d; using %d", GPU_CAP_ENV, value, MIN_GPU_SECONDS, DEFAULT_GPU_CAP_SECONDS)
+        return DEFAULT_GPU_CAP_SECONDS
+    return cap
 
 
-def fits_gpu_limit(estimate: float) -> bool:
-    return GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate <= MAX_GPU_SECONDS
+def gpu_booking_seconds(estimate: float) -> int:
+    """Seconds of GPU time a run should have booked: the estimate with a margin."""
+    return math.ceil(max(MIN_GPU_SECONDS, GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate))
+
+
+def fits_gpu_limit(estimate: float, limit: float | None = None, booked: Callable[[float], float] = gpu_booking_seconds) -> bool:
+    """Whether the GPU time booked for a run of ``estimate`` seconds (``booked(estimate)``)
+    is within ``limit`` seconds (default: :func:`gpu_cap_seconds`)."""
+    return booked(estimate) <= (gpu_cap_seconds() if limit is None else limit)
 
 
 def gpu_limit_advice(
-    speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None
+    speed: SpeedModel,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float = 1.0,
+    tiled: bool | None = None,
+    *,
+    limit: float | None = None,
+    booked: Callable[[float], float] = gpu_booking_seconds,
+    what: str | None = None,
+    note: str = "",
 ) -> str | None:
-    """None when the run fits in one ZeroGPU task; otherwise what would fit, for the user."""
+    """None when the run's booked GPU time is within ``limit``; otherwise what would fit,
+    for the user. ``what`` names the limit ("what you have left today"), ``note`` ends
+    the message."""
+    limit = gpu_cap_seconds() if limit is None else limit
 
     def fits(w: int, h: int, n: int) -> bool:
-        return fits_gpu_limit(speed.seconds(w, h, n, guidance_scale, tiled))
+        return fits_gpu_limit(speed.seconds(w, h, n, guidance_scale, tiled), limit, booked)
 
     estimate = speed.seconds(width, height, steps, guidance_scale, tiled)
-    if fits_gpu_limit(estimate):
+    if fits_gpu_limit(estimate, limit, booked):
         return None
     most_steps = max(s for s in range(0, steps) if s == 0 or fits(width, height, s))
+    what = what or f"the {limit:.0f} s one run may book here"
     head = (
-        f"This run would take about {estimate:.0f} s of GPU time "
-        f"(an estimate), more than the {MAX_GPU_SECONDS} s one ZeroGPU run may last."
+        f"This run would book about {booked(estimate):.0f} s of GPU time "
+        f"(an estimate with a margin), more than {what}."
     )
     # The largest image of the same aspect ratio on which the requested steps fit.
     scale = 1.0
@@ -118,8 +156,10 @@ def gpu_limit_advice(
     resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
     if most_steps >= 1:
         plural = "s" if most_steps > 1 else ""
-        return f"{head} At {width}×{height}, at most {most_steps} step{plural} fit{'' if plural else 's'}: choose {most_steps} or fewer, or {resize}."
-    return f"{head} To run {steps} steps, {resize}."
+        text = f"{head} At {width}×{height}, at most {most_steps} step{plural} fit{'' if plural else 's'}: choose {most_steps} or fewer, or {resize}."
+    else:
+        text = f"{head} To run {steps} steps, {resize}."
+    return f"{text} {note}".strip()
 
 
 def format_seconds(seconds: float) -> str:

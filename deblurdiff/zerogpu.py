@@ -1,0 +1,120 @@
+"""ZeroGPU's rules as the ``spaces`` package applies them: what a duration request books,
+what may be booked at start-up, and how many visitors run at once.
+
+``spaces`` multiplies the duration given to ``@spaces.GPU`` by its node's
+``duration_factor`` (``spaces/zero/configs.json``: 1.5 on RTX Pro 6000 nodes, 1 on H200;
+``xlarge`` requests are not multiplied) before booking it (``client.get_duration_seconds``,
+rounded when sent to ``/schedule``). The app works in booked seconds, the time ZeroGPU
+reserves and charges to the visitor's quota, and asks ``@spaces.GPU`` for the booking
+divided by that factor: :func:`request_seconds`. The factor is read from ``spaces`` itself,
+never written here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import timedelta
+
+from .estimates import SpeedModel, gpu_booking_seconds, gpu_limit_advice
+
+#: Seconds one call may book while the Space starts: ``@spaces.GPU(duration=1500)`` is
+#: "the maximum duration allowed during startup" (Hugging Face, "Make your ZeroGPU Spaces
+#: go brrr with ahead-of-time compilation", September 2025). ``spaces`` has no such check
+#: of its own, so the request is this divided by the factor :func:`duration_factor`.
+STARTUP_MAX_BOOKED_SECONDS = 1500
+
+#: Visitors' daily ZeroGPU quota in seconds (Hugging Face docs, "Spaces ZeroGPU", July
+#: 2026). ZeroGPU refuses a call that books more than the visitor has left.
+DAILY_QUOTA_SECONDS = {"without an account": 120, "with a free account": 300, "with PRO": 2400}
+
+#: Requests served at once on ZeroGPU: each call has its own GPU slice, and ZeroGPU itself
+#: makes the extra ones wait for a slot ("Waiting for a GPU slot on this Space").
+CONCURRENCY = 8
+
+
+def quota_note() -> str:
+    """What a refusal adds: signing in gives more quota."""
+    tiers = ", ".join(f"{_minutes(s)} {tier}" for tier, s in DAILY_QUOTA_SECONDS.items())
+    return f"ZeroGPU's daily GPU quota per visitor is {tiers}: signing in to Hugging Face gives more."
+
+
+def _minutes(seconds: int) -> str:
+    return f"{seconds // 60} min"
+
+
+def _client():
+    from spaces.zero import client
+
+    return client
+
+
+def duration_factor(gpu_size: str | None = None) -> float:
+    """What ``spaces`` multiplies a requested duration by on this node (1.0 where the
+    ``spaces`` ZeroGPU client cannot be read)."""
+    try:
+        return float(_client().get_duration_seconds(timedelta(seconds=1), gpu_size))
+    except Exception:  # pragma: no cover - an unexpected `spaces` version
+        return 1.0
+
+
+def booked_seconds(requested: int, gpu_size: str | None = None) -> int:
+    """Seconds ``spaces`` books for ``@spaces.GPU(duration=requested)``, as sent to ``/schedule``."""
+    try:
+        return round(_client().get_duration_seconds(timedelta(seconds=int(requested)), gpu_size))
+    except Exception:  # pragma: no cover - an unexpected `spaces` version
+        return int(requested)
+
+
+def request_seconds(booking: float, gpu_size: str | None = None) -> int:
+    """The largest duration to give ``@spaces.GPU`` so that ``spaces`` books at most ``booking`` seconds."""
+    requested = max(1, math.floor(booking / duration_factor(gpu_size)))
+    while requested > 1 and booked_seconds(requested, gpu_size) > booking:
+        requested -= 1
+    return requested
+
+
+def startup_request_seconds() -> int:
+    """Duration for the start-up call (the ahead-of-time compile): all ZeroGPU allows then."""
+    return request_seconds(STARTUP_MAX_BOOKED_SECONDS)
+
+
+# What one run books, and what fits ------------------------------------------------------
+
+
+def duration_for(estimate: float) -> int:
+    """The duration to give ``@spaces.GPU`` for a run estimated at ``estimate`` seconds."""
+    return request_seconds(gpu_booking_seconds(estimate))
+
+
+def booked_for(estimate: float) -> int:
+    """The seconds ZeroGPU will book (and charge) for that run."""
+    return booked_seconds(duration_for(estimate))
+
+
+def limit_advice(speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0,
+                 tiled: bool | None = None, *, left: int | None = None) -> str | None:
+    """None when the run's booking fits the cap (or, with ``left``, the visitor's quota
+    left today); otherwise what fits, and that signing in gives more quota."""
+    what = None if left is None else f"the {left} s of GPU quota you have left today"
+    return gpu_limit_advice(speed, width, height, steps, guidance_scale, tiled, limit=left, booked=booked_for,
+                            what=what, note=quota_note())
+
+
+#: ``spaces``' message when a booking is above the visitor's quota left ("... quota (300s requested vs. 100s left) ...").
+_QUOTA_LEFT = re.compile(r"\((\d+)s requested vs\. (\d+)s left\)")
+
+
+def quota_refusal(message: str, speed: SpeedModel, width: int, height: int, steps: int,
+                  guidance_scale: float = 1.0, tiled: bool | None = None) -> str | None:
+    """Our message for ZeroGPU's quota refusal (``spaces``' ``gr.Error``), saying what
+    fits in the quota left; None if ``message`` is not such a refusal."""
+    found = _QUOTA_LEFT.search(message or "")
+    if found is not None:
+        left = int(found.group(2))
+        return limit_advice(speed, width, height, steps, guidance_scale, tiled, left=left) or (
+            f"ZeroGPU refused this run: it has {left} s of your GPU quota left today. {quota_note()}"
+        )
+    if "quota" in (message or "").lower() or "GPU limit" in (message or "") or "maximum allowed" in (message or ""):
+        return f"ZeroGPU refused this run: {message.strip()} {quota_note()}"
+    return None
