@@ -3,9 +3,11 @@
 Full-size models (SD 2.1 UNet, ControlNet, LKPN, VAE) with RANDOM weights: the timings are
 the real ones, the images are not deblurring results. Each batch size runs the same
 call — ``--size``² images, ``--steps`` denoising steps, one generator per image, VAE
-encode and decode included — ``--repeats`` times after one warm-up call (on CUDA; on the
-CPU only with ``--warmup``), and the table gives images per second and the ratio to
-batch 1 measured in this run.
+encode and decode included — ``--repeats`` times, after an untimed warm-up call
+(``--warmup each``: one per batch size, the CUDA default, since kernels are tuned per
+shape; ``once``: one batch-1 call before everything, the CPU default, which takes the
+first call's one-time costs out of batch 1's figure), and the table gives images per
+second and the ratio to batch 1 measured in this run.
 
     python benchmarks/bench_throughput.py --device cpu --steps 1 --repeats 1
     python benchmarks/bench_throughput.py --device cuda --dtype fp16
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,2,4,8", help="batch sizes, comma-separated (default 1,2,4,8)")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per call (default: 20 on CUDA, 1 on CPU)")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per batch size (default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--warmup", action="store_true", default=None, help="one untimed call per batch size (default on CUDA)")
+    parser.add_argument("--warmup", choices=("each", "once", "none"), default=None,
+                        help="untimed calls: each batch size (CUDA default), once at batch 1 (CPU default), none")
     parser.add_argument("--model-size", default="full", help="full (default) or tiny (a quick check of the script)")
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     cuda = device.type == "cuda"
     steps = args.steps or (20 if cuda else 1)
     repeats = args.repeats or (3 if cuda else 1)
-    warmup = cuda if args.warmup is None else args.warmup
+    warmup = args.warmup or ("each" if cuda else "once")
     batches = [int(b) for b in args.batches.split(",") if b.strip()]
 
     print(f"# DeblurDiff throughput by batch size — device {device}, dtype {args.dtype}, {args.model_size} models, RANDOM weights")
@@ -102,14 +105,16 @@ def main(argv=None) -> int:
     if cuda:
         print(f"# GPU: {torch.cuda.get_device_name(device)}")
     print(f"# {args.size}² images, {steps} step(s) per call (VAE encode and decode included), "
-          f"{repeats} timed call(s) per batch size{', after a warm-up call' if warmup else ''}")
+          f"{repeats} timed call(s) per batch size, warm-up: {warmup}")
     sys.stdout.flush()
     pipe = build(device, args.dtype, args.model_size)
 
+    if warmup == "once":
+        run_batch(pipe, 1, args.size, steps, device)
     rows = []
     for batch in batches:
         try:
-            if warmup:
+            if warmup == "each":
                 run_batch(pipe, batch, args.size, steps, device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
