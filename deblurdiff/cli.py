@@ -450,27 +450,41 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     model_name = RANDOM_TINY if untrained else (args.model or os.environ.get(MODEL_ENV) or OFFICIAL_LABEL)
     seed_given = args.seed is not None
 
-    def key_of(path: Path) -> str:
-        return resume_key(path, options, model=model_name, seed_given=seed_given)
+    def key_of(path: Path) -> str | None:
+        try:
+            return resume_key(path, options, model=model_name, seed_given=seed_given)
+        except OSError:  # unreadable: it fails, and is reported, when it is loaded
+            return None
+
+    def ours(item: InputItem, path: Path) -> bool:
+        key = stored_key(path)
+        return key is not None and key == key_of(item.path)
 
     # Rank 0 plans the outputs, finds those done by an earlier run and splits the rest.
     plan = None
     if main_rank:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        outputs = plan_outputs(
-            items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite,
-            keep=lambda item, path: stored_key(path) == key_of(item.path),
-        )
-        pending = [
-            Job(i, item, target, padded_size(item.path))
-            for i, (item, target) in enumerate(zip(items, outputs))
-            if args.overwrite or not target.exists() or not is_complete(target)
-        ]
-        remove_stale_temporaries(out_dir, [job.target for job in pending])
-        costs = [job.size[0] * job.size[1] if job.size else 0 for job in pending]
-        shards = distributed.shard(costs, processes.world_size)
-        plan = (len(items) - len(pending), [[pending[i] for i in s] for s in shards])
-    done_before, shards = processes.broadcast(plan)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            outputs = plan_outputs(
+                items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite, keep=ours
+            )
+            pending = [
+                Job(i, item, target, padded_size(item.path))
+                for i, (item, target) in enumerate(zip(items, outputs))
+                if args.overwrite or not target.exists() or not is_complete(target)
+            ]
+            remove_stale_temporaries(out_dir, [job.target for job in pending])
+        except OSError as exc:
+            plan = (f"cannot use the output folder {str(out_dir)!r}: {exc}", 0, [])
+        else:
+            costs = [job.size[0] * job.size[1] if job.size else 0 for job in pending]
+            shards = distributed.shard(costs, processes.world_size)
+            plan = (None, len(items) - len(pending), [[pending[i] for i in s] for s in shards])
+    plan_error, done_before, shards = processes.broadcast(plan)
+    if plan_error:
+        if main_rank:
+            _error(plan_error)
+        return EXIT_USAGE
     mine = shards[processes.rank]
     total = sum(len(s) for s in shards)
     if main_rank:
@@ -515,18 +529,21 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
 
     def finish(job: Job, result) -> None:
         key = key_of(job.item.path)
-        info = png_metadata(
-            result, model=model_name, untrained=untrained, extra={"source": job.item.path.name, "resume_key": key}
-        )
+        extra = {"source": job.item.path.name, **({"resume_key": key} if key else {})}
+        info = png_metadata(result, model=model_name, untrained=untrained, extra=extra)
         message = f"{job.item.display} → {job.target} ({result.seconds:.1f} s)"
-        if result.lkpn_image is not None:  # written first: a complete output implies its companion
-            lkpn_target = job.target.with_name(f"{job.target.stem}_lkpn.png")
-            if str(lkpn_target.resolve()).casefold() not in input_paths and (
-                args.overwrite or not lkpn_target.exists() or stored_key(lkpn_target) == key
-            ):
-                save_atomically(result.lkpn_image, lkpn_target, info)
-                message += f", LKPN view → {lkpn_target.name}"
-        save_atomically(result.image, job.target, info)
+        try:
+            if result.lkpn_image is not None:  # written first: a complete output implies its companion
+                lkpn_target = job.target.with_name(f"{job.target.stem}_lkpn.png")
+                if str(lkpn_target.resolve()).casefold() not in input_paths and (
+                    args.overwrite or not lkpn_target.exists() or stored_key(lkpn_target) == key
+                ):
+                    save_atomically(result.lkpn_image, lkpn_target, info)
+                    message += f", LKPN view → {lkpn_target.name}"
+            save_atomically(result.image, job.target, info)
+        except OSError as exc:  # disk full, permissions: report, go on
+            failed(job, "failed", f"could not write {job.target}: {exc}")
+            return
         counts["written"] += 1
         if untrained:
             message += f" [{UNTRAINED_LABEL}]"

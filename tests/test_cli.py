@@ -236,3 +236,22 @@ def test_a_failing_batch_is_retried_one_image_at_a_time(tmp_path, capsys, monkey
     assert code == cli.EXIT_SOME_FAILED
     assert "a batch of 3 failed" in err and "failed " in err and "p1.png: RuntimeError: out of memory" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0_UNTRAINED.png", "p2_UNTRAINED.png"]
+
+
+def test_an_output_that_cannot_be_written_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        noise_image(folder / f"p{i}.png", (64, 64), seed=i)
+    real = cli.save_atomically
+
+    def disk_full_for_p0(image, target, pnginfo):
+        if target.name.startswith("p0"):
+            raise OSError(28, "No space left on device")
+        real(image, target, pnginfo)
+
+    monkeypatch.setattr(cli, "save_atomically", disk_full_for_p0)
+    assert main([str(folder), "-o", str(tmp_path / "out"), "--steps", "1", "--dev-random-weights", "-q"]) == cli.EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err and "1 input(s) failed" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["p1_UNTRAINED.png"]
