@@ -125,7 +125,8 @@ def main(argv=None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
         done = rows[-1]["seconds"]
-        print(f"# batch {batch}: " + ("out of memory" if done is None else f"{done:.3f} s per call"), flush=True)
+        line = "out of memory" if done is None else f"{done:.3f} s per call, peak {rows[-1]['peak_gb']:.2f} GB"
+        print(f"# batch {batch}: {line}", flush=True)
 
     base = next((r["images_per_s"] for r in rows if r["batch"] == 1 and r["images_per_s"]), None)
     peak = "peak GB" + ("" if cuda else " (process so far)")
