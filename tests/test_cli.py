@@ -144,6 +144,7 @@ def test_module_entry_point_help():
     assert "OUT_DIR" in done.stdout and "--dev-random-weights" in done.stdout and "--tiled" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_outputs_and_redoes_a_cut_short_one(photos, tmp_path, capsys):
     out = tmp_path / "out"
     command = [str(photos), "-o", str(out), "--steps", "1", "--dev-random-weights", "-q"]
@@ -200,6 +201,7 @@ def test_invalid_batch_size_exits_2(photos, tmp_path, capsys, value):
     assert "batch size must be" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_batched_results_equal_unbatched_ones(tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()

@@ -210,6 +210,7 @@ def test_bfloat16_pipeline_runs_close_to_float32(tmp_path):
     assert psnr > 25, f"bf16 vs fp32 PSNR {psnr:.1f} dB"
 
 
+@pytest.mark.slow
 def test_a_list_of_images_with_a_generator_each_equals_the_images_run_alone(pipe):
     # 70×90 and 80×120 pad to the same 128×128 and run as one batch.
     images = [random_image(70, 90, seed=1), random_image(80, 120, seed=2), random_image(70, 90, seed=3)]
