@@ -138,6 +138,30 @@ def image_to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
+def images_to_batch(image) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Like ``image_to_tensor``, then zero-padded to multiples of 64; a list may hold images
+    of different sizes when they pad to the same size. Returns the padded (B, 3, H, W) batch
+    and each image's ``(height, width)``."""
+    if isinstance(image, (list, tuple)) and len({_image_size(im) for im in image}) > 1:
+        tensors = [image_to_tensor(im) for im in image]
+        sizes = [tuple(t.shape[-2:]) for t in tensors]
+        padded = [pad_to_multiple(t) for t in tensors]
+        if len({t.shape for t in padded}) > 1:
+            raise ValueError(
+                "images in a batch must pad to the same size (multiples of "
+                f"{SIZE_MULTIPLE} pixels); got sizes (height, width) {sizes}"
+            )
+        return torch.cat(padded), sizes
+    tensor = image_to_tensor(image)
+    return pad_to_multiple(tensor), [tuple(tensor.shape[-2:])] * tensor.shape[0]
+
+
+def _image_size(image) -> tuple:
+    if isinstance(image, PIL.Image.Image):
+        return image.size[::-1]
+    return tuple(np.shape(image)[-3:-1]) if not isinstance(image, torch.Tensor) else tuple(image.shape[-2:])
+
+
 def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """The reference's spaced-DDPM timesteps (``space_timesteps``), in descending order.
 
@@ -729,6 +753,10 @@ class DeblurDiffPipeline(DiffusionPipeline):
     ):
         """Deblur ``image`` (PIL image, list of them, HWC array or (B, 3, H, W) tensor in [0, 1]).
 
+        A list may hold images of different sizes that pad to the same multiple of 64
+        pixels; ``generator`` may then be a list with one generator per image, as in
+        diffusers: each image then gets the random numbers it would get alone.
+
         ``output_type``: "pil", "np" (float in [0, 1], BHWC), "pt" (BCHW) or "latent".
         ``callback_on_step_end(pipe, i, t, kwargs)`` gets the tensors named in
         ``callback_on_step_end_tensor_inputs`` ("latents", "restored_latents") and may
@@ -754,9 +782,11 @@ class DeblurDiffPipeline(DiffusionPipeline):
         device = self._execution_device
         self.interrupt = False
 
-        source = image_to_tensor(image).to(device)
-        batch, _, height, width = source.shape
-        padded = pad_to_multiple(source)
+        padded, sizes = images_to_batch(image)
+        padded = padded.to(device)
+        batch = padded.shape[0]
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
         guided = guidance_scale != 1.0
         use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size, guided=guided)
         tiling = dict(tiled=use_tiles, tile_size=tile_size, tile_stride=tile_stride)
@@ -813,9 +843,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
         if output_type == "latent":
             images, lkpn_images = latents, restored if return_lkpn_images else None
         else:
-            images = self._postprocess(latents, source, height, width, color_fix, output_type, tiling)
+            images = self._postprocess(latents, padded, sizes, color_fix, output_type, tiling)
             lkpn_images = (
-                self._postprocess(restored, source, height, width, color_fix, output_type, tiling)
+                self._postprocess(restored, padded, sizes, color_fix, output_type, tiling)
                 if return_lkpn_images
                 else None
             )
@@ -824,11 +854,24 @@ class DeblurDiffPipeline(DiffusionPipeline):
             return (images, lkpn_images)
         return DeblurDiffPipelineOutput(images=images, lkpn_images=lkpn_images)
 
-    def _postprocess(self, latents, source, height, width, fix_colors: bool, output_type: str, tiling: dict):
-        images = (self.decode_latents(latents, **tiling)[:, :, :height, :width] + 1) / 2
-        if fix_colors:
-            images = color_fix(images, source.float())
-        images = images.clamp(0, 1)
+    def _postprocess(self, latents, padded, sizes, fix_colors: bool, output_type: str, tiling: dict):
+        """Decoded images cropped to their sizes; images of different sizes come as a list
+        (of PIL images, HWC arrays or CHW tensors) whatever the ``output_type``."""
+        decoded = (self.decode_latents(latents, **tiling) + 1) / 2
+        groups = [range(len(sizes))] if len(set(sizes)) == 1 else [range(i, i + 1) for i in range(len(sizes))]
+        outputs = []
+        for group in groups:
+            height, width = sizes[group[0]]
+            images = decoded[group.start : group.stop, :, :height, :width]
+            if fix_colors:
+                images = color_fix(images, padded[group.start : group.stop, :, :height, :width].float())
+            outputs.append(self._to_output_type(images.clamp(0, 1), output_type))
+        if len(outputs) == 1:
+            return outputs[0]
+        return [o[0] for o in outputs]
+
+    @staticmethod
+    def _to_output_type(images: torch.Tensor, output_type: str):
         if output_type == "pt":
             return images
         # Truncation to uint8 (not rounding) matches the reference's output.

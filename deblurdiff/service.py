@@ -2,7 +2,8 @@
 
 :func:`make_options` turns user input (text from a form, a command line or an API call;
 numbers may come as numeric strings) into validated :class:`RestoreOptions`, raising
-:class:`InvalidInputError` with a message for the user; :func:`restore` runs the pipeline on one RGB image with them;
+:class:`InvalidInputError` with a message for the user; :func:`restore` runs the pipeline on one RGB image with them
+(:func:`restore_batch` on several at once);
 :func:`png_metadata` records in the output file how it was made.
 """
 
@@ -241,6 +242,21 @@ def restore(
     the same starting noise on every device; the result can still differ slightly
     between devices and precisions, whose arithmetic differs.
     """
+    return restore_batch(pipe, [image], options, on_step=on_step, should_stop=should_stop)[0]
+
+
+def restore_batch(
+    pipe,
+    images,
+    options: RestoreOptions,
+    *,
+    on_step: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> list[DeblurResult]:
+    """:func:`restore` for several RGB PIL images that pad to the same size, in one
+    pipeline call: each image has its own generator seeded with ``options.seed``, so each
+    result is the one :func:`restore` gives (within float rounding). ``seconds`` is the
+    call's time shared equally."""
     interrupted = False
     total = options.steps
 
@@ -253,17 +269,21 @@ def restore(
             interrupted = True
         return {}
 
+    images = list(images)
     start = time.perf_counter()
     out = pipe(
-        image,
-        generator=torch.Generator("cpu").manual_seed(options.seed),
+        images,
+        generator=[torch.Generator("cpu").manual_seed(options.seed) for _ in images],
         output_type="pil",
         callback_on_step_end=callback,
         **options.pipeline_kwargs(),
     )
-    seconds = time.perf_counter() - start
-    lkpn = out.lkpn_images[0] if options.return_lkpn_image and out.lkpn_images is not None else None
-    return DeblurResult(image=out.images[0], lkpn_image=lkpn, options=options, seconds=seconds, interrupted=interrupted)
+    seconds = (time.perf_counter() - start) / len(images)
+    lkpn = out.lkpn_images if options.return_lkpn_image and out.lkpn_images is not None else [None] * len(images)
+    return [
+        DeblurResult(image=image, lkpn_image=lkpn_image, options=options, seconds=seconds, interrupted=interrupted)
+        for image, lkpn_image in zip(out.images, lkpn)
+    ]
 
 
 def png_metadata(result: DeblurResult, *, model: str | None, untrained: bool, extra: dict | None = None):

@@ -149,3 +149,118 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "deblurdiff", "--help"], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0
     assert "OUT_DIR" in done.stdout and "--dev-random-weights" in done.stdout and "--tiled" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_rerun_keeps_finished_outputs_and_redoes_a_cut_short_one(photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    command = [str(photos), "-o", str(out), "--steps", "1", "--dev-random-weights", "-q"]
+    assert main(command) == cli.EXIT_SOME_FAILED  # notes.png
+    capsys.readouterr()
+    first, second = out / "beach_UNTRAINED.png", out / "beach_UNTRAINED-1.png"
+    assert cli.stored_key(first) and cli.stored_key(first) != cli.stored_key(second)
+    kept = first.stat().st_mtime_ns, first.read_bytes()
+    # A cut-short file (as a writer without the temporary file would leave it) is not done.
+    second.write_bytes(second.read_bytes()[:-300])
+    assert not cli.is_complete(second)
+    assert main(command) == cli.EXIT_SOME_FAILED  # no --seed: another seed, yet the same settings
+    err = capsys.readouterr().err
+    assert "1 image(s) already done by an earlier run" in err and "1 image(s) written" in err
+    assert (first.stat().st_mtime_ns, first.read_bytes()) == kept
+    assert cli.is_complete(second) and sorted(p.name for p in out.iterdir()) == sorted([first.name, second.name])
+    # Other settings are another result: written next to the first ones.
+    assert main([*command, "--steps", "2"]) == cli.EXIT_SOME_FAILED
+    assert len(list(out.iterdir())) == 4
+
+
+def test_an_output_is_never_half_written(tmp_path):
+    class Failing:
+        def save(self, path, **kwargs):
+            Path(path).write_bytes(b"\x89PNG partial")
+            raise OSError("disk full")
+
+    target = tmp_path / "x.png"
+    with pytest.raises(OSError, match="disk full"):
+        cli.save_atomically(Failing(), target, None)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / f".{target.name}.123.tmp").write_bytes(b"left by a killed run")
+    (tmp_path / ".other.png.123.tmp").write_bytes(b"not ours to remove")
+    cli.remove_stale_temporaries(tmp_path, [target])
+    assert [p.name for p in tmp_path.iterdir()] == [".other.png.123.tmp"]
+
+
+def test_batches_group_images_of_the_same_padded_size():
+    jobs = [cli.Job(i, None, None, size) for i, size in enumerate([(64, 64), (128, 64), (64, 64), (64, 64), None])]
+    assert [[j.index for j in b] for b in cli.batches(jobs, 2)] == [[4], [0, 2], [3], [1]]
+    assert [[j.index for j in b] for b in cli.batches(jobs, 1)] == [[4], [0], [2], [3], [1]]
+
+
+def test_exit_status_of_several_ranks():
+    assert cli.combined_exit_status([0, 0]) == cli.EXIT_OK
+    assert cli.combined_exit_status([0, 1]) == cli.EXIT_SOME_FAILED
+    assert cli.combined_exit_status([1, 130]) == cli.EXIT_INTERRUPTED
+    assert cli.combined_exit_status([130, 2, 1]) == cli.EXIT_USAGE
+
+
+@pytest.mark.parametrize("value", ["0", "x", "1000"])
+def test_invalid_batch_size_exits_2(photos, tmp_path, capsys, value):
+    assert main([str(photos), "-o", str(tmp_path / "out"), "--batch-size", value, "--dev-random-weights"]) == cli.EXIT_USAGE
+    assert "batch size must be" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_batched_results_equal_unbatched_ones(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, size in enumerate([(64, 64), (80, 64), (64, 72), (64, 64), (128, 64)]):  # four pad to 128×64 or 64²
+        noise_image(folder / f"p{i}.png", size, seed=i)
+    common = ["--steps", "2", "--seed", "3", "--dtype", "fp32", "--dev-random-weights", "-q"]
+    assert main([str(folder), "-o", str(tmp_path / "one"), "--batch-size", "1", *common]) == cli.EXIT_OK
+    assert main([str(folder), "-o", str(tmp_path / "four"), "--batch-size", "4", *common]) == cli.EXIT_OK
+    for i in range(5):
+        one = np.asarray(Image.open(tmp_path / "one" / f"p{i}_UNTRAINED.png"), dtype=int)
+        four = np.asarray(Image.open(tmp_path / "four" / f"p{i}_UNTRAINED.png"), dtype=int)
+        # uint8 outputs: float rounding can move a value across a truncation step.
+        assert one.shape == four.shape and np.abs(one - four).max() <= 1
+        assert (one != four).mean() < 0.01
+
+
+def test_a_failing_batch_is_retried_one_image_at_a_time(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        noise_image(folder / f"p{i}.png", (64, 64), seed=i)
+    real = cli.restore_batch
+
+    def fails_for_batches_and_for_p1(pipe, images, options, **kwargs):
+        if len(images) > 1:
+            raise RuntimeError("out of memory")
+        if np.array_equal(np.asarray(images[0]), np.asarray(Image.open(folder / "p1.png"))):
+            raise RuntimeError("out of memory")
+        return real(pipe, images, options, **kwargs)
+
+    monkeypatch.setattr(cli, "restore_batch", fails_for_batches_and_for_p1)
+    code = main([str(folder), "-o", str(tmp_path / "out"), "--batch-size", "3", "--steps", "1", "--dev-random-weights", "-q"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_SOME_FAILED
+    assert "a batch of 3 failed" in err and "failed " in err and "p1.png: RuntimeError: out of memory" in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0_UNTRAINED.png", "p2_UNTRAINED.png"]
+
+
+def test_an_output_that_cannot_be_written_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        noise_image(folder / f"p{i}.png", (64, 64), seed=i)
+    real = cli.save_atomically
+
+    def disk_full_for_p0(image, target, pnginfo):
+        if target.name.startswith("p0"):
+            raise OSError(28, "No space left on device")
+        real(image, target, pnginfo)
+
+    monkeypatch.setattr(cli, "save_atomically", disk_full_for_p0)
+    assert main([str(folder), "-o", str(tmp_path / "out"), "--steps", "1", "--dev-random-weights", "-q"]) == cli.EXIT_SOME_FAILED
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err and "1 input(s) failed" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["p1_UNTRAINED.png"]

@@ -212,3 +212,28 @@ def test_bfloat16_pipeline_runs_close_to_float32(tmp_path):
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     psnr = 10 * torch.log10(1 / (half - reference).pow(2).mean())
     assert psnr > 25, f"bf16 vs fp32 PSNR {psnr:.1f} dB"
+
+
+@pytest.mark.slow
+def test_a_list_of_images_with_a_generator_each_equals_the_images_run_alone(pipe):
+    # 70×90 and 80×120 pad to the same 128×128 and run as one batch.
+    images = [random_image(70, 90, seed=1), random_image(80, 120, seed=2), random_image(70, 90, seed=3)]
+    seeds = [5, 6, 5]
+    alone = [run(pipe, im, seed=s, output_type="np").images[0] for im, s in zip(images, seeds)]
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    batched = pipe(images, generator=generators, num_inference_steps=3, output_type="np").images
+    assert [b.shape for b in batched] == [(70, 90, 3), (80, 120, 3), (70, 90, 3)]
+    for b, a in zip(batched, alone):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+    assert not np.allclose(batched[0], batched[2], atol=1e-3)  # the same seed, other pixels: another result
+    same_size = pipe(images[::2], generator=[torch.Generator().manual_seed(s) for s in seeds[::2]],
+                     num_inference_steps=3, output_type="np").images
+    assert same_size.shape == (2, 70, 90, 3)
+    np.testing.assert_allclose(same_size[1], alone[2], rtol=0, atol=1e-4)
+
+
+def test_images_that_pad_to_different_sizes_or_a_wrong_number_of_generators_are_refused(pipe):
+    with pytest.raises(ValueError, match="pad to the same size"):
+        pipe([random_image(64, 64), random_image(64, 130)], num_inference_steps=1)
+    with pytest.raises(ValueError, match="one per image"):
+        pipe([random_image(64, 64)] * 2, generator=[torch.Generator()], num_inference_steps=1)
