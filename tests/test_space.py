@@ -38,7 +38,7 @@ def pins(requirements: str) -> dict[str, str]:
         line = line.split(";")[0].strip()
         if line and not line.startswith("#") and "==" in line:
             name, version = line.split("==", 1)
-            out[normalise(name.strip())] = version.strip()
+            out[normalise(name.split("[")[0].strip())] = version.strip()  # extras aside
     return out
 
 
