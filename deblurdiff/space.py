@@ -2,14 +2,19 @@
 
     python -m deblurdiff.space deploy owner/space [--model owner/weights] [--private] [--token TOKEN]
 
+    python -m deblurdiff.space requirements [--platform]
+
 Creates the Space (or updates it), uploads only what the app needs (``app.py``, the
 ``deblurdiff`` package without its training code, ``examples/``, the screenshot, a
 ``requirements.txt`` for the Space and the README with its front matter), sets the
 ``DEBLURDIFF_MODEL`` variable when ``--model`` is given, asks for ZeroGPU hardware and
-prints the Space's address.
+prints the Space's address. ``requirements`` prints the ``requirements.txt`` that deploy
+stages; ``--platform`` adds pins of what the platform installs itself (how CI rebuilds
+the Space's stack).
 
-:data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter
-and the Space's requirements are written from it (and tests check them against it).
+:data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter,
+the Space's requirements and CI's Space stack are written from it (and tests check them
+against it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "space_files", "space_requirements", "space_readme", "deploy", "main"]
+__all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "PLATFORM_PACKAGES", "space_files", "space_requirements",
+           "staged_requirements", "platform_requirements", "space_readme", "deploy", "main"]
 
 #: What ZeroGPU supports, from the Hub documentation (spaces-zerogpu.md), as of August 2026.
 ZEROGPU = {
@@ -34,10 +40,17 @@ ZEROGPU = {
     "hardware": "zero-a10g",
     # NVIDIA RTX Pro 6000 Blackwell: `large` (default) is half a card, `xlarge` a whole one.
     "gpu_sizes": {"large": "48 GB", "xlarge": "96 GB"},
+    # What the platform installs itself, so the Space's requirements.txt must not pin it:
+    # gradio is the README's ``sdk_version``, spaces is preinstalled on ZeroGPU, and
+    # huggingface_hub comes with them. These are the versions the Space is built and tested
+    # with (the README's front matter and CI's Space stack use them).
+    "platform": {"gradio": "6.31.0", "spaces": "0.51.3", "huggingface_hub": "2.4.0"},
 }
 #: The versions the Space runs (the newest supported ones).
 SPACE_PYTHON = ZEROGPU["python"][-1]
 SPACE_TORCH = ZEROGPU["torch"][-1]
+#: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
+PLATFORM_PACKAGES = frozenset(re.sub(r"[-_.]+", "-", name).lower() for name in ZEROGPU["platform"])
 
 MODEL_VARIABLE = "DEBLURDIFF_MODEL"
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,23 +85,41 @@ def space_files(root: Path = ROOT) -> list[str]:
     return files
 
 
+def _name(line: str) -> str:
+    """The normalised distribution name of a requirement line (PEP 503)."""
+    name = re.split(r"[=<>!~; \[@]", line.strip(), maxsplit=1)[0]
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def space_requirements(requirements: str) -> str:
     """The Space's ``requirements.txt`` from the project's: torch pinned to
-    :data:`SPACE_TORCH` (ZeroGPU supports only some versions), triton left to torch."""
+    :data:`SPACE_TORCH` (ZeroGPU supports only some versions), triton left to torch, and
+    nothing the platform installs itself (:data:`PLATFORM_PACKAGES`: a pin there would
+    fight the platform's own)."""
     lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
     found = False
     for line in requirements.splitlines():
-        name = re.split(r"[=<>!~; \[]", line.strip(), maxsplit=1)[0].lower()
+        name = _name(line)
         if name == "torch":
             lines.append(f"torch=={SPACE_TORCH}")
             found = True
-        elif name == "triton":
-            continue  # torch's wheel requires the matching triton
+        elif name == "triton" or name in PLATFORM_PACKAGES:
+            continue  # torch's wheel requires the matching triton; the platform brings the others
         elif line.strip() and not line.lstrip().startswith("#"):
             lines.append(line.strip())
     if not found:
         lines.append(f"torch=={SPACE_TORCH}")
     return "\n".join(lines) + "\n"
+
+
+def staged_requirements(root: Path = ROOT) -> str:
+    """The ``requirements.txt`` that :func:`stage` writes for the Space."""
+    return space_requirements((root / "requirements.txt").read_text())
+
+
+def platform_requirements() -> str:
+    """Pins of what the platform installs on the Space (:data:`ZEROGPU`'s ``platform``)."""
+    return "".join(f"{name}=={version}\n" for name, version in ZEROGPU["platform"].items())
 
 
 def split_front_matter(readme: str) -> tuple[dict, str]:
@@ -102,11 +133,12 @@ def split_front_matter(readme: str) -> tuple[dict, str]:
 
 
 def space_readme(readme: str) -> str:
-    """The README with its front matter set for ZeroGPU (Python version, hardware)."""
+    """The README with its front matter set for ZeroGPU (gradio and Python versions, hardware)."""
     import yaml
 
     meta, body = split_front_matter(readme)
-    meta.update(sdk="gradio", app_file="app.py", python_version=SPACE_PYTHON, suggested_hardware=ZEROGPU["hardware"])
+    meta.update(sdk="gradio", sdk_version=ZEROGPU["platform"]["gradio"], app_file="app.py",
+                python_version=SPACE_PYTHON, suggested_hardware=ZEROGPU["hardware"])
     front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return f"---\n{front}---\n{body}"
 
@@ -118,7 +150,7 @@ def stage(directory: Path, root: Path = ROOT) -> list[str]:
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(root / name, target)
-    (directory / "requirements.txt").write_text(space_requirements((root / "requirements.txt").read_text()))
+    (directory / "requirements.txt").write_text(staged_requirements(root))
     (directory / "README.md").write_text(space_readme((root / "README.md").read_text(encoding="utf-8")), encoding="utf-8")
     return sorted(files + ["requirements.txt", "README.md"])
 
@@ -196,11 +228,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--private", action="store_true", help="create the Space private")
     d.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
     d.add_argument("--no-hardware", action="store_true", help="do not ask for ZeroGPU hardware")
+    r = sub.add_parser("requirements", help="print the requirements.txt that deploy stages")
+    r.add_argument("--platform", action="store_true",
+                   help="also pin what the platform installs (gradio, spaces, huggingface_hub)")
     return parser
 
 
 def main(argv=None, api=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "requirements":
+        print(staged_requirements() + (platform_requirements() if args.platform else ""), end="")
+        return 0
     try:
         deploy(args.space, args.model, private=args.private, token=args.token, hardware=not args.no_hardware, api=api)
     except DeployError as error:

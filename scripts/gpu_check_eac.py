@@ -2,14 +2,16 @@
 
     python scripts/gpu_check_eac.py            # correctness, launch-config sweep, benchmark (~2-4 min)
     python scripts/gpu_check_eac.py --no-bench # correctness and sweep only
+    python scripts/gpu_check_eac.py --no-sweep --bench-dtypes float16,bfloat16
 
 1. Correctness: the Triton kernels (forward, grad_x, grad_kernels) and the PyTorch path
    against the float64 reference on the GPU, for float32/float16/bfloat16, k = 3/5/7,
    G = C and G < C, odd sizes, several tiles, non-contiguous inputs, residual on/off,
    and ``eac`` dispatching to Triton for CUDA tensors.
 2. Launch configurations (BLOCK_H, BLOCK_W, num_warps) timed at B=4, C=4, k=5, 256².
-3. The benchmark table of ``benchmarks/bench_eac.py`` (float32 and bfloat16), with the
-   device copy bandwidth and the percentage of it each path reaches.
+3. The benchmark table of ``benchmarks/bench_eac.py`` (float32 and bfloat16 unless
+   ``--bench-dtypes`` says otherwise), with the device copy bandwidth and the percentage
+   of it each path reaches.
 
 Ends with a summary; the exit status is 1 if any correctness check failed.
 """
@@ -140,7 +142,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="GPU check of the EAC Triton kernels")
     parser.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
     parser.add_argument("--no-sweep", action="store_true", help="skip the launch-config sweep")
+    parser.add_argument("--bench-dtypes", default="float32,bfloat16", help="comma-separated benchmark dtypes")
     args = parser.parse_args()
+    import bench_eac
+
+    bench_dtypes = [d for d in args.bench_dtypes.split(",") if d]
+    if unknown := set(bench_dtypes) - set(bench_eac.DTYPES):
+        parser.error(f"unknown --bench-dtypes {sorted(unknown)}; choose from {','.join(sorted(bench_eac.DTYPES))}")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2
@@ -157,9 +165,7 @@ def main() -> int:
         sweep_configs(device)
         print(f"[{time.time() - start:.0f}s]")
     if not args.no_bench:
-        import bench_eac
-
-        for dtype in ("float32", "bfloat16"):
+        for dtype in bench_dtypes:
             print(f"\n== 3. benchmark, {dtype} ==")
             bench_eac.main(["--device", "cuda", "--dtype", dtype])
             print(f"[{time.time() - start:.0f}s]")

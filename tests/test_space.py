@@ -3,10 +3,14 @@ client is replaced by a recorder)."""
 
 from __future__ import annotations
 
+import os
+import re
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from packaging.version import Version
 
 from deblurdiff import space
 
@@ -18,45 +22,116 @@ def front_matter(text: str) -> dict:
     return meta
 
 
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def names(requirements: str) -> set[str]:
+    """Every distribution a requirements text names (pinned or not, extras and markers aside)."""
+    return {normalise(re.split(r"[=<>!~; \[@]", line.strip(), maxsplit=1)[0])
+            for line in requirements.splitlines() if line.strip() and not line.lstrip().startswith(("#", "-"))}
+
+
 def pins(requirements: str) -> dict[str, str]:
     out = {}
     for line in requirements.splitlines():
         line = line.split(";")[0].strip()
         if line and not line.startswith("#") and "==" in line:
             name, version = line.split("==", 1)
-            out[name.strip().lower()] = version.strip()
+            out[normalise(name.split("[")[0].strip())] = version.strip()  # extras aside
     return out
 
 
+PLATFORM = {"gradio", "spaces", "huggingface-hub"}
+
+
 def check_zerogpu_config(meta: dict, requirements: str) -> None:
-    assert str(meta["python_version"]) in space.ZEROGPU["python"]
+    assert str(meta["python_version"]) == space.SPACE_PYTHON
     assert meta["suggested_hardware"] == space.ZEROGPU["hardware"]
     assert meta["sdk"] == "gradio" and meta["app_file"] == "app.py"
+    # gradio comes from the front matter's sdk_version, so it is the table's.
+    assert str(meta["sdk_version"]) == space.ZEROGPU["platform"]["gradio"]
     versions = pins(requirements)
-    assert versions["torch"] in space.ZEROGPU["torch"]
-    assert "triton" not in versions  # torch brings the triton it was built with
+    assert versions["torch"] == space.SPACE_TORCH
+    assert "triton" not in names(requirements)  # torch brings the triton it was built with
+    # What the platform manages is not pinned (nor named) by the Space.
+    assert not PLATFORM & names(requirements)
 
 
-def test_table_is_consistent():
+def test_supported_versions_are_listed_oldest_first():
+    # SPACE_PYTHON and SPACE_TORCH take the last entry as the newest: an entry added out of
+    # order (or a malformed one) would silently pick an older stack.
+    for key in ("python", "torch"):
+        versions = [Version(v) for v in space.ZEROGPU[key]]
+        assert versions == sorted(versions) and len(set(versions)) == len(versions), key
+    assert space.SPACE_PYTHON == max(space.ZEROGPU["python"], key=Version)
+    assert space.SPACE_TORCH == max(space.ZEROGPU["torch"], key=Version)
+
+
+def test_table_names_real_hub_values():
     from huggingface_hub import SpaceHardware
 
     assert space.ZEROGPU["hardware"] in {h.value for h in SpaceHardware}
-    assert space.SPACE_PYTHON in space.ZEROGPU["python"] and space.SPACE_TORCH in space.ZEROGPU["torch"]
     assert space.ZEROGPU["source"].startswith("https://huggingface.co/docs/hub/") and space.ZEROGPU["checked"]
+    assert {normalise(n) for n in space.ZEROGPU["platform"]} == PLATFORM == space.PLATFORM_PACKAGES
+
+
+def test_platform_versions_are_the_local_pins():
+    # The local stack tests the same gradio, spaces and huggingface_hub as the Space gets.
+    local = pins((ROOT / "requirements.txt").read_text())
+    assert {normalise(n): v for n, v in space.ZEROGPU["platform"].items()} == {n: local[n] for n in PLATFORM}
 
 
 def test_repository_readme_front_matter_is_valid_for_zerogpu():
     meta = front_matter((ROOT / "README.md").read_text(encoding="utf-8"))
-    check_zerogpu_config(meta, space.space_requirements((ROOT / "requirements.txt").read_text()))
+    check_zerogpu_config(meta, space.staged_requirements())
     import gradio
 
     assert str(meta["sdk_version"]) == gradio.__version__
 
 
+def test_staged_requirements_leave_platform_packages_out():
+    text = ("torch==2.13.0\ngradio[mcp]==6.31.0\nGradio==6.31.0\nspaces>=0.51\nhuggingface-hub==2.4.0\n"
+            "Huggingface_Hub==2.4.0 ; python_version >= '3.10'\ndiffusers==0.42.1\ngradio_client==2.7.2\n")
+    out = space.space_requirements(text)
+    assert not PLATFORM & names(out)
+    # Look-alike names are kept: only the platform's own distributions are dropped.
+    assert names(out) == {"torch", "diffusers", "gradio-client"}
+
+
+def test_requirements_command_prints_what_deploy_stages(capsys):
+    hub = RecordingHub()
+    assert space.main(["deploy", "me/deblur", "--no-hardware"], api=hub) == 0
+    capsys.readouterr()
+    assert space.main(["requirements"]) == 0
+    staged = capsys.readouterr().out
+    assert staged == hub.uploaded["requirements.txt"].decode()
+    assert space.main(["requirements", "--platform"]) == 0
+    full = capsys.readouterr().out
+    assert full.startswith(staged)
+    assert pins(full[len(staged):]) == {normalise(n): v for n, v in space.ZEROGPU["platform"].items()}
+
+
+@pytest.mark.skipif(os.environ.get("DEBLURDIFF_CI_STACK") != "space",
+                    reason="checks the Space's stack; CI's second leg sets DEBLURDIFF_CI_STACK=space")
+def test_running_on_the_space_stack():
+    import importlib.metadata as md
+
+    import torch
+
+    assert sys.version_info[:2] == Version(space.SPACE_PYTHON).release[:2]
+    assert Version(torch.__version__).base_version == space.SPACE_TORCH
+    for name, version in space.ZEROGPU["platform"].items():
+        assert md.version(name) == version, name
+    staged = pins(space.staged_requirements())
+    for name, version in staged.items():
+        assert Version(md.version(name)).base_version == version, name
+
+
 def test_space_requirements_replace_torch_and_keep_the_rest():
-    text = "# comment\ntorch==2.13.0\ndiffusers==0.42.1\ntriton==3.9.0; platform_system == \"Linux\"\n\nspaces==0.51.3\n"
+    text = "# comment\ntorch==2.13.0\ndiffusers==0.42.1\ntriton==3.9.0; platform_system == \"Linux\"\n\npillow==12.3.0\n"
     out = pins(space.space_requirements(text))
-    assert out == {"torch": space.SPACE_TORCH, "diffusers": "0.42.1", "spaces": "0.51.3"}
+    assert out == {"torch": space.SPACE_TORCH, "diffusers": "0.42.1", "pillow": "12.3.0"}
 
 
 class RecordingHub:
