@@ -903,3 +903,54 @@ def validate_parameters(
             f"The guidance scale must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}; got {g:g}."
         )
     return Parameters(n_steps, n_seed, g)
+
+
+def read_header(
+    path: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = DEFAULT_MIN_SIDE
+) -> Tuple[Tuple[int, int], List[str]]:
+    """Size (upright, after EXIF orientation) and notes of the image file at ``path``, from
+    its header alone: no pixel data is decoded, so this is cheap for any file size. The
+    same checks as :func:`load_image_with_notes` on what a header tells; a file whose
+    pixel data is broken is only found out when it is loaded."""
+    name = _display_name(path)
+    try:
+        with open(os.fspath(path), "rb") as fh:
+            head = fh.read(512)
+            if not head:
+                raise _empty_error(name)
+            fh.seek(0)
+            with _pil_pixel_guard(max_pixels):
+                try:
+                    img = Image.open(fh)
+                except UnidentifiedImageError:
+                    kind = _sniff(head)
+                    what = f"it looks like {kind}" if kind else "the format is not recognised or the file is damaged"
+                    raise InvalidInputError(f"{name} is not an image that can be read: {what}. Please upload a photo in {SUPPORTED_FORMATS} format.") from None
+                except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+                    raise _bomb_error(exc, max_pixels, name) from None
+                except InvalidInputError:
+                    raise
+                except Exception as exc:
+                    raise _corrupt_error(exc, name) from None
+                with img:
+                    w, h = img.size
+                    if w <= 0 or h <= 0:
+                        raise InvalidInputError(f"{name} has no pixels ({_dims(img.size)}). Please use a real image.")
+                    if w * h > max_pixels:
+                        raise _too_large_error(img.size, max_pixels, name)
+                    try:
+                        orientation = img.getexif().get(0x0112, 1)
+                    except Exception:
+                        orientation = 1
+    except OSError as exc:
+        raise InvalidInputError(f"{name} could not be read ({exc.strerror or exc}).") from None
+    notes: List[str] = []
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        notes.append("The photo will be rotated/flipped upright according to its EXIF orientation tag.")
+    if min(w, h) < min_side:
+        scale = min_side / min(w, h)
+        w, h = max(min_side, round(w * scale)), max(min_side, round(h * scale))
+        notes.append(f"The image is small, so it will be upscaled to {w}×{h} (the minimum side is {min_side} pixels); expect limited detail.")
+    return (w, h), notes
