@@ -939,7 +939,11 @@ def read_header(
                     if w * h > max_pixels:
                         raise _too_large_error(img.size, max_pixels, name)
                     try:
-                        orientation = img.getexif().get(0x0112, 1)
+                        if img.format == "PNG":  # Pillow's getexif() decodes a PNG to look past its pixel data
+                            raw = img.info.get("exif")
+                            orientation = Image.Exif().load(raw).get(0x0112, 1) if raw else 1
+                        else:
+                            orientation = img.getexif().get(0x0112, 1)
                     except Exception:
                         orientation = 1
     except OSError as exc:

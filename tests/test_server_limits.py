@@ -270,13 +270,25 @@ def test_describe_input_reads_only_the_header(random_tiny_pipe, tmp_path, monkey
     Image.new("RGB", (2000, 1500)).save(path)
     app = DeblurApp(random_tiny_pipe, model_ref="random-tiny", measure_speed=False, examples_dir=None)
 
-    def no_decoding(self, *a, **k):
-        raise AssertionError("pixel data decoded")
+    decoded = []
+    real_load = ImageFile.ImageFile.load
 
-    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    monkeypatch.setattr(image_io, "load_image_with_notes", no_decoding)
+    def recording_load(self, *a, **k):
+        decoded.append(self.size)
+        return real_load(self, *a, **k)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    monkeypatch.setattr(image_io, "load_image_with_notes", lambda *a, **k: decoded.append("full load"))
     text, size = app.describe_input(str(path), 2, 1.0, "auto")
     assert size == [2000, 1500] and "2000×1500" in text and "Estimated" in text
+    # A rotated JPEG: its orientation comes from the header too.
+    jpeg = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (300, 200)).save(jpeg, exif=exif)
+    text, size = app.describe_input(str(jpeg), 2, 1.0, "auto")
+    assert size == [200, 300] and "EXIF orientation" in text
+    assert decoded == []
     (tmp_path / "note.txt").write_text("hello")
     text, size = app.describe_input(str(tmp_path / "note.txt"), 2, 1.0, "auto")
     assert size is None and "text file" in text
