@@ -43,6 +43,9 @@ MULTIPART_OVERHEAD = 1024**2
 MAX_JOBS_PER_SESSION = 2
 #: A job whose session has had no open event stream for this long is dropped (seconds).
 LISTEN_GRACE_SECONDS = 3.0
+#: When the queue is full, jobs whose session opened no stream this long after joining make room
+#: (a real client opens its stream within milliseconds of joining).
+EVICT_AFTER_SECONDS = 0.1
 #: Image URLs: longest download (seconds).
 URL_TIMEOUT_SECONDS = 20.0
 #: Who may show the app in a frame: the Space page on huggingface.co and its *.hf.space host.
@@ -120,14 +123,14 @@ class ClientTracker:
                     if key not in self._open:
                         del self._since[key]
 
-    def gone(self, session: str | None) -> bool:
+    def gone(self, session: str | None, grace: float | None = None) -> bool:
         if not self.active or not session:
             return False
         with self._lock:
             if self._open.get(session):
                 return False
             since = self._since.setdefault(session, time.monotonic())
-        return time.monotonic() - since > self.grace
+        return time.monotonic() - since > (self.grace if grace is None else grace)
 
 
 # --------------------------------------------------------------------------
@@ -243,13 +246,14 @@ def _waiting(queue, session: str) -> int:
     return sum(1 for event_id in queue.pending_event_ids_session.get(session, ()) if event_id in queue.event_ids_to_events)
 
 
-async def drop_abandoned(queue, tracker: ClientTracker) -> int:
-    """Remove the queued jobs (and stop the running ones) of sessions whose client is gone."""
+async def drop_abandoned(queue, tracker: ClientTracker, grace: float | None = None) -> int:
+    """Remove the queued jobs (and stop the running ones) of sessions whose client is gone
+    (no open stream for ``grace`` seconds; default: the tracker's)."""
     sessions = {
         event.session_hash
         for event_queue in list(queue.event_queue_per_concurrency_id.values())
         for event in list(event_queue.queue)
-        if tracker.gone(event.session_hash)
+        if tracker.gone(event.session_hash, grace)
     }
     for session in sessions:
         await queue.clean_events(session_hash=session)
@@ -324,7 +328,7 @@ def guard_queue(queue, tracker: ClientTracker, per_session: int = MAX_JOBS_PER_S
         if session:
             tracker.joined(session)
         if queue.max_size is not None and len(queue) >= queue.max_size:
-            await drop_abandoned(queue, tracker)
+            await drop_abandoned(queue, tracker, EVICT_AFTER_SECONDS)
         return await original_push(body, request, username)
 
     queue.push = push

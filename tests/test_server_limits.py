@@ -197,6 +197,22 @@ def test_few_jobs_per_session_and_never_listened_jobs_are_dropped(served, http, 
     assert len(steps) <= 1, steps
 
 
+def test_fire_and_forget_joins_do_not_lock_visitors_out(served, http):
+    app = served.deblurdiff_app
+    path = upload(http, png_bytes())
+    with app.runtime.lock:  # nothing finishes meanwhile: the queue fills up
+        answers = [http.post("/queue/join", json=deblur_payload(path, f"ff-{i}")) for i in range(app_module.QUEUE_SIZE + 1)]
+        assert all(a.status_code == 200 for a in answers)
+        assert len(served._queue) >= app_module.QUEUE_SIZE
+        time.sleep(server_limits.EVICT_AFTER_SECONDS * 2)
+        # A real visitor still gets in: joins nobody listens to make room.
+        visitor = http.post("/queue/join", json=deblur_payload(path, "visitor"))
+        assert visitor.status_code == 200, visitor.text
+    with http.stream("GET", "/queue/data", params={"session_hash": "visitor"}) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert any('"process_completed"' in line and '"success":true' in line for line in lines)
+
+
 def test_a_listening_client_is_served_and_a_gone_client_stops_its_run(served, http, monkeypatch):
     path = upload(http, png_bytes())
     # Listened to: served.
