@@ -110,9 +110,16 @@ async def upload(client, data: bytes, name="p.png") -> str:
     return r.json()[0]
 
 
-async def visit(client, path: str, session: str, steps=1) -> tuple[str, float]:
-    """('served' | 'told' | 'unclear', seconds)."""
+async def visit(client, path: str, session: str, steps=1, timeout=120) -> tuple[str, float]:
+    """('served' | 'told' | 'unclear', seconds); no answer within ``timeout`` is unclear."""
     start = time.monotonic()
+    try:
+        return await asyncio.wait_for(_visit(client, path, session, steps, start), timeout)
+    except asyncio.TimeoutError:
+        return "unclear", time.monotonic() - start
+
+
+async def _visit(client, path: str, session: str, steps, start) -> tuple[str, float]:
     try:
         r = await client.post("/queue/join", json=payload(path, session, steps))
         if r.status_code != 200:

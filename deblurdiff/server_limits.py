@@ -249,14 +249,25 @@ def _waiting(queue, session: str) -> int:
 async def drop_abandoned(queue, tracker: ClientTracker, grace: float | None = None) -> int:
     """Remove the queued jobs (and stop the running ones) of sessions whose client is gone
     (no open stream for ``grace`` seconds; default: the tracker's)."""
-    sessions = {
-        event.session_hash
+    from gradio.server_messages import ProcessCompletedMessage
+
+    dropped = [
+        event
         for event_queue in list(queue.event_queue_per_concurrency_id.values())
         for event in list(event_queue.queue)
         if tracker.gone(event.session_hash, grace)
-    }
+    ]
+    sessions = {event.session_hash for event in dropped}
     for session in sessions:
         await queue.clean_events(session_hash=session)
+    for event in dropped:  # a client that starts listening late is told, not left waiting
+        messages = queue.pending_messages_per_session.get(event.session_hash)
+        if messages is not None:
+            queue.pending_event_ids_session.setdefault(event.session_hash, set())  # read when the message is sent
+            messages.put_nowait(ProcessCompletedMessage(
+                event_id=event._id, success=False, title="Dropped",
+                output={"error": "This request was dropped: its client was not listening for the result. Please send it again."},
+            ))
     if sessions:
         logger.info("dropped the queued jobs of %d session(s) whose client is gone", len(sessions))
     return len(sessions)

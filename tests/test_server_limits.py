@@ -211,6 +211,10 @@ def test_fire_and_forget_joins_do_not_lock_visitors_out(served, http):
     with http.stream("GET", "/queue/data", params={"session_hash": "visitor"}) as stream:
         lines = [line for line in stream.iter_lines() if line]
     assert any('"process_completed"' in line and '"success":true' in line for line in lines)
+    # A dropped job's client that comes back late is told, not left waiting.
+    with http.stream("GET", "/queue/data", params={"session_hash": "ff-5"}) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert any('"process_completed"' in line and "was dropped" in line for line in lines), lines
 
 
 def test_a_listening_client_is_served_and_a_gone_client_stops_its_run(served, http, monkeypatch):
