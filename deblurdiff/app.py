@@ -354,6 +354,10 @@ class DeblurApp:
             advice = gpu_limit_advice(speed, size[0], size[1], n_steps, guidance, tiled)
             if advice:
                 text += f" ⚠️ {advice}"
+        else:
+            advice = run_cost_advice(speed, size[0], size[1], n_steps, guidance, tiled, max_run_seconds(speed.device, self.max_run_seconds))
+            if advice:
+                return f"{text} ⚠️ {advice}"
         if seconds > 120 and speed.device != "cuda":
             text += " ⏳ That is long: fewer steps or a smaller image make it faster."
         return text

@@ -262,6 +262,9 @@ def test_a_run_over_the_cost_limit_is_refused_with_what_fits(random_tiny_pipe, t
     message = str(err.value)
     assert "more than the" in message and "this server allows" in message
     assert "resize the image to" in message or "at most" in message
+    # The estimate shown when the image is chosen says so already.
+    text, _ = app.describe_input(str(path), 100, 1.0, "auto")
+    assert "this server allows" in text
     # With the default limit the same small run is accepted.
     monkeypatch.delenv("DEBLURDIFF_MAX_RUN_SECONDS", raising=False)
     ok = DeblurApp(random_tiny_pipe, model_ref="random-tiny", measure_speed=False, examples_dir=None)
@@ -447,3 +450,22 @@ def test_scope_is_said_in_the_ui_and_the_model_card(served):
     card = model_card("me/deblurdiff", "fp16", "model.pth")
     for text in (page, card):
         assert "camera shake" in text and "defocus" in text and "noise alone" in text and "low resolution" in text
+
+
+def test_command_line_switches_for_mcp_and_limits(monkeypatch, capsys):
+    args = app_module.build_parser().parse_args(["--no-mcp", "--max-file-size", "20MB", "--max-run-seconds", "90"])
+    assert args.no_mcp and args.max_file_size == "20MB" and args.max_run_seconds == 90
+    with pytest.raises(SystemExit) as exit_info:
+        app_module.main(["--max-file-size", "lots"])
+    assert exit_info.value.code == 2 and "not a file size" in capsys.readouterr().err
+
+
+def test_no_mcp_turns_the_mcp_server_off(temp_root):
+    demo = build_demo(None, examples_dir=None)
+    port = free_port()
+    launch(demo, mcp=False, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/gradio_api/mcp/schema", timeout=10).status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=10).status_code == 200
+    finally:
+        demo.close()
