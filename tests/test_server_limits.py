@@ -3,7 +3,6 @@ tiny random model: sizes, the queue, malformed calls, headers, clean-up, the cos
 header-only input description and the MCP tool."""
 
 import asyncio
-import base64
 import http.server as http_server
 import io
 import os
