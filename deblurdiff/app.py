@@ -41,13 +41,15 @@ import gradio as gr
 import spaces
 import torch
 
-from . import image_io, service, zerogpu
+from . import image_io, server_limits, service, zerogpu
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import (
     SpeedModel,
     format_seconds,
+    max_run_seconds,
     processed_megapixels,
+    run_cost_advice,
 )
 from .image_io import InvalidInputError
 from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
@@ -95,6 +97,24 @@ KEEP_RESULTS_SECONDS = 2 * 3600
 QUEUE_SIZE = 32
 #: Side of the square image used to measure the speed of the loaded model.
 PROBE_SIDE = 256
+
+#: What the model is for, shown under the title (the model card says the same).
+SCOPE_TEXT = (
+    "**Removes blur:** camera shake, motion blur and defocus (out-of-focus) blur. "
+    "**Will not fix:** noise alone (a sharp but grainy photo comes back almost unchanged) or low "
+    "resolution (it does not upscale; a small image stays small). A photo without blur shows little change."
+)
+#: The MCP tool's description, for agents.
+TOOL_DESCRIPTION = (
+    "Deblur a photo with DeblurDiff (a diffusion model): removes camera-shake, motion and defocus blur; "
+    "it does not denoise or upscale. Input: an image as an http(s) URL or a base64 data URL (PNG, JPEG, WebP, "
+    "BMP, TIFF or GIF; at most {max_mp} megapixels and the server's upload limit, fetched with a time limit). "
+    "Parameters: steps 1-100 (default 50; fewer is faster), seed 0-4294967295 with randomize_seed, "
+    "guidance_scale 1-10 (1 = no guidance, the default; above 1 twice as slow), optional prompt and negative_prompt "
+    "(at most 1000 characters), color_fix, tiling ('auto', 'on', 'off'), show_lkpn, sampler. Runs estimated to take "
+    "too long are refused with what fits. Returns: the (input, deblurred) image pair, the full-resolution deblurred "
+    "PNG, the LKPN view (or None), a Markdown summary and the seed used."
+)
 
 UNTRAINED_BANNER = (
     "### ⚠️ UNTRAINED development weights\n"
@@ -243,6 +263,7 @@ class DeblurApp:
         model_ref: str | None = None,
         examples_dir: Path | None = EXAMPLES_DIR,
         measure_speed: bool = True,
+        max_run_seconds: float | None = None,
     ):
         if pipe is None and not model_error:
             from .loading import describe_missing_model
@@ -253,7 +274,10 @@ class DeblurApp:
         self.model_ref = RANDOM_TINY if pipe is not None and is_untrained(pipe) else model_ref
         self.untrained = pipe is not None and is_untrained(pipe)
         self.examples_dir = examples_dir
-        self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-app-"))
+        # Results are written into Gradio's own cache folder, so Gradio serves them without a copy.
+        cache = Path(gr.utils.get_upload_folder())
+        cache.mkdir(parents=True, exist_ok=True)
+        self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-results-", dir=cache))
         atexit.register(shutil.rmtree, self.output_root, True)
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.should_tile = getattr(pipe, "should_tile", None)
@@ -269,6 +293,8 @@ class DeblurApp:
         self.active_runs: dict[str, int] = {}  # session -> run-control slot
         # ZeroGPU gives each call its own GPU slice; a local device runs one image at a time.
         self.concurrency_limit = zerogpu.CONCURRENCY if on_zero_gpu() else 1
+        self.max_run_seconds = max_run_seconds  # None: $DEBLURDIFF_MAX_RUN_SECONDS, else the device's default
+        self.clients = server_limits.ClientTracker()  # which sessions still listen (set up by launch)
         self.speed_ready = threading.Event()
         if pipe is not None and measure_speed and not on_zero_gpu():
             threading.Thread(target=self._measure_speed, name="deblurdiff-speed-probe", daemon=True).start()
@@ -336,6 +362,10 @@ class DeblurApp:
                 text += f" ⚠️ {advice}"
             elif booked > min(zerogpu.DAILY_QUOTA_SECONDS.values()):
                 text += f" ⚠️ More than some visitors have: {zerogpu.quota_note()}"
+        else:
+            advice = run_cost_advice(speed, size[0], size[1], n_steps, guidance, tiled, max_run_seconds(speed.device, self.max_run_seconds))
+            if advice:
+                return f"{text} ⚠️ {advice}"
         if seconds > 120 and speed.device != "cuda":
             text += " ⏳ That is long: fewer steps or a smaller image make it faster."
         return text
@@ -365,16 +395,15 @@ class DeblurApp:
         """Shown when an image is chosen: its size, what was done to it, the time estimate."""
         if not image:
             return "", None
-        try:
-            loaded = image_io.load_image_with_notes(image)
+        try:  # the header only: this runs outside the queue, for every image chosen
+            (w, h), notes = image_io.read_header(image)
         except InvalidInputError as exc:
             return f"⚠️ {exc}", None
         except Exception:
             logger.exception("could not read an uploaded image")
             return "⚠️ This file could not be read as an image.", None
-        w, h = loaded.size
         lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."]
-        lines += [f"- {note}" for note in loaded.notes]
+        lines += [f"- {note}" for note in notes]
         estimate = self.estimate_text((w, h), steps, guidance_scale, tiling)
         if estimate:
             lines.append(estimate)
@@ -407,13 +436,24 @@ class DeblurApp:
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
-        """Deblur one image.
+        """Deblur one photo: removes camera-shake, motion and defocus blur (not noise, not low resolution).
 
-        Inputs: image (file), steps (1–100), seed (0–2³²−1), randomize_seed (bool),
-        guidance_scale (1–10), prompt, negative_prompt, color_fix (bool), tiling
-        ("auto", "on", "off"), show_lkpn (bool), sampler.
-        Outputs: (before, after) image pair, the full-resolution PNG, the LKPN view
-        (None unless show_lkpn), a Markdown summary and the seed used.
+        Args:
+            image: the blurry photo (PNG, JPEG, WebP, BMP, TIFF or GIF).
+            steps: denoising steps, 1 to 100 (default 50); fewer is faster.
+            seed: random seed, 0 to 4294967295 (used when randomize_seed is false).
+            randomize_seed: draw a new seed (true, the default) or use `seed`.
+            guidance_scale: 1 to 10; 1 (the default) turns classifier-free guidance off, above 1 is twice as slow.
+            prompt: optional description of the scene, at most 1000 characters.
+            negative_prompt: used when guidance_scale > 1, at most 1000 characters.
+            color_fix: match the result's colours to the input's (default true).
+            tiling: "auto" (default), "on" or "off": tiles use less memory on large images.
+            show_lkpn: also return the LKPN-restored latent, decoded (default false).
+            sampler: the diffusion sampler (default "ddpm").
+
+        Returns:
+            The (input, deblurred) image pair, the full-resolution deblurred PNG, the LKPN view
+            (None unless show_lkpn), a Markdown summary and the seed used.
         """
         try:
             return self._deblur(
@@ -461,14 +501,22 @@ class DeblurApp:
         )
         if image is None:
             raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
+        session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
+        if self.clients.gone(session):
+            raise _user_error("The client that sent this request is gone; it was not run.", "Dropped")
         loaded = image_io.load_image_with_notes(image)
+        w, h = loaded.size
         if on_zero_gpu():
-            w, h = loaded.size
             advice = zerogpu.limit_advice(self._gpu_speed(), w, h, options.steps, options.guidance_scale, options.tiled)
             if advice:
                 raise _user_error(advice, "Too long for one GPU run")
+        else:
+            speed = self.runtime.speed
+            limit = max_run_seconds(speed.device, self.max_run_seconds)
+            advice = run_cost_advice(speed, w, h, options.steps, options.guidance_scale, options.tiled, limit)
+            if advice:
+                raise _user_error(advice, "Too long for this server")
 
-        session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
         result = self._run_with_progress(loaded.image, options, session, progress)
         if result.interrupted:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
@@ -527,6 +575,8 @@ class DeblurApp:
         def relay():
             while not finished.wait(0.1):
                 show()
+                if self.clients.gone(session):  # the pipeline stops after its current step
+                    control.cancel(slot)
 
         relay_thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True)
         progress(0, desc="Starting")
@@ -562,9 +612,10 @@ class DeblurApp:
         with gr.Blocks(title="DeblurDiff: real-world image deblurring", delete_cache=(3600, KEEP_RESULTS_SECONDS)) as demo:
             gr.Markdown(
                 "# DeblurDiff: real-world image deblurring\n"
-                "Upload a blurry photo (camera shake, motion or defocus blur) and get a sharp one back. "
+                "Upload a blurry photo and get a sharp one back. "
                 "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
-                f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL}))."
+                f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL})).\n\n" + SCOPE_TEXT,
+                elem_id="scope",
             )
             banner_kind = "missing" if self.pipe is None else ("untrained" if self.untrained else "ok")
             gr.Markdown(self.banner(), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
@@ -617,7 +668,7 @@ class DeblurApp:
             for component in (steps, seed, guidance, tiling, sampler):
                 pass_raw(component)
             outputs = [slider, download, lkpn_image, result_info, seed]
-            description = "Deblur an image. Returns (before/after pair, full-resolution PNG, LKPN view or None, summary, seed used)."
+            description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
             if self.untrained:
                 description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
             run_event = run_btn.click(
@@ -719,20 +770,27 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
         return None, f"Could not load DeblurDiff weights from {reference!r}: {type(exc).__name__}: {exc}", reference
 
 
-def build_demo(pipe=None, *, model_error=None, model_ref=None, examples_dir=EXAMPLES_DIR, measure_speed=True) -> gr.Blocks:
+def build_demo(pipe=None, *, model_error=None, model_ref=None, examples_dir=EXAMPLES_DIR, measure_speed=True, max_run_seconds=None) -> gr.Blocks:
     """The interface around ``pipe`` (None: the no-weights page saying what is missing)."""
     return DeblurApp(
-        pipe, model_error=model_error, model_ref=model_ref, examples_dir=examples_dir, measure_speed=measure_speed
+        pipe, model_error=model_error, model_ref=model_ref, examples_dir=examples_dir, measure_speed=measure_speed,
+        max_run_seconds=max_run_seconds,
     ).build()
 
 
-def launch(demo: gr.Blocks, **kwargs):
-    """``demo.queue(...).launch(...)`` with the app's queue, styling and file permissions."""
+def launch(demo: gr.Blocks, *, max_file_size=None, mcp: bool = True, **kwargs):
+    """``demo.queue(...).launch(...)`` with the app's queue, styling, file permissions and
+    the server's limits (``deblurdiff/server_limits.py``): every call goes through the queue
+    (no direct REST route), uploads and request bodies are size-limited (``max_file_size``,
+    default ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB), and the MCP server is on unless ``mcp=False``."""
     app = getattr(demo, "deblurdiff_app", None)
     allowed = [str(app.examples_dir)] if app is not None and app.examples_dir else []
-    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
     kwargs.setdefault("css", CSS)
     kwargs.setdefault("allowed_paths", allowed)
+    kwargs.setdefault("mcp_server", mcp)
+    tracker = app.clients if app is not None else server_limits.ClientTracker()
+    kwargs = server_limits.protect(demo, tracker, server_limits.max_file_size(max_file_size), kwargs)
     return demo.launch(**kwargs)
 
 
@@ -748,16 +806,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also create a temporary public gradio.live link")
     parser.add_argument("--no-download", action="store_true", help=f"never download the authors' checkpoint (also: {NO_DOWNLOAD_ENV}=1)")
     parser.add_argument("--no-examples", action="store_true", help="hide the example gallery")
+    parser.add_argument("--no-mcp", action="store_true", help="turn off the MCP server (on by default: the deblur tool for agents, at /gradio_api/mcp/)")
+    parser.add_argument("--max-file-size", default=None, help=f"largest upload, e.g. 50MB (default: ${server_limits.MAX_FILE_SIZE_ENV}, else 50MB)")
+    parser.add_argument("--max-run-seconds", type=float, default=None, help="refuse runs estimated to take longer (default: $DEBLURDIFF_MAX_RUN_SECONDS, else 3600 on a CPU, 1800 on MPS, 600 on a GPU)")
     return parser
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        file_limit = server_limits.max_file_size(args.max_file_size)
+    except ValueError as exc:
+        parser.error(f"--max-file-size / ${server_limits.MAX_FILE_SIZE_ENV}: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server_limits.claim_temp_dir()  # before any component: Gradio reads its folder when they are made
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     pipe, error, reference = load_app_model(
         args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype, dev_random_weights=args.dev_random_weights,
         allow_download=False if args.no_download else None,
     )
-    demo = build_demo(pipe, model_error=error, model_ref=reference, examples_dir=None if args.no_examples else EXAMPLES_DIR)
-    launch(demo, server_name=args.host, server_port=args.port, share=args.share or None)
+    demo = build_demo(
+        pipe, model_error=error, model_ref=reference, examples_dir=None if args.no_examples else EXAMPLES_DIR,
+        max_run_seconds=args.max_run_seconds,
+    )
+    launch(demo, max_file_size=file_limit, mcp=not args.no_mcp, server_name=args.host, server_port=args.port, share=args.share or None)

@@ -67,6 +67,13 @@ diffusers layout (safetensors, {dtype}) with `python -m deblurdiff.convert`. The
 renames and reshapes tensors only. Loading needs the `deblurdiff` package (the LKPN, the
 ControlNet and the pipeline are defined there); its OpenCLIP tokenizer is included here.
 
+## What it is for
+
+It removes **blur**: camera shake, motion blur and defocus (out-of-focus) blur, including
+blur that varies across the photo. It will **not** fix noise alone (a sharp but grainy photo
+comes back almost unchanged) or low resolution (it does not upscale). A photo without blur
+shows little change.
+
 ## Usage
 
 ```python

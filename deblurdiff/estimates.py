@@ -170,3 +170,47 @@ def format_seconds(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------
+# The cost cap of any device (the ZeroGPU limit above is a separate, stricter one)
+# --------------------------------------------------------------------------
+
+#: Longest estimated run accepted, per device type (seconds); ``DEBLURDIFF_MAX_RUN_SECONDS`` overrides.
+MAX_RUN_SECONDS_ENV = "DEBLURDIFF_MAX_RUN_SECONDS"
+DEFAULT_MAX_RUN_SECONDS = {"cpu": 3600, "mps": 1800, "cuda": 600}
+
+
+def max_run_seconds(device_type: str, value=None) -> float:
+    """``value``, else ``$DEBLURDIFF_MAX_RUN_SECONDS``, else the device's default."""
+    import os
+
+    value = value if value is not None else os.environ.get(MAX_RUN_SECONDS_ENV)
+    if value not in (None, ""):
+        seconds = float(value)
+        if not seconds > 0:
+            raise ValueError(f"the longest run must be a positive number of seconds; got {value!r}")
+        return seconds
+    return DEFAULT_MAX_RUN_SECONDS.get(device_type, DEFAULT_MAX_RUN_SECONDS["mps"])
+
+
+def run_cost_advice(
+    speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float, tiled: bool | None, limit: float
+) -> str | None:
+    """None when the estimated run fits in ``limit`` seconds; otherwise what fits, for the user."""
+
+    def fits(w: int, h: int, n: int) -> bool:
+        return speed.seconds(w, h, n, guidance_scale, tiled) <= limit
+
+    estimate = speed.seconds(width, height, steps, guidance_scale, tiled)
+    if estimate <= limit:
+        return None
+    most_steps = next((n for n in range(steps - 1, 0, -1) if fits(width, height, n)), 0)
+    scale = 1.0
+    while scale > 0.02 and not fits(max(64, int(width * scale)), max(64, int(height * scale)), steps):
+        scale *= 0.97
+    resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
+    head = f"This run would take about {format_seconds(estimate)} here (an estimate), more than the {format_seconds(limit)} this server allows for one image."
+    if most_steps >= 1:
+        return f"{head} At {width}×{height}, at most {most_steps} step{'s' if most_steps > 1 else ''} fit: choose {most_steps} or fewer, or {resize}."
+    return f"{head} To run {steps} steps, {resize}."

@@ -386,3 +386,47 @@ def load_image_with_notes(
     original_size = image.size
     image = _ensure_min_side(image, min_side, upscale_small, max_pixels, notes)
     return LoadedImage(image=image, notes=notes, original_size=original_size, source_format=fmt)
+
+
+def read_header(path: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                min_side: int = DEFAULT_MIN_SIDE) -> tuple[tuple[int, int], list[str]]:
+    """Size (upright, after EXIF orientation, and after any upscaling of a small image) and
+    notes of the image file at ``path``, from its header alone: no pixel data is decoded,
+    so this is cheap for any file size. Broken pixel data is only found when loading."""
+    source, name = _openable(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise _too_large(img.size, max_pixels, name)
+                try:
+                    if img.format == "PNG":  # Pillow's getexif() decodes a whole PNG to look past its pixels
+                        raw = img.info.get("exif")
+                        orientation = Image.Exif().load(raw).get(0x0112, 1) if raw else 1
+                    else:
+                        orientation = img.getexif().get(0x0112, 1)
+                except Exception:
+                    orientation = 1
+    except InvalidInputError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _bomb(exc, max_pixels, name) from None
+    except UnidentifiedImageError:
+        raise _not_an_image(name) from None
+    except OSError as exc:
+        raise _unreadable(name, exc) from None
+    except Exception as exc:
+        raise _damaged(exc, name) from None
+    notes: list[str] = []
+    if orientation in (5, 6, 7, 8):
+        w, h = h, w
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        notes.append("The photo will be rotated/flipped upright according to its EXIF orientation tag.")
+    if min(w, h) < min_side:
+        scale = min_side / min(w, h)
+        w, h = max(min_side, round(w * scale)), max(min_side, round(h * scale))
+        notes.append(f"The image is small, so it will be upscaled to {w}×{h} (the minimum side is {min_side} "
+                     "pixels); expect limited detail.")
+    return (w, h), notes

@@ -139,7 +139,10 @@ def make_test_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
     Pads with id 0 like OpenCLIP; start/end-of-text take the real ids 49406/49407,
     so it drives full-size text encoders too.
     """
-    directory = Path(directory or tempfile.mkdtemp(prefix="deblurdiff-tokenizer-"))
+    if directory is None:  # the files are read once, here: nothing is left on disk
+        with tempfile.TemporaryDirectory(prefix="deblurdiff-tokenizer-") as tmp:
+            return make_test_tokenizer(tmp)
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
     vocab = {"!": 0}
