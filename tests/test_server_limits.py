@@ -313,7 +313,7 @@ def test_describe_input_reads_only_the_header(random_tiny_pipe, tmp_path, monkey
     assert decoded == []
     (tmp_path / "note.txt").write_text("hello")
     text, size = app.describe_input(str(tmp_path / "note.txt"), 2, 1.0, "auto")
-    assert size is None and "text file" in text
+    assert size is None and "not an image" in text
 
 
 # ---------------------------------------------------------------- 5. clean-up
