@@ -1,31 +1,16 @@
 """Ahead-of-time compilation of the UNet, ControlNet and LKPN (for ZeroGPU).
 
-ZeroGPU runs each request in a fresh worker process and does not support
-``torch.compile``; it supports programs exported with ``torch.export`` and compiled
-ahead of time by Inductor (``spaces.aoti_compile``), which the workers load as they are.
-:func:`compile_for_zerogpu` does that at start-up, once for every network and batch
-size, with the latent height and width dynamic; elsewhere on CUDA,
-``pipe.optimize(compile=True)`` (``torch.compile``) stays the way to go.
+ZeroGPU workers cannot use ``torch.compile``, but load programs exported with
+``torch.export`` and compiled by Inductor (``spaces.aoti_compile``).
+:func:`compile_for_zerogpu` does that at start-up for every network and batch size, the
+latent height and width dynamic (``8 * Dim``, up to :data:`MAX_LATENT_SIDE`, every 4-D
+input scaled by its level). The batch is static (1, and 2 for guidance); larger batches
+run in chunks, which is exact. EAC exports as one custom-operator node.
 
-Shapes. The pipeline pads images to multiples of 64 pixels, so latent sides are
-multiples of 8, from 8 (64 px) to :data:`MAX_LATENT_SIDE` (4096 px). Each network is
-exported with the height and width as ``8 * Dim`` and every 4-D input scaled by its
-level (the UNet's residuals are 2, 4 and 8 times smaller). The batch is static: one
-program per size in ``batch_sizes`` (1, and 2 for classifier-free guidance); a larger
-batch (tiles in tiled mode) runs in chunks, which is exact since samples are
-independent. EAC is a custom operator (:mod:`deblurdiff.ops`), so it exports as one
-node and its Triton kernels are compiled into the program; the windowed attention
-computes its windows from the symbolic sizes.
-
-Export runs with ``backed_size_oblivious``: the number of attention windows is a
-symbolic size that is 1 for small images, and PyTorch would otherwise specialise the
-program on "one window" (a guard) instead of tracing the general case. For the same
-reason the example input is large (:data:`EXAMPLE_LATENT`): Inductor specialises on it.
-
-The replaced ``forward`` of each network (:class:`CompiledNetwork`) keeps the call
-signature the pipeline uses; non-tensor arguments that the programs cannot take
-(another ``conditioning_scale`` is a tensor input, so it can) and sizes outside the
-compiled range are refused with a clear message.
+Export runs with ``backed_size_oblivious`` and a large example input
+(:data:`EXAMPLE_LATENT`), so that the program is not specialised on "one attention
+window". The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call
+signature and refuses arguments and sizes outside the compiled range with a clear message.
 """
 
 from __future__ import annotations
@@ -39,6 +24,8 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
+
+from .models.controlnet import batched_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -183,11 +170,10 @@ def export_networks(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, max_side: in
 
 def _timesteps(timestep, batch: int, device) -> torch.Tensor:
     """Timesteps as the programs take them: integers (long), one per sample."""
-    t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep])
+    t = batched_timesteps(timestep, batch, device)
     if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError(f"the compiled networks take integer timesteps, got {t.tolist()}")
-    t = t.reshape(-1).to(device=device, dtype=torch.long)
-    return t.expand(batch) if t.numel() == 1 else t
+        raise ValueError(f"the compiled networks take integer timesteps, got {t.unique().tolist()}")
+    return t.long()
 
 
 @dataclass

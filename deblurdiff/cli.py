@@ -2,20 +2,13 @@
 
     python -m deblurdiff INPUT... -o OUT_DIR [options]
 
-Every input file (folders are searched recursively for images) is written to
-``OUT_DIR/<name>.png``. Inputs are never overwritten, outputs always stay inside
-``OUT_DIR`` and existing files there are kept unless ``--overwrite`` is given.
-Unreadable inputs are reported and skipped; the exit status is then 1. Missing
-weights or invalid options end the run with exit status 2.
-
-Runs resume: an output is written under a temporary name and renamed when complete, and
-records a key of its input's bytes and the settings; running the same command again
-keeps the outputs already made and computes only the missing ones. ``--batch-size``
-runs images that pad to the same size through the pipeline together. Started by
-``torchrun`` or ``accelerate launch``, each process takes a share of the images
-(:mod:`deblurdiff.distributed`), on its own GPU.
-
-Running one image with given options is :mod:`deblurdiff.service`, shared with the web app.
+Each input (folders are searched recursively) is written to ``OUT_DIR/<name>.png``;
+inputs are never overwritten, existing outputs kept unless ``--overwrite``. Unreadable
+inputs are reported and skipped (exit status 1); missing weights or invalid options exit
+with 2. Outputs are written under a temporary name, renamed when complete and keyed on
+their input's bytes and settings, so rerunning a command computes only what is missing.
+Under ``torchrun`` or ``accelerate launch`` each process takes a share of the images
+(:mod:`deblurdiff.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +26,7 @@ from typing import Callable, Sequence
 
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
+from .parsing import DTYPES
 from .service import (
     DEFAULT_SAMPLER,
     DEFAULT_TILING,
@@ -71,11 +65,8 @@ class InputItem:
 
 
 def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[tuple[str, str]]]:
-    """Files named directly, plus images found recursively in folders (sorted).
-
-    Returns ``(items, problems)``: problems are ``(argument, message)`` pairs for
-    arguments that do not exist. Duplicates (the same resolved file) are dropped.
-    """
+    """Files named directly plus images found recursively in folders (sorted, no duplicates),
+    and ``(argument, message)`` for arguments that do not exist."""
     items: list[InputItem] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -168,15 +159,13 @@ RESUME_KEY_FIELD = "deblurdiff:resume_key"
 def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
     """What makes an output this input's result: the input's bytes, the settings and the
     model (the seed only when it was chosen: without ``--seed`` each run draws one)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    from .single_file import file_sha256
+
     settings = asdict(options)
     if not seed_given:
         settings.pop("seed")
     settings["model"] = model
-    text = digest.hexdigest() + json.dumps(settings, sort_keys=True, default=str)
+    text = file_sha256(path) + json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -303,21 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for the results (created if needed)")
-    parser.add_argument(
-        "--steps",
-        default=service.DEFAULT_STEPS,
-        help=f"denoising steps, {service.MIN_STEPS}-{service.MAX_STEPS} (default {service.DEFAULT_STEPS})",
-    )
-    parser.add_argument(
-        "--seed",
-        default=None,
-        help=f"random seed, {service.MIN_SEED}-{service.MAX_SEED}; default: a random one (printed, and stored in each PNG)",
-    )
-    parser.add_argument(
-        "--guidance",
-        default=service.DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale, {service.MIN_GUIDANCE:g}-{service.MAX_GUIDANCE:g} (default {service.DEFAULT_GUIDANCE:g}: no guidance)",
-    )
+    parser.add_argument("--steps", default=service.DEFAULT_STEPS,
+                        help=f"denoising steps, {service.MIN_STEPS}-{service.MAX_STEPS} (default {service.DEFAULT_STEPS})")
+    parser.add_argument("--seed", default=None, help=f"random seed, {service.MIN_SEED}-{service.MAX_SEED}; "
+                        "default: a random one (printed, and stored in each PNG)")
+    parser.add_argument("--guidance", default=service.DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale, {service.MIN_GUIDANCE:g}-{service.MAX_GUIDANCE:g} "
+                        f"(default {service.DEFAULT_GUIDANCE:g}: no guidance)")
     parser.add_argument("--prompt", default=None, help="text prompt (default: empty)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt, used when --guidance > 1 (default: the model's)")
     parser.add_argument("--no-color-fix", dest="color_fix", action="store_false", help="do not match the output's colours to the input's")
@@ -329,16 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer override (default: $DEBLURDIFF_TOKENIZER, else the one shipped with the package)")
     parser.add_argument("--no-download", action="store_true", help="never download the authors' checkpoint (also: DEBLURDIFF_NO_DOWNLOAD=1)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="auto: fp16/bf16 on GPUs, fp32 on CPU")
-    parser.add_argument(
-        "--dev-random-weights",
-        action="store_true",
-        help="development only: untrained random weights (outputs are labelled UNTRAINED and are not deblurred)",
-    )
-    parser.add_argument(
-        "--batch-size", default="1", metavar="B",
-        help=f"images of the same padded size run through the model B at a time, 1-{MAX_BATCH_SIZE} (default 1)",
-    )
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: fp16/bf16 on GPUs, fp32 on CPU")
+    parser.add_argument("--dev-random-weights", action="store_true",
+                        help="development only: untrained random weights (outputs are labelled UNTRAINED and are not deblurred)")
+    parser.add_argument("--batch-size", default="1", metavar="B",
+                        help=f"images of the same padded size run through the model B at a time, 1-{MAX_BATCH_SIZE} (default 1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 

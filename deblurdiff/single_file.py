@@ -1,24 +1,12 @@
 """Convert the official DeblurDiff checkpoint (``model.pth``, LDM layout) to diffusers components.
 
-The authors' checkpoint is the state dict of their ``ControlLDM``: five networks under
-the prefixes ``unet.`` (SD 2.1 UNet), ``controlnet.`` (latent-hint ControlNet), ``kpn.``
-(LKPN: ``kpn.unet.*``, an SD-style UNet of base width 128), ``vae.`` (SD VAE) and
-``clip.`` (OpenCLIP ViT-H/14 text tower). The LDM names are translated with diffusers'
-own single-file helpers; the architecture of every network (widths, levels, layers per
-block, attention levels, context and text sizes, vocabulary) is read from the tensor
-shapes, so scaled-down checkpoints convert too. Only the attention head size cannot be
-read from shapes: it is 64 in DeblurDiff (``attention_head_dim``).
-
-The text encoder keeps what the reference runs: OpenCLIP's "penultimate" layer output
-followed by the final layer norm, i.e. every transformer layer but the last (23 of 24
-for ViT-H, as in diffusers' SD 2 text encoders). The last layer, the text projection,
-``logit_scale`` and any visual tower are ignored.
-
-Every unknown, missing or mis-shaped tensor is reported in one :class:`CheckpointError`.
-
-This module sits below the pipeline (``DeblurDiffPipeline.from_single_file`` uses it, as
-diffusers' single-file loaders sit below its pipelines); the command line that writes a
-pipeline folder and publishes it is :mod:`deblurdiff.convert`.
+The checkpoint holds the authors' ``ControlLDM``: ``unet.`` (SD 2.1 UNet), ``controlnet.``,
+``kpn.`` (LKPN), ``vae.`` and ``clip.`` (OpenCLIP ViT-H/14 text tower). Names are translated
+with diffusers' single-file helpers; every architecture is read from the tensor shapes
+(so scaled-down checkpoints convert too), except the attention head size
+(``attention_head_dim``, 64). The text encoder keeps what the reference runs: every layer
+but the last, then the final layer norm. Every unknown, missing or mis-shaped tensor is
+reported in one :class:`CheckpointError`.
 """
 
 from __future__ import annotations

@@ -1,29 +1,17 @@
 """The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
 
-With no ``--model`` (and no ``DEBLURDIFF_MODEL``) the app and the CLI use the checkpoint the
-authors published (``model.pth`` in the Google Drive folder linked from their README,
-github.com/kkkls/DeblurDiff). :func:`official_pipeline` returns a diffusers folder for it:
+With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns a
+diffusers folder for the authors' ``model.pth`` (their Google Drive folder): the cached
+``<cache>/official/diffusers-<dtype>/``, else ``<cache>/official/model.pth`` (downloaded
+with gdown, resumable, when missing) verified and converted once. ``<cache>`` is
+``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
 
-1. ``<cache>/official/diffusers-<dtype>/`` when an earlier start made it: loaded in seconds,
-   nothing downloaded or read again;
-2. else ``<cache>/official/model.pth`` — downloaded with gdown (progress bar, resumable)
-   when missing — is verified and converted once (safetensors, in the dtype the pipeline
-   runs in: half precision on GPUs).
-
-``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache
-directory (``$HF_HOME``, by default ``~/.cache/huggingface``).
-
-What "verified" means, since the authors publish no checksum: gdown compares the bytes
-received with the size Drive announces; then the file must be a PyTorch zip
-archive whose every record passes its CRC-32 check (a partial or damaged transfer fails
-here), that holds tensors only, for the five DeblurDiff networks; and the conversion then
-checks every key and shape. Its SHA-256 and size are recorded beside it
-(``model.pth.sha256``) on first success and checked whenever it is read again. A file that
-fails any check is deleted and never loaded. :data:`OFFICIAL_SHA256` / :data:`OFFICIAL_SIZE`
-pin the expected file once known.
-
-``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading off;
-every failure raises :class:`WeightsUnavailableError` whose message gives the manual steps.
+Verified, since the authors publish no checksum: the size Drive announces, a zip archive
+whose every record passes its CRC-32, tensors only, the five networks, then every key and
+shape at conversion. The SHA-256 and size are recorded beside it (``model.pth.sha256``)
+and checked when it is read again; a file that fails a check is deleted, never loaded.
+``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading
+off; every failure raises :class:`WeightsUnavailableError` with the manual steps.
 """
 
 from __future__ import annotations

@@ -1,22 +1,14 @@
 """Windowed spatial transformers, as in the reference.
 
-The reference's ``SpatialTransformer`` does not attend over the whole feature map: it
-cuts the map into overlapping square windows, runs the whole block (GroupNorm, input
-projection, transformer blocks, output projection) on each window separately, averages
-the overlaps and adds the residual. The window side ``k`` depends on where the block is:
+The reference's ``SpatialTransformer`` runs the whole block (norm, projections,
+transformer blocks) on overlapping square windows of the map, averages the overlaps and
+adds the residual. Window side ``k``: in the SD UNet and the LKPN's UNet 64 at the first
+level, halved at each downsampling and doubled again in the decoder; 64 everywhere in the
+ControlNet. Per dimension the window is ``min(k, side)``: up to a 64×64 latent (512 px)
+this is global attention, above it only windows reproduce the reference.
 
-* SD UNet and the LKPN's UNet: 64 at the first level, halved at each downsampling
-  (down block ``i``: ``64 >> i``; middle block: ``64 >> (levels - 1)``), doubled again in
-  the decoder (up block ``j``: ``64 >> (levels - 1 - j)``);
-* ControlNet: 64 everywhere, middle block included.
-
-Per dimension the window is ``min(k, side)``. Up to a 64×64 latent (512 px) every
-window covers its whole map, and the result is exactly global attention; above that
-it is not, and the official weights only reproduce the reference with windows.
-
-:func:`enable_windowed_attention` sets the windows of a model in place. It replaces the
-``forward`` of each diffusers ``Transformer2DModel`` instance (state-dict keys are not
-touched); a block whose map fits in one window calls the original ``forward`` unchanged.
+:func:`enable_windowed_attention` replaces the ``forward`` of each ``Transformer2DModel``
+instance (state-dict keys untouched); a map that fits one window runs the original.
 """
 
 from __future__ import annotations
