@@ -29,17 +29,8 @@ from .models.controlnet import batched_timesteps
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BATCH_SIZES",
-    "LATENT_MULTIPLE",
-    "MAX_LATENT_SIDE",
-    "CompiledNetwork",
-    "apply_compiled",
-    "compile_for_zerogpu",
-    "example_inputs",
-    "export_network",
-    "export_networks",
-]
+__all__ = ["BATCH_SIZES", "LATENT_MULTIPLE", "MAX_LATENT_SIDE", "CompiledNetwork", "apply_compiled",
+           "compile_for_zerogpu", "example_inputs", "export_network", "export_networks"]
 
 #: Latent sides are multiples of this (images are padded to multiples of 64 pixels).
 LATENT_MULTIPLE = 8
@@ -168,14 +159,6 @@ def export_networks(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, max_side: in
 # The replaced forward ---------------------------------------------------------------------
 
 
-def _timesteps(timestep, batch: int, device) -> torch.Tensor:
-    """Timesteps as the programs take them: integers (long), one per sample."""
-    t = batched_timesteps(timestep, batch, device)
-    if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError(f"the compiled networks take integer timesteps, got {t.unique().tolist()}")
-    return t.long()
-
-
 @dataclass
 class CompiledNetwork:
     """Replacement ``forward`` of one network: the compiled program for the call's batch
@@ -185,7 +168,8 @@ class CompiledNetwork:
     programs: dict  # batch size -> callable taking the exported positional inputs
     max_side: int = MAX_LATENT_SIDE
 
-    def _check(self, sample: torch.Tensor) -> None:
+    def _check(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The latent's size checked; the timesteps as the programs take them (long, one per sample)."""
         h, w = sample.shape[-2:]
         if h % LATENT_MULTIPLE or w % LATENT_MULTIPLE or max(h, w) > self.max_side:
             raise ValueError(
@@ -193,6 +177,10 @@ class CompiledNetwork:
                 f"up to {self.max_side} (images up to {8 * self.max_side} px padded to multiples of 64); "
                 f"got a {h}x{w} latent"
             )
+        t = batched_timesteps(timestep, sample.shape[0], sample.device)
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise ValueError(f"the compiled networks take integer timesteps, got {t.unique().tolist()}")
+        return t.long()
 
     def _run(self, inputs: list, batch: int):
         """Run on the batch, in chunks of the largest compiled batch size that fits."""
@@ -219,13 +207,11 @@ class CompiledNetwork:
         return getattr(self, f"_call_{self.name}")(*args, **kwargs)
 
     def _call_lkpn(self, condition, sample, timestep, encoder_hidden_states):
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         return self._run([condition, sample, t, encoder_hidden_states], sample.shape[0])
 
     def _call_controlnet(self, sample, timestep, encoder_hidden_states, hint, conditioning_scale=1.0):
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         scale = torch.as_tensor(conditioning_scale, dtype=sample.dtype, device=sample.device).reshape(())
         down, mid = self._run([sample, t, encoder_hidden_states, hint, scale], sample.shape[0])
         return tuple(down), mid
@@ -238,8 +224,7 @@ class CompiledNetwork:
                 "the compiled UNet takes sample, timestep, encoder_hidden_states and the ControlNet residuals only"
                 + (f"; got {sorted(unsupported)}" if unsupported else "")
             )
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         eps = self._run(
             [sample, t, encoder_hidden_states, tuple(down_block_additional_residuals), mid_block_additional_residual],
             sample.shape[0],
@@ -270,14 +255,9 @@ def apply_compiled(pipe, compiled: dict, apply: Callable | None = None, max_side
 
 
 def compile_for_zerogpu(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, duration: int | None = None):
-    """Export and compile the LKPN, ControlNet and UNet ahead of time on ZeroGPU and make
-    ``pipe`` use them; returns ``pipe``.
-
-    Call it at import time, after the pipeline has been placed on ``cuda``: the export
-    and compilation run in one ZeroGPU call of ``duration`` seconds (default: what
-    ZeroGPU allows at start-up, :func:`deblurdiff.zerogpu.startup_request_seconds`), the
-    compiled programs come back to the main process and every later request's worker loads them.
-    """
+    """Export and compile the networks in one ZeroGPU call of ``duration`` seconds (default:
+    what start-up may book) and make ``pipe`` use them; returns ``pipe``. Call it at import
+    time, with the pipeline on ``cuda``."""
     import spaces
 
     from .zerogpu import startup_request_seconds

@@ -53,9 +53,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-# --------------------------------------------------------------------------
-# Inputs and outputs
-# --------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ inputs and outputs
 
 
 @dataclass
@@ -107,11 +105,8 @@ def plan_outputs(
     keep: Callable[[InputItem, Path], bool] | None = None,
 ) -> list[Path]:
     """One ``OUT_DIR/<name>.png`` per input: unique, inside ``out_dir``, never an input file.
-
-    An existing file is kept (a ``-1``, ``-2``… name is used) unless ``overwrite``, or
-    unless ``keep(item, path)`` says it is this input's result already (it is then
-    planned as the input's output, to be kept as it is).
-    """
+    An existing file gets a ``-1``, ``-2``… name beside it unless ``overwrite``, or unless
+    ``keep(item, path)`` says it is this input's result already."""
     out_root = out_dir.resolve()
     # Compared without case: on case-insensitive file systems X.png is x.png.
     inputs = {str(item.path.resolve()).casefold() for item in items}
@@ -170,8 +165,7 @@ def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
 
 
 def stored_key(path: Path) -> str | None:
-    """The resume key recorded in a PNG written by this command (read from its header,
-    so also from a file cut short), else None."""
+    """The resume key recorded in a PNG written by this command (from its header), else None."""
     from PIL import Image
 
     try:
@@ -198,8 +192,7 @@ def temporary_name(target: Path) -> Path:
 
 
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name in the same folder, then rename it to ``target``:
-    ``target`` never exists half-written."""
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
     temporary = temporary_name(target)
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
@@ -219,8 +212,7 @@ def remove_stale_temporaries(out_dir: Path, targets: Sequence[Path]) -> None:
 
 
 def padded_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) padded to multiples of 64, read from the file's header only; None
-    when the header cannot be read (the image then fails when it is loaded)."""
+    """(height, width) padded to multiples of 64, from the file's header; None if unreadable."""
     import warnings
 
     from PIL import Image
@@ -260,17 +252,14 @@ def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
 
 
 def combined_exit_status(statuses: Sequence[int]) -> int:
-    """The exit status of several ranks: unusable options first, then an interruption,
-    then failed inputs."""
+    """The exit status of several ranks: unusable options, then interrupted, then failures."""
     for status in (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_SOME_FAILED):
         if status in statuses:
             return status
     return EXIT_OK
 
 
-# --------------------------------------------------------------------------
-# The command
-# --------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ the command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +325,6 @@ def _parse_batch_size(value) -> int:
 @dataclass
 class _Inputs:
     """What rank 0 found, sent to every rank."""
-
     problem: str | None
     items: list
     missing: list

@@ -23,19 +23,9 @@ from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
 from .tiling import TILE_SIZE, padded
 
-__all__ = [
-    "CPUConfig",
-    "CPUFeatures",
-    "CPUTiming",
-    "choose_cpu_config",
-    "cpu_features",
-    "describe_cpu",
-    "enable_cpu_winograd",
-    "measure_cpu_timing",
-    "estimate_cpu_seconds",
-    "guided_branches",
-    "prepare_cpu_pipeline",
-]
+__all__ = ["CPUConfig", "CPUFeatures", "CPUTiming", "choose_cpu_config", "cpu_features", "describe_cpu",
+           "enable_cpu_winograd", "measure_cpu_timing", "estimate_cpu_seconds", "guided_branches",
+           "prepare_cpu_pipeline"]
 
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
@@ -140,12 +130,10 @@ class CPUConfig:
 
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
                       winograd: bool | None = None) -> CPUConfig:
-    """The fastest configuration that keeps float32-level results on this CPU.
-
-    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32 with
-    Winograd convolutions (unless ``winograd=False`` or ``DEBLURDIFF_CPU_WINOGRAD=0``).
-    ``dtype`` ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested
-    on a CPU without native support raises a ValueError saying why."""
+    """The fastest configuration that keeps float32-level results on this CPU: native bf16
+    where there is one, else float32 with Winograd convolutions (unless ``winograd=False`` or
+    ``DEBLURDIFF_CPU_WINOGRAD=0``). ``dtype`` overrides the choice; bfloat16 without native
+    support raises a ValueError saying why."""
     features = features or cpu_features()
     if isinstance(dtype, str) and dtype != "auto":
         try:

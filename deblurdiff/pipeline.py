@@ -37,18 +37,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .models import LatentControlNetModel, LKPNModel
 from .models.controlnet import batched_timesteps
 from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
-from .tiling import (
-    SIZE_MULTIPLE,
-    TILE_SIZE,
-    TILE_STRIDE,
-    available_memory,
-    blend_weights,
-    check_tiling,
-    latent_windows,
-    tiled_map,
-    vae_decode_tiled,
-    vae_encode_tiled,
-)
+from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, available_memory, blend_weights, check_tiling,
+                     latent_windows, tiled_map, vae_decode_tiled, vae_encode_tiled)
 from .tiling import should_tile as _should_tile_for_memory
 
 logger = logging.get_logger(__name__)
@@ -534,12 +524,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 )
             else:
                 scheduler = DPMSolverMultistepScheduler.from_config(
-                    config,
-                    algorithm_type="dpmsolver++",
-                    solver_order=2,
-                    variance_type=None,
-                    lower_order_final=True,
-                    final_sigmas_type="zero",
+                    config, algorithm_type="dpmsolver++", solver_order=2, variance_type=None,
+                    lower_order_final=True, final_sigmas_type="zero",
                 )
             self._samplers = {key: scheduler}
         return self._samplers[key]
@@ -578,9 +564,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             return bool(tiled)
         device = self._execution_device
         budget = self.memory_budget if self.memory_budget is not None else available_memory(device)
-        return _should_tile_for_memory(
-            height, width, budget, device.type, self.unet.dtype, guided=guided, tile_size=tile_size
-        )
+        return _should_tile_for_memory(height, width, budget, device.type, self.unet.dtype, guided, tile_size)
 
     # ------------------------------------------------------------------ attention
     def set_attention_window(self, window: int | None = DEFAULT_WINDOW) -> "DeblurDiffPipeline":
@@ -680,9 +664,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
             condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows,
             negative_condition=negative_condition,
         )
-        step_kwargs = {}
-        if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = self._device_generator(generator, device)
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": self._device_generator(generator, device)} if takes_generator else {}
         model_timesteps = timesteps.to(device)  # one copy: no host-device traffic in the loop
 
         restored = condition
@@ -699,15 +682,10 @@ class DeblurDiffPipeline(DiffusionPipeline):
                     latents = out.get("latents", latents)
                 progress.update()
 
-        if output_type == "latent":
-            images, lkpn_images = latents, restored if return_lkpn_images else None
-        else:
-            images = self._postprocess(latents, padded, sizes, color_fix, output_type, tiling)
-            lkpn_images = (
-                self._postprocess(restored, padded, sizes, color_fix, output_type, tiling)
-                if return_lkpn_images
-                else None
-            )
+        def output(z):
+            return z if output_type == "latent" else self._postprocess(z, padded, sizes, color_fix, output_type, tiling)
+
+        images, lkpn_images = output(latents), output(restored) if return_lkpn_images else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, lkpn_images)
@@ -724,9 +702,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             if fix_colors:
                 images = color_fix(images, padded[group.start : group.stop, :, :height, :width].float())
             outputs.append(self._to_output_type(images.clamp(0, 1), output_type))
-        if len(outputs) == 1:
-            return outputs[0]
-        return [o[0] for o in outputs]
+        return outputs[0] if len(outputs) == 1 else [o[0] for o in outputs]
 
     @staticmethod
     def _to_output_type(images: torch.Tensor, output_type: str):

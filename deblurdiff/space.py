@@ -86,10 +86,8 @@ def _name(line: str) -> str:
 
 
 def space_requirements(requirements: str) -> str:
-    """The Space's ``requirements.txt`` from the project's: torch pinned to
-    :data:`SPACE_TORCH` (ZeroGPU supports only some versions), triton left to torch, and
-    nothing the platform installs itself (:data:`PLATFORM_PACKAGES`: a pin there would
-    fight the platform's own)."""
+    """The Space's ``requirements.txt``: torch pinned to :data:`SPACE_TORCH`, triton left to
+    torch, nothing the platform installs itself (:data:`PLATFORM_PACKAGES`)."""
     lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
     found = False
     for line in requirements.splitlines():
@@ -186,14 +184,9 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
         with tempfile.TemporaryDirectory(prefix="deblurdiff-space-") as directory:
             files = stage(Path(directory), root)
             out(f"uploading {len(files)} files to {repo_id}")
-            api.upload_folder(
-                repo_id=repo_id,
-                repo_type="space",
-                folder_path=directory,
-                commit_message="Deploy DeblurDiff",
-                # Files the package no longer has are removed from the Space.
-                delete_patterns=[f"{d}/**" for d in _TOP_DIRS],
-            )
+            # delete_patterns: files the package no longer has leave the Space.
+            api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=directory,
+                              commit_message="Deploy DeblurDiff", delete_patterns=[f"{d}/**" for d in _TOP_DIRS])
         if model:
             api.add_space_variable(repo_id, MODEL_ENV, model.strip(),
                                    description="Weights the app loads (diffusers folder or Hub repo)")

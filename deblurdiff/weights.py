@@ -76,8 +76,7 @@ def official_dir(cache_dir=None) -> Path:
 
 
 def download_allowed(allow_download: bool | None = None) -> bool:
-    """False when asked (``--no-download``), or when ``DEBLURDIFF_NO_DOWNLOAD`` or
-    ``HF_HUB_OFFLINE`` is set to a true value."""
+    """``allow_download`` if given, else False when ``DEBLURDIFF_NO_DOWNLOAD`` or ``HF_HUB_OFFLINE`` is set."""
     if allow_download is not None:
         return bool(allow_download)
     return not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
@@ -101,9 +100,7 @@ def _unavailable(problem: str, cache_dir=None) -> WeightsUnavailableError:
 
 # ---------------------------------------------------------------------------- downloading
 def gdown_download(destination: Path) -> None:
-    """Find ``model.pth`` in the authors' Drive folder and download it to ``destination``
-    with gdown: progress bar, resumable (a later start continues an interrupted transfer),
-    checked against the size the server announces."""
+    """Download ``model.pth`` from the authors' Drive folder with gdown (resumable, size-checked)."""
     import gdown
 
     files = gdown.download_folder(id=OFFICIAL_FOLDER_ID, skip_download=True, quiet=True, timeout=(30, 120))
@@ -212,8 +209,7 @@ def _remove(*paths: Path) -> None:
 
 
 def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
-    """Compare a cached checkpoint with its record (SHA-256 and size). ``None`` when they
-    agree; else the reason (the caller deletes the file)."""
+    """``None`` when a cached checkpoint matches its record (SHA-256 and size), else the reason."""
     record = read_record(checkpoint)
     if record is None:
         return "it has no record of a verified download"
@@ -241,8 +237,7 @@ def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
 
 
 def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, cache_dir=None) -> Path:
-    """Download into ``root/model.unverified.pth`` and accept it; a refused file is deleted and
-    fetched again (``DOWNLOAD_ATTEMPTS`` in all)."""
+    """Download into ``root/model.unverified.pth`` and accept it (``DOWNLOAD_ATTEMPTS`` tries)."""
     downloader = downloader or gdown_download
     checkpoint = root / OFFICIAL_FILENAME
     staging = _staging_path(checkpoint)
@@ -286,8 +281,7 @@ def is_complete(folder: Path) -> bool:
 
 
 def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, tokenizer=None, report=_stderr) -> None:
-    """Convert to a diffusers folder (safetensors) next to ``target`` and rename it into place
-    when complete, so that a stopped conversion never leaves a folder that looks usable."""
+    """Convert to a diffusers folder beside ``target``, renamed into place when complete."""
     import time
 
     from .single_file import load_single_file_components
@@ -321,8 +315,8 @@ def official_pipeline(
     cache_dir: str | os.PathLike | None = None,
     report: Callable[[str], None] = _stderr,
 ) -> Path:
-    """The diffusers folder of the official checkpoint in ``dtype``, fetched and converted
-    the first time. Raises :class:`WeightsUnavailableError` with the manual steps."""
+    """The official checkpoint's diffusers folder in ``dtype``, fetched and converted once;
+    raises :class:`WeightsUnavailableError` with the manual steps."""
     from filelock import FileLock
 
     from .single_file import CheckpointError

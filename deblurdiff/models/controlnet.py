@@ -28,13 +28,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class LatentControlNetModel(ModelMixin, ConfigMixin):
-    """ControlNet conditioned on a latent hint concatenated to the noisy latent.
-
-    ``attention_head_dim`` is the number of channels per head (the reference uses
-    64); each level gets ``channels // attention_head_dim`` heads. ``attention_window``
-    is the side of the reference's attention windows (the same at every level, see
-    :mod:`.windowed_attention`); ``None`` gives global attention.
-    """
+    """ControlNet conditioned on a latent hint concatenated to the noisy latent;
+    ``attention_window``: the same window at every level (``None``: global attention)."""
 
     _supports_gradient_checkpointing = True
     # The reference's ControlNet uses the same attention window at every level.

@@ -60,13 +60,9 @@ def _choose_backend(x: torch.Tensor, backend: str | None) -> str:
 def eac(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, backend: str | None = None,
         *, groups: int | None = None) -> torch.Tensor:
     """Element-wise adaptive convolution; ``x + EAC(x, kernels)`` with ``residual=True``.
-
-    ``x``: (B, C, H, W); ``kernels``: (B, G*k*k, H, W) with odd k and C a multiple of G
-    (G inferred, see :func:`eac_geometry`, or given as ``groups``). ``backend``: None or
-    ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"`` or
-    ``"triton"``. With None/``"auto"``, ``DEBLURDIFF_EAC_BACKEND`` forces a backend.
-    Differentiable in both inputs on every backend.
-    """
+    ``backend``: None/``"auto"`` (Triton for CUDA tensors when available, unless
+    ``DEBLURDIFF_EAC_BACKEND`` says otherwise), ``"torch"`` or ``"triton"``. Differentiable
+    in both inputs on every backend."""
     eac_geometry(x, kernels, groups)
     chosen = _choose_backend(x, backend)
     if chosen == "triton":

@@ -89,14 +89,9 @@ def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
 
 
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
-    """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
-
-    The planes (b, g) are processed in cache-sized blocks of rows; inside a block each
-    of the k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's
-    kernel rows) into the accumulator. Half-precision kernels are read as they are:
-    ``addcmul_`` into a float32 accumulator widens them on the fly, which is much faster
-    than converting them first.
-    """
+    """Blocked shifted multiply-adds on a zero-padded ``x``: per cache-sized block of rows,
+    one in-place ``addcmul_`` per tap into a float32 accumulator, which also widens
+    half-precision kernels on the fly (much faster than converting them first)."""
     B, C, H, W = x.shape
     n, p, P = C // G, k // 2, B * G
     acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype

@@ -19,19 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "DEFAULT_PLAN",
-    "WINOGRAD_TILES",
-    "WinogradBudget",
-    "im2col_conv2d",
-    "enable_winograd",
-    "filter_transform_seconds",
-    "winograd_bytes",
-    "winograd_conv2d",
-    "winograd_filters",
-    "winograd_matrices",
-    "winograd_supported",
-]
+__all__ = ["DEFAULT_PLAN", "WINOGRAD_TILES", "WinogradBudget", "im2col_conv2d", "enable_winograd",
+           "filter_transform_seconds", "winograd_bytes", "winograd_conv2d", "winograd_filters",
+           "winograd_matrices", "winograd_supported"]
 
 WINOGRAD_TILES = (2, 4)
 
@@ -217,18 +207,13 @@ def _cached_filters(conv, tile: int) -> torch.Tensor | None:
 
 def enable_winograd(module: torch.nn.Module, plan: tuple[tuple[int, int], ...] = DEFAULT_PLAN,
                     im2col_max_size: int = 16, budget: WinogradBudget | int | None = None) -> int:
-    """Run ``module``'s plain 3×3 convolutions faster where the input is float32 on the
-    CPU and no gradient is being recorded (everything else runs as before).
+    """Run ``module``'s plain 3×3 convolutions faster for float32 CPU inputs without autograd.
 
-    ``plan``: ``(min_side, m)`` pairs, largest first: F(m, 3) on inputs whose smaller
-    side is at least ``min_side``. Inputs no Winograd tile is planned for (or whose
-    filters do not fit the budget) with sides of at most ``im2col_max_size`` run by
-    :func:`im2col_conv2d`, the rest by oneDNN as before. Convolutions with stride 2
-    (downsampling) are only ever unfolded.
-
-    Transformed filters are made when a convolution first runs at a size that uses them,
-    and kept; ``budget`` (bytes, or a :class:`WinogradBudget` shared between models) caps
-    them. Returns the number of convolutions set up."""
+    ``plan``: ``(min_side, m)`` pairs, largest first: F(m, 3) where the smaller side is at
+    least ``min_side``; other sides up to ``im2col_max_size`` (and stride-2 convolutions)
+    are unfolded (:func:`im2col_conv2d`), the rest run by oneDNN. Transformed filters are
+    made on first use and kept within ``budget`` (bytes or a shared :class:`WinogradBudget`).
+    Returns the number of convolutions set up."""
     for _, tile in plan:
         if tile not in WINOGRAD_TILES:
             raise ValueError(f"Winograd tile size must be one of {WINOGRAD_TILES}, got {tile}")
