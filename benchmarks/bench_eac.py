@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff.ops.eac import eac_reference, eac_shifted, eac_torch, eac_unfold  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from deblurdiff.ops.eac import eac_reference, eac_torch  # noqa: E402
+from deblurdiff.parsing import DTYPES, parse_dtype  # noqa: E402
+from baselines import eac_shifted, eac_unfold  # noqa: E402
 
 
 def _paths(device: torch.device) -> dict:
@@ -73,7 +73,7 @@ def copy_bandwidth(device: torch.device, mib: int = 512, reps: int = 10) -> floa
 
 def run(args) -> None:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
+    dtype = parse_dtype(args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = _paths(device)
@@ -136,7 +136,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="B in (1, 4), 64² and 128², fewer repetitions")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="fp32", help=f"one of {', '.join(DTYPES)} (default fp32)")
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="square sizes (default 64 128 256)")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes (default 1 2 3 4)")
     parser.add_argument("--channels", type=int, default=4)
@@ -145,6 +145,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     parser.add_argument("--paths", default="", help="comma-separated subset, e.g. unfold,torch,triton")
     args = parser.parse_args(argv)
+    try:
+        parse_dtype(args.dtype)
+    except ValueError as error:
+        parser.error(str(error))
     if args.sizes is None:
         args.sizes = [64, 128] if args.quick else [64, 128, 256]
     if args.batches is None:

@@ -32,6 +32,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from deblurdiff.parsing import DTYPES  # noqa: E402
+
 SHAPES = ROOT / "tests" / "fixtures" / "parity" / "reference_full_shapes.json.gz"
 
 
@@ -75,7 +77,7 @@ def anonymous_gb() -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp16")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp16")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="deblurdiff-first-run-"))
@@ -114,7 +116,7 @@ def main() -> None:
                 clock["phase"] = phase
         print(f"  [{now - first:7.1f} s] {message}", flush=True)
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     first = time.perf_counter()
     folder = weights.official_pipeline(dtype, downloader=lambda dest: shutil.copyfile(served, dest), report=report)
     report("done")

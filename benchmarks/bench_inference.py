@@ -6,8 +6,7 @@ results and are only used to compare precisions (PSNR against float32, same seed
 
 The baseline is the reference configuration reproduced with this code: float32, eager,
 untiled, the reference's 50-step DDPM, guidance 1, PyTorch's default settings. The other
-GPU rows run with cuDNN autotuning (``torch.backends.cudnn.benchmark``, which
-``pipe.optimize()`` turns on). Every other row is one optimisation
+GPU rows run with cuDNN autotuning (``torch.backends.cudnn.benchmark``). Every other row is one optimisation
 (or a stack of them) at the same size, reported as ratios against that baseline.
 
     python benchmarks/bench_inference.py                 # preset from the device
@@ -49,9 +48,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from deblurdiff.loading import pick_device  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
+from deblurdiff.parsing import DTYPES  # noqa: E402
 from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SAMPLER_STEPS = {"ddpm": 50, "ddim": 20, "dpmsolver++": 20}
 
 
@@ -193,7 +192,7 @@ class Bench:
 
     def configure(self, case: Case) -> None:
         pipe = self.pipe
-        if self.cuda:  # the baseline runs with PyTorch's defaults; pipe.optimize() turns this on
+        if self.cuda:  # the baseline runs with PyTorch's defaults
             torch.backends.cudnn.benchmark = case.name != BASE
         if case.dtype != self.state["dtype"]:
             with warnings.catch_warnings():
@@ -211,7 +210,8 @@ class Bench:
             module.to(memory_format=fmt)
         self.state["channels_last"] = case.channels_last
         if case.compile and not self.state["compile"]:
-            pipe.optimize(channels_last=case.channels_last, compile=True, warmup=None)
+            for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):
+                module.compile(dynamic=False)
             self.state["compile"] = True
         elif not case.compile and self.state["compile"]:
             for module in (pipe.unet, pipe.controlnet, pipe.lkpn.unet):

@@ -64,7 +64,8 @@ from deblurdiff.cpu import (  # noqa: E402
     enable_cpu_winograd,
     prepare_cpu_pipeline,
 )
-from deblurdiff.ops.winograd import disable_winograd, winograd_bytes  # noqa: E402
+from deblurdiff.ops.winograd import winograd_bytes  # noqa: E402
+from baselines import disable_winograd  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
 NETWORKS = ("unet", "controlnet", "lkpn")
@@ -364,9 +365,9 @@ def main(argv=None) -> None:
         getattr(pipe, name).eval()
     print("# parameters: " + ", ".join(f"{n} {count(getattr(pipe, n)) / 1e6:,.1f} M" for n in NETWORKS))
 
-    def call():
+    def call():  # the denoiser is built per call: configurations change the model dtype
         with torch.no_grad():
-            return pipe.predict_noise(x, t, c, text)[0]
+            return pipe.make_denoiser(c, text)(x, t)[0]
 
     ref_eps = None
     if ref_call is not None:

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_inference import PeakRSS  # noqa: E402
 
 from deblurdiff.models.configs import build_components  # noqa: E402
+from deblurdiff.parsing import DTYPES  # noqa: E402
 from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def fit(points: list[tuple[int, int]]) -> tuple[float, float]:

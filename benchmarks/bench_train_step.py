@@ -25,6 +25,8 @@ import torch
 # Run from a checkout without installing the package.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from deblurdiff.parsing import DTYPES  # noqa: E402
+
 
 def bench(components, args, dtype_name: str) -> list[float]:
     from diffusers import DDPMScheduler
@@ -32,7 +34,7 @@ def bench(components, args, dtype_name: str) -> list[float]:
     from deblurdiff.train.train import training_loss
 
     device = torch.device(args.device)
-    weight_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    weight_dtype = DTYPES[dtype_name]
     vae, unet = components["vae"], components["unet"]
     controlnet, lkpn = components["controlnet"], components["lkpn"]
     for module in (vae, unet):

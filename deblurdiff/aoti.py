@@ -1,31 +1,16 @@
 """Ahead-of-time compilation of the UNet, ControlNet and LKPN (for ZeroGPU).
 
-ZeroGPU runs each request in a fresh worker process and does not support
-``torch.compile``; it supports programs exported with ``torch.export`` and compiled
-ahead of time by Inductor (``spaces.aoti_compile``), which the workers load as they are.
-:func:`compile_for_zerogpu` does that at start-up, once for every network and batch
-size, with the latent height and width dynamic; elsewhere on CUDA,
-``pipe.optimize(compile=True)`` (``torch.compile``) stays the way to go.
+ZeroGPU workers cannot use ``torch.compile``, but load programs exported with
+``torch.export`` and compiled by Inductor (``spaces.aoti_compile``).
+:func:`compile_for_zerogpu` does that at start-up for every network and batch size, the
+latent height and width dynamic (``8 * Dim``, up to :data:`MAX_LATENT_SIDE`, every 4-D
+input scaled by its level). The batch is static (1, and 2 for guidance); larger batches
+run in chunks, which is exact. EAC exports as one custom-operator node.
 
-Shapes. The pipeline pads images to multiples of 64 pixels, so latent sides are
-multiples of 8, from 8 (64 px) to :data:`MAX_LATENT_SIDE` (4096 px). Each network is
-exported with the height and width as ``8 * Dim`` and every 4-D input scaled by its
-level (the UNet's residuals are 2, 4 and 8 times smaller). The batch is static: one
-program per size in ``batch_sizes`` (1, and 2 for classifier-free guidance); a larger
-batch (tiles in tiled mode) runs in chunks, which is exact since samples are
-independent. EAC is a custom operator (:mod:`deblurdiff.ops`), so it exports as one
-node and its Triton kernels are compiled into the program; the windowed attention
-computes its windows from the symbolic sizes.
-
-Export runs with ``backed_size_oblivious``: the number of attention windows is a
-symbolic size that is 1 for small images, and PyTorch would otherwise specialise the
-program on "one window" (a guard) instead of tracing the general case. For the same
-reason the example input is large (:data:`EXAMPLE_LATENT`): Inductor specialises on it.
-
-The replaced ``forward`` of each network (:class:`CompiledNetwork`) keeps the call
-signature the pipeline uses; non-tensor arguments that the programs cannot take
-(another ``conditioning_scale`` is a tensor input, so it can) and sizes outside the
-compiled range are refused with a clear message.
+Export runs with ``backed_size_oblivious`` and a large example input
+(:data:`EXAMPLE_LATENT`), so that the program is not specialised on "one attention
+window". The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call
+signature and refuses arguments and sizes outside the compiled range with a clear message.
 """
 
 from __future__ import annotations
@@ -40,19 +25,12 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from .models.controlnet import batched_timesteps
+
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "BATCH_SIZES",
-    "LATENT_MULTIPLE",
-    "MAX_LATENT_SIDE",
-    "CompiledNetwork",
-    "apply_compiled",
-    "compile_for_zerogpu",
-    "example_inputs",
-    "export_network",
-    "export_networks",
-]
+__all__ = ["BATCH_SIZES", "LATENT_MULTIPLE", "MAX_LATENT_SIDE", "CompiledNetwork", "apply_compiled",
+           "compile_for_zerogpu", "example_inputs", "export_network", "export_networks"]
 
 #: Latent sides are multiples of this (images are padded to multiples of 64 pixels).
 LATENT_MULTIPLE = 8
@@ -181,15 +159,6 @@ def export_networks(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, max_side: in
 # The replaced forward ---------------------------------------------------------------------
 
 
-def _timesteps(timestep, batch: int, device) -> torch.Tensor:
-    """Timesteps as the programs take them: integers (long), one per sample."""
-    t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep])
-    if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise ValueError(f"the compiled networks take integer timesteps, got {t.tolist()}")
-    t = t.reshape(-1).to(device=device, dtype=torch.long)
-    return t.expand(batch) if t.numel() == 1 else t
-
-
 @dataclass
 class CompiledNetwork:
     """Replacement ``forward`` of one network: the compiled program for the call's batch
@@ -199,7 +168,8 @@ class CompiledNetwork:
     programs: dict  # batch size -> callable taking the exported positional inputs
     max_side: int = MAX_LATENT_SIDE
 
-    def _check(self, sample: torch.Tensor) -> None:
+    def _check(self, sample: torch.Tensor, timestep) -> torch.Tensor:
+        """The latent's size checked; the timesteps as the programs take them (long, one per sample)."""
         h, w = sample.shape[-2:]
         if h % LATENT_MULTIPLE or w % LATENT_MULTIPLE or max(h, w) > self.max_side:
             raise ValueError(
@@ -207,6 +177,10 @@ class CompiledNetwork:
                 f"up to {self.max_side} (images up to {8 * self.max_side} px padded to multiples of 64); "
                 f"got a {h}x{w} latent"
             )
+        t = batched_timesteps(timestep, sample.shape[0], sample.device)
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise ValueError(f"the compiled networks take integer timesteps, got {t.unique().tolist()}")
+        return t.long()
 
     def _run(self, inputs: list, batch: int):
         """Run on the batch, in chunks of the largest compiled batch size that fits."""
@@ -233,13 +207,11 @@ class CompiledNetwork:
         return getattr(self, f"_call_{self.name}")(*args, **kwargs)
 
     def _call_lkpn(self, condition, sample, timestep, encoder_hidden_states):
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         return self._run([condition, sample, t, encoder_hidden_states], sample.shape[0])
 
     def _call_controlnet(self, sample, timestep, encoder_hidden_states, hint, conditioning_scale=1.0):
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         scale = torch.as_tensor(conditioning_scale, dtype=sample.dtype, device=sample.device).reshape(())
         down, mid = self._run([sample, t, encoder_hidden_states, hint, scale], sample.shape[0])
         return tuple(down), mid
@@ -252,8 +224,7 @@ class CompiledNetwork:
                 "the compiled UNet takes sample, timestep, encoder_hidden_states and the ControlNet residuals only"
                 + (f"; got {sorted(unsupported)}" if unsupported else "")
             )
-        self._check(sample)
-        t = _timesteps(timestep, sample.shape[0], sample.device)
+        t = self._check(sample, timestep)
         eps = self._run(
             [sample, t, encoder_hidden_states, tuple(down_block_additional_residuals), mid_block_additional_residual],
             sample.shape[0],
@@ -284,14 +255,9 @@ def apply_compiled(pipe, compiled: dict, apply: Callable | None = None, max_side
 
 
 def compile_for_zerogpu(pipe, batch_sizes: Sequence[int] = BATCH_SIZES, duration: int | None = None):
-    """Export and compile the LKPN, ControlNet and UNet ahead of time on ZeroGPU and make
-    ``pipe`` use them; returns ``pipe``.
-
-    Call it at import time, after the pipeline has been placed on ``cuda``: the export
-    and compilation run in one ZeroGPU call of ``duration`` seconds (default: what
-    ZeroGPU allows at start-up, :func:`deblurdiff.zerogpu.startup_request_seconds`), the
-    compiled programs come back to the main process and every later request's worker loads them.
-    """
+    """Export and compile the networks in one ZeroGPU call of ``duration`` seconds (default:
+    what start-up may book) and make ``pipe`` use them; returns ``pipe``. Call it at import
+    time, with the pipeline on ``cuda``."""
     import spaces
 
     from .zerogpu import startup_request_seconds

@@ -2,20 +2,13 @@
 
     python -m deblurdiff INPUT... -o OUT_DIR [options]
 
-Every input file (folders are searched recursively for images) is written to
-``OUT_DIR/<name>.png``. Inputs are never overwritten, outputs always stay inside
-``OUT_DIR`` and existing files there are kept unless ``--overwrite`` is given.
-Unreadable inputs are reported and skipped; the exit status is then 1. Missing
-weights or invalid options end the run with exit status 2.
-
-Runs resume: an output is written under a temporary name and renamed when complete, and
-records a key of its input's bytes and the settings; running the same command again
-keeps the outputs already made and computes only the missing ones. ``--batch-size``
-runs images that pad to the same size through the pipeline together. Started by
-``torchrun`` or ``accelerate launch``, each process takes a share of the images
-(:mod:`deblurdiff.distributed`), on its own GPU.
-
-Running one image with given options is :mod:`deblurdiff.service`, shared with the web app.
+Each input (folders are searched recursively) is written to ``OUT_DIR/<name>.png``;
+inputs are never overwritten, existing outputs kept unless ``--overwrite``. Unreadable
+inputs are reported and skipped (exit status 1); missing weights or invalid options exit
+with 2. Outputs are written under a temporary name, renamed when complete and keyed on
+their input's bytes and settings, so rerunning a command computes only what is missing.
+Under ``torchrun`` or ``accelerate launch`` each process takes a share of the images
+(:mod:`deblurdiff.distributed`).
 """
 
 from __future__ import annotations
@@ -33,6 +26,7 @@ from typing import Callable, Sequence
 
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
+from .parsing import DTYPES
 from .service import (
     DEFAULT_SAMPLER,
     DEFAULT_TILING,
@@ -59,9 +53,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 
 
-# --------------------------------------------------------------------------
-# Inputs and outputs
-# --------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ inputs and outputs
 
 
 @dataclass
@@ -71,11 +63,8 @@ class InputItem:
 
 
 def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[tuple[str, str]]]:
-    """Files named directly, plus images found recursively in folders (sorted).
-
-    Returns ``(items, problems)``: problems are ``(argument, message)`` pairs for
-    arguments that do not exist. Duplicates (the same resolved file) are dropped.
-    """
+    """Files named directly plus images found recursively in folders (sorted, no duplicates),
+    and ``(argument, message)`` for arguments that do not exist."""
     items: list[InputItem] = []
     problems: list[tuple[str, str]] = []
     seen: set[Path] = set()
@@ -116,11 +105,8 @@ def plan_outputs(
     keep: Callable[[InputItem, Path], bool] | None = None,
 ) -> list[Path]:
     """One ``OUT_DIR/<name>.png`` per input: unique, inside ``out_dir``, never an input file.
-
-    An existing file is kept (a ``-1``, ``-2``… name is used) unless ``overwrite``, or
-    unless ``keep(item, path)`` says it is this input's result already (it is then
-    planned as the input's output, to be kept as it is).
-    """
+    An existing file gets a ``-1``, ``-2``… name beside it unless ``overwrite``, or unless
+    ``keep(item, path)`` says it is this input's result already."""
     out_root = out_dir.resolve()
     # Compared without case: on case-insensitive file systems X.png is x.png.
     inputs = {str(item.path.resolve()).casefold() for item in items}
@@ -168,21 +154,18 @@ RESUME_KEY_FIELD = "deblurdiff:resume_key"
 def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
     """What makes an output this input's result: the input's bytes, the settings and the
     model (the seed only when it was chosen: without ``--seed`` each run draws one)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    from .single_file import file_sha256
+
     settings = asdict(options)
     if not seed_given:
         settings.pop("seed")
     settings["model"] = model
-    text = digest.hexdigest() + json.dumps(settings, sort_keys=True, default=str)
+    text = file_sha256(path) + json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def stored_key(path: Path) -> str | None:
-    """The resume key recorded in a PNG written by this command (read from its header,
-    so also from a file cut short), else None."""
+    """The resume key recorded in a PNG written by this command (from its header), else None."""
     from PIL import Image
 
     try:
@@ -209,8 +192,7 @@ def temporary_name(target: Path) -> Path:
 
 
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name in the same folder, then rename it to ``target``:
-    ``target`` never exists half-written."""
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
     temporary = temporary_name(target)
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
@@ -230,8 +212,7 @@ def remove_stale_temporaries(out_dir: Path, targets: Sequence[Path]) -> None:
 
 
 def padded_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) padded to multiples of 64, read from the file's header only; None
-    when the header cannot be read (the image then fails when it is loaded)."""
+    """(height, width) padded to multiples of 64, from the file's header; None if unreadable."""
     import warnings
 
     from PIL import Image
@@ -271,17 +252,14 @@ def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
 
 
 def combined_exit_status(statuses: Sequence[int]) -> int:
-    """The exit status of several ranks: unusable options first, then an interruption,
-    then failed inputs."""
+    """The exit status of several ranks: unusable options, then interrupted, then failures."""
     for status in (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_SOME_FAILED):
         if status in statuses:
             return status
     return EXIT_OK
 
 
-# --------------------------------------------------------------------------
-# The command
-# --------------------------------------------------------------------------
+# ------------------------------------------------------------------------------ the command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -303,21 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files and/or folders")
     parser.add_argument("-o", "--output-dir", required=True, metavar="OUT_DIR", help="folder for the results (created if needed)")
-    parser.add_argument(
-        "--steps",
-        default=service.DEFAULT_STEPS,
-        help=f"denoising steps, {service.MIN_STEPS}-{service.MAX_STEPS} (default {service.DEFAULT_STEPS})",
-    )
-    parser.add_argument(
-        "--seed",
-        default=None,
-        help=f"random seed, {service.MIN_SEED}-{service.MAX_SEED}; default: a random one (printed, and stored in each PNG)",
-    )
-    parser.add_argument(
-        "--guidance",
-        default=service.DEFAULT_GUIDANCE,
-        help=f"classifier-free guidance scale, {service.MIN_GUIDANCE:g}-{service.MAX_GUIDANCE:g} (default {service.DEFAULT_GUIDANCE:g}: no guidance)",
-    )
+    parser.add_argument("--steps", default=service.DEFAULT_STEPS,
+                        help=f"denoising steps, {service.MIN_STEPS}-{service.MAX_STEPS} (default {service.DEFAULT_STEPS})")
+    parser.add_argument("--seed", default=None, help=f"random seed, {service.MIN_SEED}-{service.MAX_SEED}; "
+                        "default: a random one (printed, and stored in each PNG)")
+    parser.add_argument("--guidance", default=service.DEFAULT_GUIDANCE,
+                        help=f"classifier-free guidance scale, {service.MIN_GUIDANCE:g}-{service.MAX_GUIDANCE:g} "
+                        f"(default {service.DEFAULT_GUIDANCE:g}: no guidance)")
     parser.add_argument("--prompt", default=None, help="text prompt (default: empty)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt, used when --guidance > 1 (default: the model's)")
     parser.add_argument("--no-color-fix", dest="color_fix", action="store_false", help="do not match the output's colours to the input's")
@@ -329,16 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", default=None, help="tokenizer override (default: $DEBLURDIFF_TOKENIZER, else the one shipped with the package)")
     parser.add_argument("--no-download", action="store_true", help="never download the authors' checkpoint (also: DEBLURDIFF_NO_DOWNLOAD=1)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="auto: fp16/bf16 on GPUs, fp32 on CPU")
-    parser.add_argument(
-        "--dev-random-weights",
-        action="store_true",
-        help="development only: untrained random weights (outputs are labelled UNTRAINED and are not deblurred)",
-    )
-    parser.add_argument(
-        "--batch-size", default="1", metavar="B",
-        help=f"images of the same padded size run through the model B at a time, 1-{MAX_BATCH_SIZE} (default 1)",
-    )
+    parser.add_argument("--dtype", default="auto", choices=("auto", *DTYPES), help="auto: fp16/bf16 on GPUs, fp32 on CPU")
+    parser.add_argument("--dev-random-weights", action="store_true",
+                        help="development only: untrained random weights (outputs are labelled UNTRAINED and are not deblurred)")
+    parser.add_argument("--batch-size", default="1", metavar="B",
+                        help=f"images of the same padded size run through the model B at a time, 1-{MAX_BATCH_SIZE} (default 1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -360,7 +325,6 @@ def _parse_batch_size(value) -> int:
 @dataclass
 class _Inputs:
     """What rank 0 found, sent to every rank."""
-
     problem: str | None
     items: list
     missing: list

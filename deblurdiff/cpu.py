@@ -2,20 +2,10 @@
 and time estimates.
 
 bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX);
-elsewhere oneDNN emulates it and a model call becomes over 100× slower than float32,
-so bfloat16 is chosen only after checking for those features. Without them, float32
-runs its 3×3 convolutions by Winograd's algorithm or one unfolded matrix product
-(:mod:`deblurdiff.ops.winograd`), 1.4× a whole model call on AVX2. Everything chosen
-here keeps results within rounding of float32 (bfloat16 where native: the pipeline's GPU
-precision); nothing that costs quality is turned on by default.
-
-Typical use (app or CLI, once at start)::
-
-    config = choose_cpu_config()
-    logger.info("CPU configuration: %s", config.describe())
-    pipe = load_pipeline(model, device="cpu", dtype=config.dtype)
-    timing = prepare_cpu_pipeline(pipe, config, progress=lambda message: logger.info(message))
-    estimate = estimate_cpu_seconds(width, height, steps, config=config, timing=timing)
+elsewhere it is over 100× slower than float32, so it is chosen only after checking.
+Without it, float32 runs its 3×3 convolutions by Winograd's algorithm or one unfolded
+matrix product (:mod:`deblurdiff.ops.winograd`), 1.4× a whole model call on AVX2.
+Nothing chosen here changes results beyond rounding.
 """
 
 from __future__ import annotations
@@ -31,21 +21,11 @@ import torch
 
 from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
-from .tiling import padded
+from .tiling import TILE_SIZE, padded
 
-__all__ = [
-    "CPUConfig",
-    "CPUFeatures",
-    "CPUTiming",
-    "choose_cpu_config",
-    "cpu_features",
-    "describe_cpu",
-    "enable_cpu_winograd",
-    "measure_cpu_timing",
-    "estimate_cpu_seconds",
-    "guided_branches",
-    "prepare_cpu_pipeline",
-]
+__all__ = ["CPUConfig", "CPUFeatures", "CPUTiming", "choose_cpu_config", "cpu_features", "describe_cpu",
+           "enable_cpu_winograd", "measure_cpu_timing", "estimate_cpu_seconds", "guided_branches",
+           "prepare_cpu_pipeline"]
 
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
@@ -150,12 +130,10 @@ class CPUConfig:
 
 def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch.dtype | None = None,
                       winograd: bool | None = None) -> CPUConfig:
-    """The fastest configuration that keeps float32-level results on this CPU.
-
-    bfloat16 where the CPU has native bf16 (AVX-512 BF16 or AMX), else float32 with
-    Winograd convolutions (unless ``winograd=False`` or ``DEBLURDIFF_CPU_WINOGRAD=0``).
-    ``dtype`` ("fp32", "bf16" or a torch dtype) overrides the choice; bfloat16 requested
-    on a CPU without native support raises a ValueError saying why."""
+    """The fastest configuration that keeps float32-level results on this CPU: native bf16
+    where there is one, else float32 with Winograd convolutions (unless ``winograd=False`` or
+    ``DEBLURDIFF_CPU_WINOGRAD=0``). ``dtype`` overrides the choice; bfloat16 without native
+    support raises a ValueError saying why."""
     features = features or cpu_features()
     if isinstance(dtype, str) and dtype != "auto":
         try:
@@ -294,7 +272,7 @@ def guided_branches(guidance_scale: float | None) -> int:
 
 def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
                          config: CPUConfig | None = None, timing: CPUTiming | None = None,
-                         tiles: int | None = None, tile_size: int = 512) -> float:
+                         tiles: int | None = None, tile_size: int = TILE_SIZE) -> float:
     """Seconds for one image of ``width``×``height`` on this CPU.
 
     Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the

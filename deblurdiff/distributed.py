@@ -1,13 +1,10 @@
 """Several processes, one device each, started by ``torchrun`` or ``accelerate launch``.
 
-The launchers set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and the rendezvous);
-:func:`start` joins the process group through accelerate's ``PartialState`` (gloo on
-CPUs, NCCL on GPUs) and returns a :class:`Processes` with the few collective steps the
-command line needs: sending rank 0's plan to all, gathering each rank's counts, and a
-shared counter of finished images for rank 0's progress bar. A plain ``python -m``
-run is a group of one, and touches no process group at all.
-
-:func:`shard` splits work by cost: deterministic, balanced, every item exactly once.
+:func:`start` joins the process group through accelerate's ``PartialState`` (gloo on CPUs,
+NCCL on GPUs) and returns :class:`Processes` with the few collective steps the command
+line needs (broadcast rank 0's plan, gather counts, a shared finished-images counter). A
+plain ``python -m`` run is a group of one and touches no process group. :func:`shard`
+splits work by cost: deterministic, balanced, every item exactly once.
 """
 
 from __future__ import annotations

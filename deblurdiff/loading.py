@@ -1,10 +1,8 @@
 """One place that turns a model reference into a ready pipeline, for the app, the CLI and scripts.
 
-A reference is a diffusers-layout folder, a Hub repo id, the official single-file
-checkpoint (``model.pth``/``.ckpt``/``.safetensors``), or ``random-tiny`` (untrained
-weights for development: never a deblurring result). With none (no ``--model``, no
-``DEBLURDIFF_MODEL``), the authors' published checkpoint is used: downloaded, verified and
-converted on the first start, loaded from the cache afterwards (see ``weights.py``).
+A reference is a diffusers folder, a Hub repo id, the official single-file checkpoint
+(``model.pth``/``.ckpt``/``.safetensors``) or ``random-tiny`` (untrained, for development).
+With none, the authors' checkpoint is fetched, verified and converted once (``weights.py``).
 """
 
 from __future__ import annotations
@@ -80,13 +78,8 @@ def load_pipeline(
     """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``.
 
     ``model`` defaults to ``$DEBLURDIFF_MODEL``, else the authors' checkpoint, fetched and
-    converted once into the cache (``allow_download=False``, ``$DEBLURDIFF_NO_DOWNLOAD`` or
-    ``$HF_HUB_OFFLINE`` turn downloading off; ``downloader`` and ``cache_dir`` replace the
-    defaults of :func:`deblurdiff.weights.official_pipeline`).
-
-    Raises ``ModelUnavailableError`` with an actionable message when the weights cannot be
-    found, fetched or loaded.
-    """
+    converted once (:func:`deblurdiff.weights.official_pipeline`). Raises
+    ``ModelUnavailableError`` with an actionable message when the weights cannot be had."""
     from .pipeline import DeblurDiffPipeline
 
     model = model or os.environ.get(MODEL_ENV)

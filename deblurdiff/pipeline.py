@@ -2,28 +2,8 @@
 
 Every step: ``z_s = LKPN(c, x_t)`` (the blurry latent ``c`` deblurred by per-pixel
 kernels), then ``eps = UNet(x_t, residuals=ControlNet(x_t, hint=cat(c, z_s)))`` and a
-sampler step. Semantics follow the reference implementation (kkkls/DeblurDiff):
-``c`` encodes the image in [0, 1], the default sampler is its spaced DDPM, the output
-is colour-fixed against the input by per-channel mean/std matching.
-
-Speed and memory:
-
-* half precision: ``pipe.to(dtype=torch.bfloat16 | torch.float16)`` runs every network
-  (and the EAC op) in that dtype; latents and sampler arithmetic stay float32. With
-  float16 the VAE runs in float32 when its config asks for it (``force_upcast``).
-* ``pipe.optimize(...)``: channels-last weights, ``torch.compile`` of the UNet, the
-  ControlNet and the LKPN's UNet with a warm-up, optional xFormers attention (PyTorch
-  SDPA is the default).
-* the text encoder is only needed for custom prompts: folders written by
-  ``save_pretrained`` hold the default prompts' embeddings (``prompt_embeds.safetensors``),
-  and ``from_pretrained`` then loads the text encoder on first use.
-* ``sampler="ddim" | "dpmsolver++"`` for fewer steps; ``better_start`` starts from the
-  noised low frequencies of the input, as the reference can.
-* the reference's tiled mode (``tiled``, ``tile_size``, ``tile_stride``): VAE encoder
-  tiles overwrite each other, noise predictions and decoded tiles are blended with
-  Gaussian weights. By default (``tiled=None``) a call runs untiled, like the reference,
-  unless its estimated peak memory exceeds what the device has free
-  (``deblurdiff.tiling.should_tile``).
+sampler step, as in the reference (kkkls/DeblurDiff). Networks run in the pipeline's
+dtype; latents and sampler arithmetic stay float32. Options are in ``__call__``.
 """
 
 from __future__ import annotations
@@ -55,17 +35,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
+from .models.controlnet import batched_timesteps
 from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
-from .tiling import (
-    SIZE_MULTIPLE,
-    available_memory,
-    blend_weights,
-    check_tiling,
-    latent_windows,
-    tiled_map,
-    vae_decode_tiled,
-    vae_encode_tiled,
-)
+from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, available_memory, blend_weights, check_tiling,
+                     latent_windows, tiled_map, vae_decode_tiled, vae_encode_tiled)
 from .tiling import should_tile as _should_tile_for_memory
 
 logger = logging.get_logger(__name__)
@@ -80,8 +53,7 @@ _PROMPT_EMBEDS_FORMAT = "deblurdiff-prompt-embeds-1"
 
 @dataclass
 class DeblurDiffPipelineOutput(BaseOutput):
-    """``images``: the restored images. ``lkpn_images``: the last step's LKPN latent
-    ``z_s`` decoded (the blurry latent after the predicted kernels), when asked for."""
+    """``images``: the restored images; ``lkpn_images``: the last step's ``z_s`` decoded, when asked for."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     lkpn_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None = None
@@ -139,9 +111,8 @@ def image_to_tensor(image) -> torch.Tensor:
 
 
 def images_to_batch(image) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Like ``image_to_tensor``, then zero-padded to multiples of 64; a list may hold images
-    of different sizes when they pad to the same size. Returns the padded (B, 3, H, W) batch
-    and each image's ``(height, width)``."""
+    """``image_to_tensor``, zero-padded to multiples of 64 (a list's images may differ in size
+    if they pad alike), and each image's ``(height, width)``."""
     if isinstance(image, (list, tuple)) and len({_image_size(im) for im in image}) > 1:
         tensors = [image_to_tensor(im) for im in image]
         sizes = [tuple(t.shape[-2:]) for t in tensors]
@@ -163,13 +134,9 @@ def _image_size(image) -> tuple:
 
 
 def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """The reference's spaced-DDPM timesteps (``space_timesteps``), in descending order.
-
-    The reference adds the fractional stride ``(T - 1) / (n - 1)`` to a running float and
-    rounds each partial sum (half to even); a closed form such as ``round(i * stride)``
-    differs by one for some counts, so the same arithmetic is done here.
-    One step samples at ``T - 1``: the reference's respacing puts it at t = 0, which
-    cannot denoise anything."""
+    """The reference's spaced-DDPM timesteps (``space_timesteps``), descending: rounded
+    running sums of the stride ``(T - 1) / (n - 1)`` (a closed form differs by one for some
+    counts). One step samples at ``T - 1``, where the reference's t = 0 cannot denoise."""
     if not 1 <= num_inference_steps <= num_train_timesteps:
         raise ValueError(
             f"num_inference_steps must be between 1 and {num_train_timesteps}, got {num_inference_steps}"
@@ -203,9 +170,7 @@ def color_fix(images: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) 
 
 
 def low_frequency(images: torch.Tensor, levels: int = 5) -> torch.Tensor:
-    """The coarsest band of an à trous wavelet decomposition: ``levels`` passes of a 3×3
-    binomial filter dilated 1, 2, 4, ... with edge replication (what ``better_start``
-    encodes)."""
+    """The coarsest band of an à trous wavelet decomposition (what ``better_start`` encodes)."""
     channels = images.shape[1]
     taps = torch.tensor([1.0, 2.0, 1.0], dtype=images.dtype, device=images.device) / 4
     kernel = torch.outer(taps, taps).expand(channels, 1, 3, 3)
@@ -277,18 +242,10 @@ class DeblurDiffPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            lkpn=lkpn,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet, lkpn=lkpn,
             scheduler=scheduler,
         )
-        # The reference attends within windows (models/windowed_attention.py). The LKPN and
-        # the ControlNet keep their window in their config; a plain UNet just loaded
-        # (from_pretrained, from_single_file) takes the ControlNet's. A UNet that has a
-        # layout already (built or loaded by this package, e.g. for training) is left as is.
+        # A plain UNet just loaded attends within the ControlNet's windows, as the reference.
         if unet is not None:
             ensure_attention_layout(unet, getattr(controlnet.config, "attention_window", DEFAULT_WINDOW))
         self._prompt_cache: dict = {}
@@ -307,10 +264,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_single_file(cls, path, tokenizer=None, torch_dtype=None, attention_head_dim: int = 64):
-        """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``, LDM layout).
-
-        It holds no tokenizer: ``tokenizer`` is a path, a Hub repo id or a tokenizer object
-        (default: the OpenCLIP tokenizer shipped with the package)."""
+        """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``); it holds
+        no tokenizer: ``tokenizer`` is a path, a Hub repo id or an object (default: the
+        packaged OpenCLIP tokenizer)."""
         from .single_file import load_single_file_components
 
         components = load_single_file_components(
@@ -320,10 +276,9 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, lazy_text_encoder: bool = True, **kwargs):
-        """``DiffusionPipeline.from_pretrained``, except that when the folder holds the default
-        prompts' embeddings (``prompt_embeds.safetensors``, written by ``save_pretrained``) the
-        text encoder is not loaded until a custom prompt needs it. ``lazy_text_encoder=False``
-        (or passing ``text_encoder=``) loads it up front."""
+        """``DiffusionPipeline.from_pretrained``; when the folder holds the default prompts'
+        embeddings the text encoder is loaded only once a custom prompt needs it (unless
+        ``lazy_text_encoder=False`` or ``text_encoder=`` is given)."""
         if not lazy_text_encoder or "text_encoder" in kwargs:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
@@ -345,8 +300,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return pipe
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
-        """``DiffusionPipeline.save_pretrained`` plus the default prompts' embeddings
-        (``prompt_embeds.safetensors``), so that loading can skip the text encoder."""
+        """``DiffusionPipeline.save_pretrained`` plus the default prompts' embeddings."""
         if self.text_encoder is None and self._text_encoder_loader is not None:
             self._load_text_encoder()  # a saved folder is complete
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -358,8 +312,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             save_prompt_embeds(Path(save_directory) / PROMPT_EMBEDS_FILE, embeds)
 
     def set_prompt_embeds(self, embeds: dict[str, torch.Tensor] | str | os.PathLike) -> None:
-        """Make embeddings known without the text encoder: ``{prompt: (1, 77, D)}`` or a
-        file written by ``save_prompt_embeds``. They take precedence over the text encoder."""
+        """Embeddings used instead of the text encoder: ``{prompt: (1, 77, D)}`` or a file."""
         if not isinstance(embeds, dict):
             embeds = load_prompt_embeds(embeds)
         for prompt, value in embeds.items():
@@ -385,10 +338,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embedding (1, 77, D) of one prompt; cached, since the defaults never change.
-
-        Stored embeddings (``set_prompt_embeds``, ``prompt_embeds.safetensors``) are used
-        when present; otherwise the text encoder runs (and is loaded if it was deferred)."""
+        """Text embedding (1, 77, D) of one prompt, cached: stored embeddings when present,
+        else the text encoder's (loaded if it was deferred)."""
         device = self._execution_device
         key = (prompt, device)
         if key not in self._prompt_cache:
@@ -403,8 +354,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     @contextlib.contextmanager
     def _vae_precision(self, part: str):
-        """Run the VAE's ``part`` ("encoder" or "decoder") in float32 when the weights are
-        float16 and the VAE's config asks for it (``force_upcast``); yields the input dtype."""
+        """The VAE's ``part`` in float32 for float16 weights when its config says
+        ``force_upcast``; yields the input dtype."""
         vae = self.vae
         upcast = (
             self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
@@ -435,17 +386,14 @@ class DeblurDiffPipeline(DiffusionPipeline):
         images: torch.Tensor,
         generator=None,
         tiled: bool = False,
-        tile_size: int = 512,
-        tile_stride: int = 256,
+        tile_size: int = TILE_SIZE,
+        tile_stride: int = TILE_STRIDE,
         sample: bool | None = None,
         num_samples: int = 1,
     ) -> torch.Tensor:
-        """The latent of [0, 1] images as the reference computes it: the VAE posterior
-        sampled (``sample``, default when untiled) or its mode (default when ``tiled``: the
-        reference's tiled encoder), scaled, float32. Tiled, every tile is encoded on its own
-        and overwrites the previous ones. ``num_samples`` independent draws (the reference
-        draws one per guidance branch) are concatenated along the batch dimension; noise is
-        drawn from ``generator`` in the reference's order (per tile when tiled)."""
+        """The scaled float32 latent of [0, 1] images, as the reference computes it: the VAE
+        posterior sampled (default untiled) or its mode (default tiled). ``num_samples``
+        draws (the reference draws one per guidance branch) are concatenated on the batch."""
         sample = not tiled if sample is None else sample
         scale = self.vae.config.scaling_factor
 
@@ -461,7 +409,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def decode_latents(
-        self, latents: torch.Tensor, tiled: bool = False, tile_size: int = 512, tile_stride: int = 256
+        self, latents: torch.Tensor, tiled: bool = False, tile_size: int = TILE_SIZE, tile_stride: int = TILE_STRIDE
     ) -> torch.Tensor:
         """Latents -> images in [-1, 1], float32; ``tiled`` decodes overlapping tiles and blends them."""
 
@@ -490,7 +438,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         x = x.to(self.unet.dtype)
         if guided:
             x = torch.cat([x, x])
-        t = t.expand(x.shape[0])
+        t = batched_timesteps(t, x.shape[0], x.device)
         restored = self.lkpn(condition, x, t, text)
         down, mid = self.controlnet(
             x, t, text, hint=torch.cat([condition, restored], dim=1), conditioning_scale=conditioning_scale
@@ -509,48 +457,21 @@ class DeblurDiffPipeline(DiffusionPipeline):
             restored = restored[:n]
         return eps, restored.float()
 
-    @torch.no_grad()
-    def predict_noise(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor,
-        condition: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
-        conditioning_scale: float = 1.0,
-        negative_condition: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(eps, z_s)`` for one step. With guidance the conditional and unconditional
-        branches (LKPN and ControlNet included) run as one batch; the unconditional one
-        reads ``negative_condition`` (default ``condition``: the reference draws a separate
-        posterior sample for it)."""
-        batch = latents.shape[0]
-        guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
-        text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
-        c = condition.to(device=text.device, dtype=text.dtype)
-        if guided:
-            negative = condition if negative_condition is None else negative_condition
-            c = torch.cat([c, negative.to(device=text.device, dtype=text.dtype)])
-        t = torch.as_tensor(timestep, device=text.device).reshape(())
-        return self._denoise(latents.to(text.device), c, t, text, guided, guidance_scale, conditioning_scale)
-
-    def _make_denoiser(
+    def make_denoiser(
         self,
         condition,
         prompt_embeds,
-        negative_prompt_embeds,
-        guidance_scale,
-        conditioning_scale,
+        negative_prompt_embeds=None,
+        guidance_scale: float = 1.0,
+        conditioning_scale: float = 1.0,
         windows=None,
         negative_condition=None,
     ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``denoise(x, t) -> (eps, z_s)`` for a whole sampling run: everything that does not
-        change from step to step (dtype casts, guidance batches, text batches, blending
-        weights) is prepared here once. With ``windows``, the predictions of overlapping
-        latent tiles are blended with Gaussian weights (the reference's tiled sampler; it
-        keeps the last tile's ``z_s``, which only the returned LKPN image shows: here
-        ``z_s`` is blended like ``eps``)."""
+        """``denoise(x, t) -> (eps, z_s)`` (float32) for a whole sampling run, ``t`` a 0-d
+        tensor; casts and text batches are prepared once. Guided, both branches run as one
+        batch, the unconditional one reading ``negative_condition`` (default ``condition``).
+        With ``windows``, overlapping latent tiles are blended with Gaussian weights (the
+        reference keeps the last tile's ``z_s``; here it is blended like ``eps``)."""
         batch = condition.shape[0]
         guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
         dtype = self.unet.dtype
@@ -587,9 +508,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ samplers
     def get_scheduler(self, sampler: str = "ddpm"):
-        """The scheduler for ``sampler``: "ddpm" is ``self.scheduler`` (the reference's spaced
-        DDPM); "ddim" (eta 0, trailing timesteps) and "dpmsolver++" (2nd order multistep) are
-        built from the same noise schedule."""
+        """"ddpm": ``self.scheduler``; "ddim" (eta 0) and "dpmsolver++" (2nd order) are built
+        from the same noise schedule."""
         name = sampler.lower()
         if name not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -604,23 +524,17 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 )
             else:
                 scheduler = DPMSolverMultistepScheduler.from_config(
-                    config,
-                    algorithm_type="dpmsolver++",
-                    solver_order=2,
-                    variance_type=None,
-                    lower_order_final=True,
-                    final_sigmas_type="zero",
+                    config, algorithm_type="dpmsolver++", solver_order=2, variance_type=None,
+                    lower_order_final=True, final_sigmas_type="zero",
                 )
             self._samplers = {key: scheduler}
         return self._samplers[key]
 
     def set_timesteps(self, num_inference_steps: int, device="cpu", scheduler=None) -> torch.Tensor:
-        """Set ``scheduler``'s (default ``self.scheduler``'s) timesteps and return them (for
-        the DDPM sampler, the reference's: ``reference_timesteps``). They stay on the CPU
-        (the schedulers read them on the host; the models get a device copy)."""
+        """Set and return ``scheduler``'s timesteps (DDPM: ``reference_timesteps``), on the CPU
+        where the schedulers read them."""
         scheduler = scheduler or self.scheduler
         if isinstance(scheduler, DDPMScheduler):
-            # The reference's spaced DDPM: its exact timesteps (see reference_timesteps).
             timesteps = reference_timesteps(num_inference_steps, scheduler.config.num_train_timesteps)
             scheduler.set_timesteps(timesteps=timesteps, device="cpu")
         else:
@@ -629,8 +543,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     @staticmethod
     def _device_generator(generator, device: torch.device):
-        """A generator on ``device`` for the per-step noise, seeded from ``generator``, so that
-        sampling draws no CPU random numbers (and copies nothing to the device) inside the loop."""
+        """A generator on ``device`` for the per-step noise, seeded from ``generator``."""
         if generator is None:
             return None
         gens = generator if isinstance(generator, list) else [generator]
@@ -643,89 +556,25 @@ class DeblurDiffPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ tiling
     def should_tile(
-        self, height: int, width: int, tiled: bool | None = None, tile_size: int = 512, guided: bool = False
+        self, height: int, width: int, tiled: bool | None = None, tile_size: int = TILE_SIZE, guided: bool = False
     ) -> bool:
-        """Whether an image of ``height`` × ``width`` pixels runs tiled: ``tiled`` if given,
-        else only when an untiled run's estimated peak memory (``tiling.estimate_peak_memory``
-        for this device and dtype) exceeds ``self.memory_budget`` or, when that is None,
-        the device's free memory. The reference runs untiled unless asked."""
+        """``tiled`` if given, else whether an untiled run's estimated peak memory exceeds
+        ``self.memory_budget`` (None: the device's free memory)."""
         if tiled is not None:
             return bool(tiled)
         device = self._execution_device
         budget = self.memory_budget if self.memory_budget is not None else available_memory(device)
-        return _should_tile_for_memory(
-            height, width, budget, device.type, self.unet.dtype, guided=guided, tile_size=tile_size
-        )
+        return _should_tile_for_memory(height, width, budget, device.type, self.unet.dtype, guided, tile_size)
 
-    # ------------------------------------------------------------------ speed-ups
-    def optimize(
-        self,
-        channels_last: bool | None = None,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        xformers: bool = False,
-        warmup: tuple[int, int] | None = (512, 512),
-        tile_batch_size: int | None = None,
-    ) -> "DeblurDiffPipeline":
-        """Apply the speed-ups that do not change results beyond rounding; returns ``self``.
-
-        * ``channels_last`` (default: on CUDA only) stores conv weights NHWC, which
-          tensor-core convolutions prefer.
-        * ``compile`` wraps the UNet, the ControlNet and the LKPN's UNet in
-          ``torch.compile`` (``compile_mode``: PyTorch's default unless given, e.g.
-          "max-autotune-no-cudagraphs", which tunes longer), then runs a 2-step call at
-          ``warmup`` (height, width) so that compilation happens here, not in the first
-          real call. Shapes are static: another image size (or, in tiled mode, a partial
-          last group of ``tile_batch_size`` tiles) compiles again. Ignored (with a
-          warning) on CPU.
-        * ``xformers`` switches attention to xFormers (must be installed; PyTorch's SDPA,
-          the default, is as fast on recent GPUs).
-        * ``tile_batch_size`` tiles go through the networks at once in tiled mode.
-
-        Call it after moving the pipeline to its device and dtype.
-        """
-        device = self._execution_device
-        cuda = device.type == "cuda"
-        if channels_last is None:
-            channels_last = cuda
-        if channels_last:
-            for module in (self.unet, self.controlnet, self.lkpn, self.vae):
-                module.to(memory_format=torch.channels_last)
-        if xformers:
-            self.enable_xformers_memory_efficient_attention()
-        if tile_batch_size is not None:
-            self.tile_batch_size = int(tile_batch_size)
-        if cuda:
-            torch.backends.cudnn.benchmark = True
-        if compile:
-            if not cuda:
-                logger.warning("torch.compile is not used on %s: it only pays off on a GPU.", device)
-            else:
-                for module in (self.unet, self.controlnet, self.lkpn.unet):
-                    module.compile(mode=compile_mode, dynamic=False)
-                if warmup:
-                    self.warmup(*warmup)
-        return self
-
+    # ------------------------------------------------------------------ attention
     def set_attention_window(self, window: int | None = DEFAULT_WINDOW) -> "DeblurDiffPipeline":
-        """Attention windows of the UNet, ControlNet and LKPN: the reference's (side 64 at
-        the first level, the default) or ``None`` for global attention (which differs
-        from the reference above a 64×64 latent, 512 px)."""
+        """The networks' attention windows: the reference's (default) or ``None`` for global
+        attention (which differs from the reference above 512 px)."""
         for model in (self.unet, self.controlnet, self.lkpn):
             enable_windowed_attention(model, window)
         for model in (self.controlnet, self.lkpn):
             model.register_to_config(attention_window=window)
         return self
-
-    @torch.no_grad()
-    def warmup(self, height: int = 512, width: int = 512, **kwargs) -> None:
-        """Run a 2-step call on a grey image so that compilation and autotuning happen now."""
-        image = torch.full((1, 3, height, width), 0.5)
-        kwargs.setdefault("num_inference_steps", 2)
-        kwargs.setdefault("output_type", "latent")
-        self(image, generator=torch.Generator().manual_seed(0), **kwargs)
-        if self._execution_device.type == "cuda":
-            torch.cuda.synchronize()
 
     # ------------------------------------------------------------------ the call
     @torch.no_grad()
@@ -746,8 +595,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
         tiled: bool | None = None,
-        tile_size: int = 512,
-        tile_stride: int = 256,
+        tile_size: int = TILE_SIZE,
+        tile_stride: int = TILE_STRIDE,
         sampler: str = "ddpm",
         better_start: bool = False,
     ):
@@ -791,11 +640,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
         use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size, guided=guided)
         tiling = dict(tiled=use_tiles, tile_size=tile_size, tile_stride=tile_stride)
 
-        # Random numbers are drawn in the reference's order, so that on the CPU a generator
-        # seeded like the reference's global one gives its noise: the conditional and the
-        # unconditional branch's posterior samples (both drawn even without guidance;
-        # tiled, both are the posterior mode), the better start's posterior sample, the
-        # initial noise, then each step's.
+        # Random numbers are drawn in the reference's order: both branches' posterior
+        # samples (even unguided), the better start's, the initial noise, each step's.
         condition, negative_condition = self.encode_condition(padded, generator, num_samples=2, **tiling).chunk(2)
         prompt_embeds = self.encode_prompt(prompt)
         negative_embeds = self.encode_prompt(negative_prompt) if guided else None
@@ -803,9 +649,6 @@ class DeblurDiffPipeline(DiffusionPipeline):
         timesteps = self.set_timesteps(num_inference_steps, device, scheduler)
         start = None
         if better_start:
-            # The input's low frequencies, noised to the first timestep: a start that keeps
-            # flat backgrounds flat (the reference's "better start"; tiled, it samples each
-            # tile's posterior).
             start = self.encode_condition(low_frequency(padded), generator, sample=True, **tiling)
         if latents is None:
             latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=torch.float32)
@@ -817,13 +660,12 @@ class DeblurDiffPipeline(DiffusionPipeline):
             latents = latents * scheduler.init_noise_sigma
 
         windows = latent_windows(*condition.shape[-2:], tile_size, tile_stride) if use_tiles else None
-        denoise = self._make_denoiser(
+        denoise = self.make_denoiser(
             condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows,
             negative_condition=negative_condition,
         )
-        step_kwargs = {}
-        if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = self._device_generator(generator, device)
+        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": self._device_generator(generator, device)} if takes_generator else {}
         model_timesteps = timesteps.to(device)  # one copy: no host-device traffic in the loop
 
         restored = condition
@@ -840,23 +682,17 @@ class DeblurDiffPipeline(DiffusionPipeline):
                     latents = out.get("latents", latents)
                 progress.update()
 
-        if output_type == "latent":
-            images, lkpn_images = latents, restored if return_lkpn_images else None
-        else:
-            images = self._postprocess(latents, padded, sizes, color_fix, output_type, tiling)
-            lkpn_images = (
-                self._postprocess(restored, padded, sizes, color_fix, output_type, tiling)
-                if return_lkpn_images
-                else None
-            )
+        def output(z):
+            return z if output_type == "latent" else self._postprocess(z, padded, sizes, color_fix, output_type, tiling)
+
+        images, lkpn_images = output(latents), output(restored) if return_lkpn_images else None
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images, lkpn_images)
         return DeblurDiffPipelineOutput(images=images, lkpn_images=lkpn_images)
 
     def _postprocess(self, latents, padded, sizes, fix_colors: bool, output_type: str, tiling: dict):
-        """Decoded images cropped to their sizes; images of different sizes come as a list
-        (of PIL images, HWC arrays or CHW tensors) whatever the ``output_type``."""
+        """Decoded images cropped to their sizes (a list when sizes differ)."""
         decoded = (self.decode_latents(latents, **tiling) + 1) / 2
         groups = [range(len(sizes))] if len(set(sizes)) == 1 else [range(i, i + 1) for i in range(len(sizes))]
         outputs = []
@@ -866,9 +702,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             if fix_colors:
                 images = color_fix(images, padded[group.start : group.stop, :, :height, :width].float())
             outputs.append(self._to_output_type(images.clamp(0, 1), output_type))
-        if len(outputs) == 1:
-            return outputs[0]
-        return [o[0] for o in outputs]
+        return outputs[0] if len(outputs) == 1 else [o[0] for o in outputs]
 
     @staticmethod
     def _to_output_type(images: torch.Tensor, output_type: str):

@@ -17,10 +17,6 @@ import threading
 _CANCEL, _DONE, _TOTAL = range(3)
 
 
-class NoFreeSlotError(RuntimeError):
-    pass
-
-
 class RunControl:
     def __init__(self, slots: int = 64):
         self._cells = multiprocessing.RawArray(ctypes.c_int64, 3 * slots)
@@ -31,7 +27,7 @@ class RunControl:
         """A cleared slot for a new run (total steps as given, none done)."""
         with self._lock:
             if not self._free:
-                raise NoFreeSlotError("too many runs at once")
+                raise RuntimeError("too many runs at once")
             slot = self._free.pop()
         self._cells[3 * slot + _CANCEL] = 0
         self.report(slot, 0, total)

@@ -1,10 +1,9 @@
 """Restore one image with given options: the step the web app and the command line share.
 
-:func:`make_options` turns user input (text from a form, a command line or an API call;
-numbers may come as numeric strings) into validated :class:`RestoreOptions`, raising
-:class:`InvalidInputError` with a message for the user; :func:`restore` runs the pipeline on one RGB image with them
-(:func:`restore_batch` on several at once);
-:func:`png_metadata` records in the output file how it was made.
+:func:`make_options` turns user input (form, command line or API; numbers may be strings)
+into validated :class:`RestoreOptions` or an :class:`InvalidInputError` for the user;
+:func:`restore` / :func:`restore_batch` run the pipeline; :func:`png_metadata` records
+how an output was made.
 """
 
 from __future__ import annotations
@@ -234,14 +233,9 @@ def restore(
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> DeblurResult:
-    """Run ``pipe`` on one RGB PIL image.
-
-    ``on_step(done, total)`` is called after every denoising step; when ``should_stop()``
-    returns True the pipeline stops after the current step (the result then has
-    ``interrupted=True``). The initial noise is drawn by a CPU generator, so a seed gives
-    the same starting noise on every device; the result can still differ slightly
-    between devices and precisions, whose arithmetic differs.
-    """
+    """Run ``pipe`` on one RGB PIL image; ``on_step(done, total)`` after every step, and
+    ``should_stop()`` stops it after the current one (``interrupted=True``). The initial
+    noise comes from a CPU generator: a seed starts from the same noise on every device."""
     return restore_batch(pipe, [image], options, on_step=on_step, should_stop=should_stop)[0]
 
 

@@ -1,24 +1,12 @@
 """Convert the official DeblurDiff checkpoint (``model.pth``, LDM layout) to diffusers components.
 
-The authors' checkpoint is the state dict of their ``ControlLDM``: five networks under
-the prefixes ``unet.`` (SD 2.1 UNet), ``controlnet.`` (latent-hint ControlNet), ``kpn.``
-(LKPN: ``kpn.unet.*``, an SD-style UNet of base width 128), ``vae.`` (SD VAE) and
-``clip.`` (OpenCLIP ViT-H/14 text tower). The LDM names are translated with diffusers'
-own single-file helpers; the architecture of every network (widths, levels, layers per
-block, attention levels, context and text sizes, vocabulary) is read from the tensor
-shapes, so scaled-down checkpoints convert too. Only the attention head size cannot be
-read from shapes: it is 64 in DeblurDiff (``attention_head_dim``).
-
-The text encoder keeps what the reference runs: OpenCLIP's "penultimate" layer output
-followed by the final layer norm, i.e. every transformer layer but the last (23 of 24
-for ViT-H, as in diffusers' SD 2 text encoders). The last layer, the text projection,
-``logit_scale`` and any visual tower are ignored.
-
-Every unknown, missing or mis-shaped tensor is reported in one :class:`CheckpointError`.
-
-This module sits below the pipeline (``DeblurDiffPipeline.from_single_file`` uses it, as
-diffusers' single-file loaders sit below its pipelines); the command line that writes a
-pipeline folder and publishes it is :mod:`deblurdiff.convert`.
+The checkpoint holds the authors' ``ControlLDM``: ``unet.`` (SD 2.1 UNet), ``controlnet.``,
+``kpn.`` (LKPN), ``vae.`` and ``clip.`` (OpenCLIP ViT-H/14 text tower). Names are translated
+with diffusers' single-file helpers; every architecture is read from the tensor shapes
+(so scaled-down checkpoints convert too), except the attention head size
+(``attention_head_dim``, 64). The text encoder keeps what the reference runs: every layer
+but the last, then the final layer norm. Every unknown, missing or mis-shaped tensor is
+reported in one :class:`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -27,6 +15,7 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -76,14 +65,6 @@ class CheckpointError(ValueError):
     @property
     def empty(self) -> bool:
         return not (self.unknown_keys or self.missing_keys or self.mismatched_keys or self.other)
-
-
-class _Problems:
-    def __init__(self):
-        self.unknown, self.missing, self.mismatched, self.other = [], [], [], []
-
-    def error(self) -> CheckpointError:
-        return CheckpointError(self.unknown, self.missing, self.mismatched, self.other)
 
 
 class _ArchitectureError(Exception):
@@ -377,7 +358,7 @@ def _convert_text(sd: dict[str, torch.Tensor], text_model) -> dict[str, torch.Te
     return convert_open_clip_checkpoint(text_model, kept, prefix="model.")
 
 
-def _load(model_cls, config, converted: dict, tracker: _Tracker, component: str, problems: _Problems, dtype, build):
+def _load(model_cls, config, converted: dict, tracker: _Tracker, component: str, problems: SimpleNamespace, dtype, build):
     """Instantiate (empty weights) and load strictly; record every problem instead of raising."""
     from accelerate import init_empty_weights
 
@@ -418,13 +399,10 @@ def convert_deblurdiff_checkpoint(
     torch_dtype: torch.dtype | None = None,
     text_num_heads: int | None = None,
 ) -> dict:
-    """``{"vae", "text_encoder", "unet", "controlnet", "lkpn"}`` -> loaded modules (eval mode,
-    ``torch_dtype``, default float32) from a DeblurDiff state dict in the LDM layout.
-
-    ``attention_head_dim`` is the channels per attention head of every network (64 in
-    DeblurDiff; shapes cannot tell); the text tower gets ``width // attention_head_dim``
-    heads unless ``text_num_heads`` is given. Raises one :class:`CheckpointError` listing
-    every unknown, missing or mis-shaped key."""
+    """The five networks, loaded (eval mode, ``torch_dtype``, default float32), from a
+    DeblurDiff state dict in the LDM layout; the text tower gets ``width //
+    attention_head_dim`` heads unless ``text_num_heads`` is given. Raises one
+    :class:`CheckpointError` listing every unknown, missing or mis-shaped key."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -432,8 +410,7 @@ def convert_deblurdiff_checkpoint(
 
     dtype = torch_dtype or torch.float32
     parts, unknown = split_checkpoint(state_dict)
-    problems = _Problems()
-    problems.unknown += unknown
+    problems = SimpleNamespace(unknown=list(unknown), missing=[], mismatched=[], other=[])
     prefix_of = {}
     for prefix, component in PREFIXES.items():
         prefix_of.setdefault(component, prefix)
@@ -498,7 +475,7 @@ def convert_deblurdiff_checkpoint(
         if model is not None:
             components[component] = model
 
-    error = problems.error()
+    error = CheckpointError(problems.unknown, problems.missing, problems.mismatched, problems.other)
     if not error.empty:
         raise error
     return {name: components[name] for name in COMPONENTS}
@@ -563,11 +540,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_tokenizer(tokenizer=None):
-    """The tokenizer for prompts: ``tokenizer`` itself if it is a tokenizer object; with no
-    argument, the OpenCLIP tokenizer shipped with the package (no network); else loaded from
-    a folder (a pipeline folder with a ``tokenizer`` subfolder works too) — one written by
-    :class:`~deblurdiff.tokenizer.OpenCLIPTokenizer`, or a ``CLIPTokenizer`` folder with
-    vocab.json and merges.txt — or a Hub repo id (the local cache first, then the Hub)."""
+    """``tokenizer`` itself if it is an object; with none, the packaged OpenCLIP tokenizer;
+    else loaded from a folder (an OpenCLIPTokenizer's, a CLIPTokenizer's, or a pipeline's
+    ``tokenizer`` subfolder) or a Hub repo id (the local cache first, then the Hub)."""
     from transformers import CLIPTokenizer
 
     from .tokenizer import VOCAB_FILE, OpenCLIPTokenizer, is_open_clip_tokenizer_folder

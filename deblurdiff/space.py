@@ -1,20 +1,13 @@
 """Deploy the app as a ZeroGPU Gradio Space on the Hugging Face Hub.
 
     python -m deblurdiff.space deploy owner/space [--model owner/weights] [--private] [--token TOKEN]
-
     python -m deblurdiff.space requirements [--platform]
 
-Creates the Space (or updates it), uploads only what the app needs (``app.py``, the
-``deblurdiff`` package without its training code, ``examples/``, the screenshot, a
-``requirements.txt`` for the Space and the README with its front matter), sets the
-``DEBLURDIFF_MODEL`` variable when ``--model`` is given, asks for ZeroGPU hardware and
-prints the Space's address. ``requirements`` prints the ``requirements.txt`` that deploy
-stages; ``--platform`` adds pins of what the platform installs itself (how CI rebuilds
-the Space's stack).
-
-:data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter,
-the Space's requirements and CI's Space stack are written from it (and tests check them
-against it).
+``deploy`` creates or updates the Space with only what the app needs (no training code),
+sets ``DEBLURDIFF_MODEL`` when ``--model`` is given and asks for ZeroGPU hardware.
+``requirements`` prints the Space's ``requirements.txt`` (``--platform``: with pins of what
+the platform installs, how CI rebuilds the Space's stack). :data:`ZEROGPU` is the one
+table of what ZeroGPU supports; the README's front matter and CI are written from it.
 """
 
 from __future__ import annotations
@@ -25,6 +18,8 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from .loading import MODEL_ENV
 
 __all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "PLATFORM_PACKAGES", "space_files", "space_requirements",
            "staged_requirements", "platform_requirements", "space_readme", "deploy", "main"]
@@ -52,7 +47,6 @@ SPACE_TORCH = ZEROGPU["torch"][-1]
 #: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
 PLATFORM_PACKAGES = frozenset(re.sub(r"[-_.]+", "-", name).lower() for name in ZEROGPU["platform"])
 
-MODEL_VARIABLE = "DEBLURDIFF_MODEL"
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the Space runs: the entry point, the package (the app needs neither the
@@ -92,10 +86,8 @@ def _name(line: str) -> str:
 
 
 def space_requirements(requirements: str) -> str:
-    """The Space's ``requirements.txt`` from the project's: torch pinned to
-    :data:`SPACE_TORCH` (ZeroGPU supports only some versions), triton left to torch, and
-    nothing the platform installs itself (:data:`PLATFORM_PACKAGES`: a pin there would
-    fight the platform's own)."""
+    """The Space's ``requirements.txt``: torch pinned to :data:`SPACE_TORCH`, triton left to
+    torch, nothing the platform installs itself (:data:`PLATFORM_PACKAGES`)."""
     lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
     found = False
     for line in requirements.splitlines():
@@ -192,20 +184,15 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
         with tempfile.TemporaryDirectory(prefix="deblurdiff-space-") as directory:
             files = stage(Path(directory), root)
             out(f"uploading {len(files)} files to {repo_id}")
-            api.upload_folder(
-                repo_id=repo_id,
-                repo_type="space",
-                folder_path=directory,
-                commit_message="Deploy DeblurDiff",
-                # Files the package no longer has are removed from the Space.
-                delete_patterns=[f"{d}/**" for d in _TOP_DIRS],
-            )
+            # delete_patterns: files the package no longer has leave the Space.
+            api.upload_folder(repo_id=repo_id, repo_type="space", folder_path=directory,
+                              commit_message="Deploy DeblurDiff", delete_patterns=[f"{d}/**" for d in _TOP_DIRS])
         if model:
-            api.add_space_variable(repo_id, MODEL_VARIABLE, model.strip(),
+            api.add_space_variable(repo_id, MODEL_ENV, model.strip(),
                                    description="Weights the app loads (diffusers folder or Hub repo)")
-            out(f"{MODEL_VARIABLE} = {model.strip()}")
+            out(f"{MODEL_ENV} = {model.strip()}")
         else:
-            out(f"no --model: the Space keeps its {MODEL_VARIABLE} variable (without one it starts without weights)")
+            out(f"no --model: the Space keeps its {MODEL_ENV} variable (without one it starts without weights)")
     except DeployError:
         raise
     except Exception as error:  # the Hub client's errors, network errors, ...
@@ -224,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="create or update a ZeroGPU Gradio Space")
     d.add_argument("space", help="the Space, as owner/name")
-    d.add_argument("--model", default=None, help=f"weights the Space loads (sets the {MODEL_VARIABLE} variable)")
+    d.add_argument("--model", default=None, help=f"weights the Space loads (sets the {MODEL_ENV} variable)")
     d.add_argument("--private", action="store_true", help="create the Space private")
     d.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
     d.add_argument("--no-hardware", action="store_true", help="do not ask for ZeroGPU hardware")

@@ -1,17 +1,10 @@
 """Tiled processing for large images, as the reference's tiled mode, and when to use it.
 
-Everything is laid out on the *latent* grid (1/8 of the image): a window is a
-rectangle of latent pixels; the VAE encoder reads it at 8× (image pixels) and the
-decoder writes it at 8×. As in the reference (kkkls/DeblurDiff, ``--tiled``):
-
-* the VAE encoder writes each tile's latent over the previous tiles' (row-major order);
-* the noise predictions and the decoded image are blended with Gaussian weights
-  (standard deviation 0.1 of the tile side), normalised to a partition of unity, so a
-  region covered by one tile is that tile's value.
-
-The pipeline runs untiled (like the reference) unless the estimated peak memory of an
-untiled run exceeds what the device has free: ``estimate_peak_memory`` and
-``should_tile`` below, from measured per-device constants (``PEAK_MEMORY``).
+Windows are laid out on the latent grid (1/8 of the image). As in the reference
+(``--tiled``), the VAE encoder writes each tile's latent over the previous ones; noise
+predictions and decoded images are blended with Gaussian weights (standard deviation 0.1
+of the tile side) normalised to a partition of unity. The pipeline tiles only when an
+untiled run's estimated peak memory does not fit (``should_tile``).
 """
 
 from __future__ import annotations
@@ -28,6 +21,8 @@ import torch
 BLEND_SIGMA = 0.1
 # Images are padded to multiples of this (latents are 1/8 and the UNet halves them 3 times).
 SIZE_MULTIPLE = 64
+# The reference's tiled mode: tiles of 512 image pixels every 256.
+TILE_SIZE, TILE_STRIDE = 512, 256
 
 
 @dataclass(frozen=True)
@@ -48,8 +43,7 @@ class Window:
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
-    """Start offsets of tiles of ``tile`` along ``length`` every ``stride``; the last
-    tile is moved back to end at ``length``. A length that fits in one tile gives [0]."""
+    """Tile starts along ``length`` every ``stride``, the last one moved back to end at ``length``."""
     if tile <= 0 or stride <= 0:
         raise ValueError(f"tile and stride must be positive, got {tile} and {stride}")
     if length <= tile:
@@ -61,10 +55,7 @@ def tile_starts(length: int, tile: int, stride: int) -> list[int]:
 
 
 def sliding_windows(height: int, width: int, tile: int, stride: int) -> list[Window]:
-    """Overlapping windows covering a ``height`` × ``width`` grid, in row-major order.
-
-    Windows are ``tile`` square, clipped to the grid when the grid is smaller (where the
-    reference has no valid tiling), so all windows of one call have the same size."""
+    """Overlapping ``tile``-square windows (clipped to a smaller grid) in row-major order."""
     tile_h, tile_w = min(tile, height), min(tile, width)
     return [
         Window(top, left, tile_h, tile_w)
@@ -83,7 +74,7 @@ def padded(side: int) -> int:
     return math.ceil(side / SIZE_MULTIPLE) * SIZE_MULTIPLE
 
 
-def count_tiles(height: int, width: int, tile_size: int = 512, tile_stride: int = 256) -> int:
+def count_tiles(height: int, width: int, tile_size: int = TILE_SIZE, tile_stride: int = TILE_STRIDE) -> int:
     """How many tiles cover an image of ``height`` × ``width`` pixels (padded to 64)."""
     return len(latent_windows(padded(height) // 8, padded(width) // 8, tile_size, tile_stride))
 
@@ -91,10 +82,8 @@ def count_tiles(height: int, width: int, tile_size: int = 512, tile_stride: int 
 def gaussian_weights(
     height: int, width: int, sigma: float = BLEND_SIGMA, device=None, dtype=torch.float32
 ) -> torch.Tensor:
-    """A separable Gaussian bump (``height``, ``width``), strictly positive; ``sigma`` is
-    relative to each side. Rows are centred at ``height / 2`` and columns at
-    ``(width - 1) / 2``: the reference's half-pixel asymmetry, kept so that the blend is
-    the reference's exactly."""
+    """A separable Gaussian bump, ``sigma`` relative to each side, centred at ``height / 2``
+    and ``(width - 1) / 2``: the reference's half-pixel asymmetry, kept exactly."""
 
     def profile(n, centre):
         pos = torch.arange(n, dtype=torch.float64, device=device)
@@ -112,9 +101,7 @@ def blend_weights(
     device=None,
     dtype=torch.float32,
 ) -> list[torch.Tensor]:
-    """Per-window weights (1, 1, h·factor, w·factor) for output on a grid ``factor`` times
-    finer than the windows', normalised so that at every pixel the weights of the windows
-    covering it sum to one (the reference divides the weighted sum by the summed weights)."""
+    """Per-window weights (1, 1, h·factor, w·factor) that sum to one at every pixel."""
     if not windows:
         raise ValueError("no windows")
     w0 = windows[0]
@@ -144,15 +131,9 @@ def tiled_map(
     out_factor: int = 1,
     batch_size: int = 1,
 ) -> tuple[torch.Tensor, ...]:
-    """Apply ``fn`` window by window and blend its outputs (the one blending routine:
-    noise predictions and decoded images).
-
-    ``inputs`` are sliced at ``in_factor`` × each window; ``fn(*tiles)`` returns one tensor
-    or a tuple, each laid out at ``out_factor`` × the window; ``weights`` come from
-    ``blend_weights(..., factor=out_factor)``. Up to ``batch_size`` windows go through
-    ``fn`` at once, stacked along the batch dimension (B = inputs' batch per window).
-    Returns a tuple of float32 tensors, one per output of ``fn``.
-    """
+    """Apply ``fn`` window by window (``batch_size`` at once, stacked on the batch) and blend
+    its outputs with ``weights``: inputs are sliced at ``in_factor`` × each window, outputs
+    laid out at ``out_factor``. Returns a tuple of float32 tensors, one per output."""
     batch = inputs[0].shape[0]
     grid_h = inputs[0].shape[-2] // in_factor
     grid_w = inputs[0].shape[-1] // in_factor
@@ -176,10 +157,8 @@ def tiled_map(
 def vae_encode_tiled(
     encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, tile_size: int, tile_stride: int
 ) -> torch.Tensor:
-    """``encode(image_tile)`` (latent tiles 8× smaller) over overlapping ``tile_size``-pixel
-    tiles, each written over the previous ones in row-major order (the reference's tiled
-    encoder: no blending). ``images``: (B, 3, H, W), H and W multiples of 8. Returns
-    (B, C, H/8, W/8) float32."""
+    """``encode`` over overlapping tiles, each written over the previous ones (the reference's
+    tiled encoder). Returns (B, C, H/8, W/8) float32."""
     h, w = images.shape[-2] // 8, images.shape[-1] // 8
     latents = None
     for win in latent_windows(h, w, tile_size, tile_stride):
@@ -193,9 +172,8 @@ def vae_encode_tiled(
 def vae_decode_tiled(
     decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, tile_size: int, tile_stride: int
 ) -> torch.Tensor:
-    """Blend ``decode(latent_tile)`` (image tiles 8× larger) over overlapping tiles of
-    ``tile_size`` image pixels with Gaussian weights at image resolution (the reference's
-    tiled decoder). Returns (B, C, 8h, 8w), float32."""
+    """``decode`` over overlapping tiles blended at image resolution (the reference's tiled
+    decoder). Returns (B, C, 8h, 8w) float32."""
     h, w = latents.shape[-2:]
     windows = latent_windows(h, w, tile_size, tile_stride)
     if len(windows) == 1:
@@ -271,7 +249,7 @@ def estimate_peak_memory(
     dtype: torch.dtype = torch.float32,
     guided: bool = False,
     tiled: bool = False,
-    tile_size: int = 512,
+    tile_size: int = TILE_SIZE,
     tile_batch_size: int = 1,
 ) -> int:
     """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
@@ -322,7 +300,7 @@ def should_tile(
     device_type: str = "cpu",
     dtype: torch.dtype = torch.float32,
     guided: bool = False,
-    tile_size: int = 512,
+    tile_size: int = TILE_SIZE,
 ) -> bool:
     """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
     not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``

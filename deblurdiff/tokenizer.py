@@ -1,17 +1,13 @@
 """The text tokenizer DeblurDiff was trained with, shipped with the package (no download).
 
-The reference encodes prompts with OpenCLIP's tokenizer: byte-level BPE over OpenAI CLIP's
-vocabulary (49,408 ids), text cleaned with ftfy, HTML entities unescaped twice, runs of
-whitespace collapsed, lower-cased; ``<start_of_text>`` + ids + ``<end_of_text>``, cut to 77
-with the end token kept last, and padded with id 0 (the token ``!``).
-:class:`OpenCLIPTokenizer` does exactly that, as a ``transformers`` tokenizer so that
-pipelines save and load it like any other component. Its vocabulary file,
-``data/bpe_simple_vocab_16e6.txt.gz`` (1.3 MB, MIT licence, see
-``data/LICENSE-CLIP-vocabulary.txt``), is package data.
-
-transformers' own ``CLIPTokenizer`` uses the same vocabulary but neither ftfy nor HTML
-unescaping, so prompts with entities, curly quotes or full-width characters would get other
-ids than the ones the model was trained on.
+The reference uses OpenCLIP's tokenizer: byte-level BPE over OpenAI CLIP's vocabulary
+(49,408 ids) on text cleaned with ftfy, HTML entities unescaped twice, whitespace
+collapsed, lower-cased; start token, ids, end token, cut to 77 (end kept last), padded
+with id 0. :class:`OpenCLIPTokenizer` does exactly that as a ``transformers`` tokenizer
+(saved and loaded like any component). transformers' ``CLIPTokenizer`` skips ftfy and the
+unescaping, so some prompts would get other ids. The vocabulary
+(``data/bpe_simple_vocab_16e6.txt.gz``, MIT licence, ``data/LICENSE-CLIP-vocabulary.txt``)
+is package data.
 """
 
 from __future__ import annotations

@@ -1,29 +1,17 @@
 """The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
 
-With no ``--model`` (and no ``DEBLURDIFF_MODEL``) the app and the CLI use the checkpoint the
-authors published (``model.pth`` in the Google Drive folder linked from their README,
-github.com/kkkls/DeblurDiff). :func:`official_pipeline` returns a diffusers folder for it:
+With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns a
+diffusers folder for the authors' ``model.pth`` (their Google Drive folder): the cached
+``<cache>/official/diffusers-<dtype>/``, else ``<cache>/official/model.pth`` (downloaded
+with gdown, resumable, when missing) verified and converted once. ``<cache>`` is
+``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
 
-1. ``<cache>/official/diffusers-<dtype>/`` when an earlier start made it: loaded in seconds,
-   nothing downloaded or read again;
-2. else ``<cache>/official/model.pth`` — downloaded with gdown (progress bar, resumable)
-   when missing — is verified and converted once (safetensors, in the dtype the pipeline
-   runs in: half precision on GPUs).
-
-``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache
-directory (``$HF_HOME``, by default ``~/.cache/huggingface``).
-
-What "verified" means, since the authors publish no checksum: gdown compares the bytes
-received with the size Drive announces; then the file must be a PyTorch zip
-archive whose every record passes its CRC-32 check (a partial or damaged transfer fails
-here), that holds tensors only, for the five DeblurDiff networks; and the conversion then
-checks every key and shape. Its SHA-256 and size are recorded beside it
-(``model.pth.sha256``) on first success and checked whenever it is read again. A file that
-fails any check is deleted and never loaded. :data:`OFFICIAL_SHA256` / :data:`OFFICIAL_SIZE`
-pin the expected file once known.
-
-``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading off;
-every failure raises :class:`WeightsUnavailableError` whose message gives the manual steps.
+Verified, since the authors publish no checksum: the size Drive announces, a zip archive
+whose every record passes its CRC-32, tensors only, the five networks, then every key and
+shape at conversion. The SHA-256 and size are recorded beside it (``model.pth.sha256``)
+and checked when it is read again; a file that fails a check is deleted, never loaded.
+``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading
+off; every failure raises :class:`WeightsUnavailableError` with the manual steps.
 """
 
 from __future__ import annotations
@@ -88,8 +76,7 @@ def official_dir(cache_dir=None) -> Path:
 
 
 def download_allowed(allow_download: bool | None = None) -> bool:
-    """False when asked (``--no-download``), or when ``DEBLURDIFF_NO_DOWNLOAD`` or
-    ``HF_HUB_OFFLINE`` is set to a true value."""
+    """``allow_download`` if given, else False when ``DEBLURDIFF_NO_DOWNLOAD`` or ``HF_HUB_OFFLINE`` is set."""
     if allow_download is not None:
         return bool(allow_download)
     return not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
@@ -113,9 +100,7 @@ def _unavailable(problem: str, cache_dir=None) -> WeightsUnavailableError:
 
 # ---------------------------------------------------------------------------- downloading
 def gdown_download(destination: Path) -> None:
-    """Find ``model.pth`` in the authors' Drive folder and download it to ``destination``
-    with gdown: progress bar, resumable (a later start continues an interrupted transfer),
-    checked against the size the server announces."""
+    """Download ``model.pth`` from the authors' Drive folder with gdown (resumable, size-checked)."""
     import gdown
 
     files = gdown.download_folder(id=OFFICIAL_FOLDER_ID, skip_download=True, quiet=True, timeout=(30, 120))
@@ -224,8 +209,7 @@ def _remove(*paths: Path) -> None:
 
 
 def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
-    """Compare a cached checkpoint with its record (SHA-256 and size). ``None`` when they
-    agree; else the reason (the caller deletes the file)."""
+    """``None`` when a cached checkpoint matches its record (SHA-256 and size), else the reason."""
     record = read_record(checkpoint)
     if record is None:
         return "it has no record of a verified download"
@@ -253,8 +237,7 @@ def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
 
 
 def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, cache_dir=None) -> Path:
-    """Download into ``root/model.unverified.pth`` and accept it; a refused file is deleted and
-    fetched again (``DOWNLOAD_ATTEMPTS`` in all)."""
+    """Download into ``root/model.unverified.pth`` and accept it (``DOWNLOAD_ATTEMPTS`` tries)."""
     downloader = downloader or gdown_download
     checkpoint = root / OFFICIAL_FILENAME
     staging = _staging_path(checkpoint)
@@ -298,8 +281,7 @@ def is_complete(folder: Path) -> bool:
 
 
 def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, tokenizer=None, report=_stderr) -> None:
-    """Convert to a diffusers folder (safetensors) next to ``target`` and rename it into place
-    when complete, so that a stopped conversion never leaves a folder that looks usable."""
+    """Convert to a diffusers folder beside ``target``, renamed into place when complete."""
     import time
 
     from .single_file import load_single_file_components
@@ -333,8 +315,8 @@ def official_pipeline(
     cache_dir: str | os.PathLike | None = None,
     report: Callable[[str], None] = _stderr,
 ) -> Path:
-    """The diffusers folder of the official checkpoint in ``dtype``, fetched and converted
-    the first time. Raises :class:`WeightsUnavailableError` with the manual steps."""
+    """The official checkpoint's diffusers folder in ``dtype``, fetched and converted once;
+    raises :class:`WeightsUnavailableError` with the manual steps."""
     from filelock import FileLock
 
     from .single_file import CheckpointError

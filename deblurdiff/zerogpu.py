@@ -2,12 +2,10 @@
 what may be booked at start-up, and how many visitors run at once.
 
 ``spaces`` multiplies the duration given to ``@spaces.GPU`` by its node's
-``duration_factor`` (``spaces/zero/configs.json``: 1.5 on RTX Pro 6000 nodes, 1 on H200;
-``xlarge`` requests are not multiplied) before booking it (``client.get_duration_seconds``,
-rounded when sent to ``/schedule``). The app works in booked seconds, the time ZeroGPU
-reserves and charges to the visitor's quota, and asks ``@spaces.GPU`` for the booking
-divided by that factor: :func:`request_seconds`. The factor is read from ``spaces`` itself,
-never written here.
+``duration_factor`` (1.5 on RTX Pro 6000 nodes, 1 on H200; ``xlarge`` not multiplied)
+before booking it. The app works in booked seconds (what the visitor's quota is charged)
+and asks for the booking divided by that factor, read from ``spaces`` itself:
+:func:`request_seconds`.
 """
 
 from __future__ import annotations

@@ -25,10 +25,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from deblurdiff import aoti  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
+from deblurdiff.parsing import DTYPES  # noqa: E402
 from deblurdiff.pipeline import DeblurDiffPipeline  # noqa: E402
 
 TOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}  # relative to the largest output value
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZES = [(8, 8), (24, 16), (72, 40), (136, 200)]  # latent sides checked against eager
 SPEED_LATENT = (64, 64)  # a 512² image
 

@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from deblurdiff.ops import eac  # noqa: E402
 from deblurdiff.ops.eac import eac_reference, eac_torch  # noqa: E402
+from deblurdiff.parsing import parse_dtype  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 
@@ -147,8 +148,10 @@ def main() -> int:
     import bench_eac
 
     bench_dtypes = [d for d in args.bench_dtypes.split(",") if d]
-    if unknown := set(bench_dtypes) - set(bench_eac.DTYPES):
-        parser.error(f"unknown --bench-dtypes {sorted(unknown)}; choose from {','.join(sorted(bench_eac.DTYPES))}")
+    try:
+        [parse_dtype(d) for d in bench_dtypes]
+    except ValueError as error:
+        parser.error(f"--bench-dtypes: {error}")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 2

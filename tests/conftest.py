@@ -62,8 +62,8 @@ def serve(demo) -> str:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Server, client and model share this process: torch's worker threads would spin
-    against the server's threads (calls take seconds instead of a fraction of one)."""
+    """One intra-op thread: tiny models gain nothing from more, and torch's worker threads
+    would spin against a test server's threads or a busy machine's other work."""
     import torch
 
     before = torch.get_num_threads()

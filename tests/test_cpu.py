@@ -102,28 +102,33 @@ def test_estimate_scales_with_size_steps_and_guidance():
     assert nine_tiles - large == pytest.approx(10 * (9 * step - (large - 4 ** cpu.FIXED_EXPONENT * fixed) / 10))
 
 
-def test_estimate_uses_measured_timing():
-    timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=4.0, width=512, height=512)
-    config = CPUConfig(dtype=torch.bfloat16)
-    mpx = 512 * 512 / 1e6
-    assert estimate_cpu_seconds(512, 512, 20, config=config, timing=timing) == pytest.approx(mpx * (4 + 20 * 10))
-
-
-def test_timing_leaves_out_filter_transforms(monkeypatch):
-    """Encode 3 s (2.5 s of it transforming filters, once), steps 2 s each, decode 1 s."""
+def _timed_run(monkeypatch, transforms: float = 0.0):
+    """A stand-in pipeline on a fake clock: encode 3 s (``transforms`` of it transforming
+    filters, once), steps 2 s each, decode 1 s."""
     clock = {"now": 0.0, "transforms": 0.0}
     monkeypatch.setattr(cpu.time, "perf_counter", lambda: clock["now"])
     monkeypatch.setattr(cpu, "filter_transform_seconds", lambda: clock["transforms"])
 
     def pipe(image, num_inference_steps, callback_on_step_end, **kwargs):
         clock["now"] += 3.0
-        clock["transforms"] += 2.5
+        clock["transforms"] += transforms
         for i in range(num_inference_steps):
             clock["now"] += 2.0
             callback_on_step_end(pipe, i, 0, {})
         clock["now"] += 1.0
 
-    timing = cpu.measure_cpu_timing(pipe, 512, 512, steps=3)
+    return pipe
+
+
+def test_estimate_at_the_measured_size_is_the_measured_time(monkeypatch):
+    timing = cpu.measure_cpu_timing(_timed_run(monkeypatch), 512, 512, steps=3)
+    config = CPUConfig(dtype=torch.bfloat16)
+    assert estimate_cpu_seconds(512, 512, 3, config=config, timing=timing) == pytest.approx(3.0 + 3 * 2.0 + 1.0)
+    assert estimate_cpu_seconds(512, 512, 20, config=config, timing=timing) == pytest.approx(4.0 + 20 * 2.0)
+
+
+def test_timing_leaves_out_filter_transforms(monkeypatch):
+    timing = cpu.measure_cpu_timing(_timed_run(monkeypatch, transforms=2.5), 512, 512, steps=3)
     mpx = 512 * 512 / 1e6
     assert timing.step_s_per_mpx * mpx == pytest.approx(2.0)
     assert timing.fixed_s_per_mpx * mpx == pytest.approx(3.0 + 1.0 - 2.5)

@@ -105,7 +105,7 @@ def test_one_model_call(pipe, ref):
     with torch.no_grad():
         kernels = pipe.lkpn.predict_kernels(c, x, t, text)
     check("lkpn kernels", kernels, ref["kernels"])
-    eps, z_s = pipe.predict_noise(x, t, c, text)
+    eps, z_s = pipe.make_denoiser(c, text)(x, t)
     check("lkpn z_s", z_s, ref["z_s"])
     check("eps", eps, ref["eps"])
 
@@ -115,12 +115,12 @@ def test_model_call_above_the_attention_window(pipe, ref, meta):
     level, 32 in the UNets' middle block); global attention gives a clearly different result."""
     x, c, text = ref["large_x_t"], ref["large_condition"], ref["text_empty"]
     assert list(x.shape[-2:]) == meta["large_latent_size"]
-    eps, z_s = pipe.predict_noise(x, ref["timestep"], c, text)
+    eps, z_s = pipe.make_denoiser(c, text)(x, ref["timestep"])
     check("lkpn z_s, 96x80 latent (windowed attention)", z_s, ref["large_z_s"])
     check("eps, 96x80 latent (windowed attention)", eps, ref["large_eps"])
     try:
         pipe.set_attention_window(None)
-        eps_global, z_s_global = pipe.predict_noise(x, ref["timestep"], c, text)
+        eps_global, z_s_global = pipe.make_denoiser(c, text)(x, ref["timestep"])
     finally:
         pipe.set_attention_window()
     for name, ours, theirs in (("z_s", z_s_global, ref["large_z_s"]), ("eps", eps_global, ref["large_eps"])):
@@ -130,10 +130,10 @@ def test_model_call_above_the_attention_window(pipe, ref, meta):
 
 
 def test_guided_model_call(pipe, ref, meta):
-    eps, _ = pipe.predict_noise(
-        ref["x_t"], ref["timestep"], ref["condition"], ref["text_empty"],
-        negative_prompt_embeds=ref["text_negative"], guidance_scale=meta["cfg_scale"],
+    denoise = pipe.make_denoiser(
+        ref["condition"], ref["text_empty"], ref["text_negative"], guidance_scale=meta["cfg_scale"]
     )
+    eps, _ = denoise(ref["x_t"], ref["timestep"])
     check(f"eps, guidance {meta['cfg_scale']:g}", eps, ref["eps_guided"])
 
 
@@ -176,7 +176,7 @@ def test_three_sampling_steps(pipe, ref, meta, monkeypatch):
     noise = []
     monkeypatch.setattr(scheduling_ddpm, "randn_tensor", lambda shape, **kw: noise.pop().to(kw.get("dtype")))
     for i, t in enumerate(scheduler.timesteps[: meta["steps_run"]]):
-        eps, z_s = pipe.predict_noise(x, t, c, text)
+        eps, z_s = pipe.make_denoiser(c, text)(x, t)
         noise.append(ref[f"sample_noise_{i}"])
         x = scheduler.step(eps, t, x).prev_sample
         assert not noise, "the scheduler did not draw the step's noise"

@@ -102,15 +102,15 @@ def test_batched_guidance_equals_separate_branches(pipe):
     c = torch.randn(1, 4, 8, 8, generator=gen)
     t = torch.tensor(500)
     cond, neg = pipe.encode_prompt("sharp photo"), pipe.encode_prompt("blurry")
-    eps_c, z_c = pipe.predict_noise(x, t, c, cond)
-    eps_u, _ = pipe.predict_noise(x, t, c, neg)
-    eps, z = pipe.predict_noise(x, t, c, cond, neg, guidance_scale=4.0)
+    eps_c, z_c = pipe.make_denoiser(c, cond)(x, t)
+    eps_u, _ = pipe.make_denoiser(c, neg)(x, t)
+    eps, z = pipe.make_denoiser(c, cond, neg, guidance_scale=4.0)(x, t)
     torch.testing.assert_close(eps, eps_u + 4.0 * (eps_c - eps_u), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(z, z_c, atol=1e-5, rtol=1e-4)
     # The unconditional branch may read its own posterior sample, as in the reference.
     c_neg = torch.randn(1, 4, 8, 8, generator=gen)
-    eps_u2, _ = pipe.predict_noise(x, t, c_neg, neg)
-    eps2, z2 = pipe.predict_noise(x, t, c, cond, neg, guidance_scale=4.0, negative_condition=c_neg)
+    eps_u2, _ = pipe.make_denoiser(c_neg, neg)(x, t)
+    eps2, z2 = pipe.make_denoiser(c, cond, neg, guidance_scale=4.0, negative_condition=c_neg)(x, t)
     torch.testing.assert_close(eps2, eps_u2 + 4.0 * (eps_c - eps_u2), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(z2, z_c, atol=1e-5, rtol=1e-4)
 
@@ -119,13 +119,13 @@ def test_guided_call_draws_a_posterior_sample_per_branch(pipe, monkeypatch):
     """``pipe(image, guidance_scale != 1)``: the unconditional branch's condition is a
     second posterior sample, drawn right after the conditional one (the reference's order)."""
     seen = []
-    original = pipe._make_denoiser
+    original = pipe.make_denoiser
 
     def spy(condition, *args, negative_condition=None, **kwargs):
         seen.append((condition, negative_condition))
         return original(condition, *args, negative_condition=negative_condition, **kwargs)
 
-    monkeypatch.setattr(pipe, "_make_denoiser", spy)
+    monkeypatch.setattr(pipe, "make_denoiser", spy)
     image = random_image(64, 64)
     run(pipe, image, output_type="latent", guidance_scale=3.0, num_inference_steps=1)
     condition, negative = seen[0]

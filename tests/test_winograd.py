@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from deblurdiff.ops.winograd import (
     WinogradBudget,
-    disable_winograd,
     enable_winograd,
     filter_transform_seconds,
     im2col_conv2d,
@@ -18,6 +20,9 @@ from deblurdiff.ops.winograd import (
     winograd_matrices,
     winograd_supported,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from baselines import disable_winograd  # noqa: E402  (what the benchmarks compare against)
 
 # Largest error relative to the output's largest value, measured against float64 on
 # random data (observed: F(2, 3) about 5e-7, F(4, 3) about 1e-5, direct float32 3e-7 to 5e-6).

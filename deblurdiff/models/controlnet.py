@@ -28,13 +28,8 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 
 class LatentControlNetModel(ModelMixin, ConfigMixin):
-    """ControlNet conditioned on a latent hint concatenated to the noisy latent.
-
-    ``attention_head_dim`` is the number of channels per head (the reference uses
-    64); each level gets ``channels // attention_head_dim`` heads. ``attention_window``
-    is the side of the reference's attention windows (the same at every level, see
-    :mod:`.windowed_attention`); ``None`` gives global attention.
-    """
+    """ControlNet conditioned on a latent hint concatenated to the noisy latent;
+    ``attention_window``: the same window at every level (``None``: global attention)."""
 
     _supports_gradient_checkpointing = True
     # The reference's ControlNet uses the same attention window at every level.
@@ -146,7 +141,7 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Returns ``(down_block_residuals, mid_block_residual)`` for
         ``UNet2DConditionModel(down_block_additional_residuals=..., mid_block_additional_residual=...)``."""
-        emb = self.time_embedding(self.time_proj(_batched_timesteps(timestep, sample)).to(sample.dtype))
+        emb = self.time_embedding(self.time_proj(batched_timesteps(timestep, sample.shape[0], sample.device)).to(sample.dtype))
 
         h = self.conv_in(torch.cat([sample, hint], dim=1))
         skips = [h]
@@ -162,8 +157,8 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
         return down, self.controlnet_mid_block(h) * conditioning_scale
 
 
-def _batched_timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
-    if not torch.is_tensor(timestep):
-        timestep = torch.tensor([timestep], device=sample.device)
-    timestep = timestep.reshape(-1).to(sample.device)
-    return timestep.expand(sample.shape[0]) if timestep.numel() == 1 else timestep
+def batched_timesteps(timestep, batch: int, device) -> torch.Tensor:
+    """One timestep per sample: a number or a one-element tensor repeated, else as given."""
+    t = timestep if torch.is_tensor(timestep) else torch.tensor([timestep], device=device)
+    t = t.reshape(-1).to(device)
+    return t.expand(batch) if t.numel() == 1 else t

@@ -20,15 +20,9 @@ from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
 class LKPNModel(ModelMixin, ConfigMixin):
-    """``z_s = c + EAC(c, UNet(cat(c, x_t), t, text))``.
-
-    ``attention_head_dim`` is the number of channels per head (64 in the reference).
-    ``attention_window`` is the reference's attention window at the first level (halved
-    per level, see :mod:`.windowed_attention`); ``None`` gives global attention.
-
-    The constructor keeps diffusers' default initialisation (what loading overwrites);
-    a network trained from scratch starts from :meth:`zero_init`, the identity.
-    """
+    """``z_s = c + EAC(c, UNet(cat(c, x_t), t, text))``; ``attention_window``: the first level's
+    window (``None``: global attention). Built with diffusers' default initialisation (what
+    loading overwrites); training from scratch starts from :meth:`zero_init`, the identity."""
 
     _supports_gradient_checkpointing = True
     # Its spatial transformers are those of its UNet (windows halved per level).

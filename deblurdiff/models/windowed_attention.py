@@ -1,22 +1,14 @@
 """Windowed spatial transformers, as in the reference.
 
-The reference's ``SpatialTransformer`` does not attend over the whole feature map: it
-cuts the map into overlapping square windows, runs the whole block (GroupNorm, input
-projection, transformer blocks, output projection) on each window separately, averages
-the overlaps and adds the residual. The window side ``k`` depends on where the block is:
+The reference's ``SpatialTransformer`` runs the whole block (norm, projections,
+transformer blocks) on overlapping square windows of the map, averages the overlaps and
+adds the residual. Window side ``k``: in the SD UNet and the LKPN's UNet 64 at the first
+level, halved at each downsampling and doubled again in the decoder; 64 everywhere in the
+ControlNet. Per dimension the window is ``min(k, side)``: up to a 64×64 latent (512 px)
+this is global attention, above it only windows reproduce the reference.
 
-* SD UNet and the LKPN's UNet: 64 at the first level, halved at each downsampling
-  (down block ``i``: ``64 >> i``; middle block: ``64 >> (levels - 1)``), doubled again in
-  the decoder (up block ``j``: ``64 >> (levels - 1 - j)``);
-* ControlNet: 64 everywhere, middle block included.
-
-Per dimension the window is ``min(k, side)``. Up to a 64×64 latent (512 px) every
-window covers its whole map, and the result is exactly global attention; above that
-it is not, and the official weights only reproduce the reference with windows.
-
-:func:`enable_windowed_attention` sets the windows of a model in place. It replaces the
-``forward`` of each diffusers ``Transformer2DModel`` instance (state-dict keys are not
-touched); a block whose map fits in one window calls the original ``forward`` unchanged.
+:func:`enable_windowed_attention` replaces the ``forward`` of each ``Transformer2DModel``
+instance (state-dict keys untouched); a map that fits one window runs the original.
 """
 
 from __future__ import annotations
@@ -29,15 +21,9 @@ from torch import nn
 
 DEFAULT_WINDOW = 64
 
-__all__ = [
-    "DEFAULT_WINDOW",
-    "attention_windows",
-    "enable_windowed_attention",
-    "ensure_attention_layout",
-    "has_attention_layout",
-    "window_starts",
-    "windowed_transformer_forward",
-]
+__all__ = ["DEFAULT_WINDOW", "attention_windows", "enable_windowed_attention",
+           "ensure_attention_layout", "has_attention_layout", "window_starts",
+           "windowed_transformer_forward"]
 
 
 def window_starts(side: int, k: int) -> list[int]:
@@ -78,14 +64,10 @@ def _window_index(side, k: int, device: torch.device) -> torch.Tensor:
 
 
 def _overlap_add_by_matmul(out: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, b, h, w):
-    """Sum of the window outputs ``out`` ((n_h * n_w * b, c, kh, kw), window-major) at
-    their places, and the number of windows over each pixel, with two products by
-    one-hot placement matrices: ``total = P_h @ windows @ P_w^T``.
-
-    Used when tracing with symbolic sizes: Inductor's ahead-of-time compilation fails on
-    the ``index_add`` (a scatter) with these sizes, and a product only gathers. The
-    one-hot factors are exact; the sums may round in another order than ``index_add``.
-    """
+    """The window outputs summed at their places, and the windows over each pixel, as
+    ``P_h @ windows @ P_w^T`` with one-hot placement matrices: under symbolic sizes Inductor's
+    ahead-of-time compilation fails on ``index_add``'s scatter. The factors are exact; sums
+    may round in another order."""
     n_h, kh = rows.shape
     n_w, kw = cols.shape
     c = out.shape[1]
@@ -99,12 +81,9 @@ def _overlap_add_by_matmul(out: torch.Tensor, rows: torch.Tensor, cols: torch.Te
 
 
 def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-    """``Transformer2DModel.forward`` run on the reference's windows of ``hidden_states``.
-
-    The windows are gathered with index tensors and the outputs summed back with
-    ``index_add``, so the same code runs eagerly and under ``torch.export`` with
-    symbolic height and width (where the number of windows is a symbolic size too).
-    """
+    """``Transformer2DModel.forward`` on the reference's windows of ``hidden_states``: gathered
+    with index tensors and summed back with ``index_add``, so the same code runs eagerly and
+    under ``torch.export`` with symbolic height and width."""
     window = getattr(self, "attention_window", None)
     original = type(self).forward
     if window is None or hidden_states.ndim != 4:
@@ -165,12 +144,8 @@ def _set_window(module: nn.Module, window: int | None) -> None:
 
 def attention_windows(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> dict[str, int | None]:
     """The reference's window side for each spatial transformer of ``model``, by module name.
-
-    ``model`` is a ``UNet2DConditionModel`` (halving per level, mirrored in the decoder),
-    a ``LatentControlNetModel`` (``base`` everywhere) or an ``LKPNModel`` (its UNet).
-    Models say how they are laid out through two class attributes, so that this module
-    needs none of them: ``attention_window_root`` (the submodule holding the blocks) and
-    ``attention_window_per_level`` (False: the same window at every level)."""
+    Models describe their layout with two class attributes: ``attention_window_root`` (the
+    submodule holding the blocks) and ``attention_window_per_level`` (False: one window)."""
     root = getattr(model, "attention_window_root", None)
     if root:
         inner = attention_windows(model.get_submodule(root), base)
@@ -197,10 +172,8 @@ def attention_windows(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> di
 
 
 def enable_windowed_attention(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> dict[str, int | None]:
-    """Give every spatial transformer of ``model`` the reference's window (in place).
-
-    ``base`` is the window at the first level (64 in the reference); ``None`` restores
-    global attention. Returns the window per module name."""
+    """Give every spatial transformer of ``model`` the reference's window, ``base`` at the first
+    level (``None``: global attention), in place; returns the window per module name."""
     windows = attention_windows(model, base)
     for name, window in windows.items():
         _set_window(model.get_submodule(name), window)
@@ -208,15 +181,13 @@ def enable_windowed_attention(model: nn.Module, base: int | None = DEFAULT_WINDO
 
 
 def has_attention_layout(model: nn.Module) -> bool:
-    """Whether the spatial transformers of ``model`` were given a layout (windows, or
-    ``None`` for global attention) by :func:`enable_windowed_attention`."""
+    """Whether :func:`enable_windowed_attention` gave ``model`` a layout (windows or global)."""
     return any(hasattr(model.get_submodule(name), "attention_window") for name in attention_windows(model))
 
 
 def ensure_attention_layout(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> bool:
-    """Give ``model`` the reference's windows (first-level side ``base``) unless it has a
-    layout already, which is kept. Meant for the moment a model is built or loaded (a plain
-    diffusers ``UNet2DConditionModel`` has none); returns whether it set one."""
+    """Give ``model`` the reference's windows unless it has a layout already (a plain diffusers
+    UNet just loaded has none); returns whether it set one."""
     if has_attention_layout(model):
         return False
     enable_windowed_attention(model, base)

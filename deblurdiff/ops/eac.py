@@ -1,34 +1,17 @@
 """Element-wise adaptive convolution (EAC): every pixel gets its own k×k kernel.
 
-DeblurDiff's LKPN predicts one k×k kernel per latent pixel (and per channel group);
-EAC applies them to the blurry latent ``c``::
-
     out[b, c, h, w] = sum_{i,j} kernels[b, g(c), i, j, h, w] * x[b, c, h + i - k//2, w + j - k//2]
 
-with zero padding outside the image (stride 1, output the size of ``x``).
-``x`` is (B, C, H, W); ``kernels`` is (B, G*k*k, H, W), read as (B, G, k, k, H, W);
-channel ``c`` uses group ``g(c) = c // (C // G)``; ``k`` is odd (DeblurDiff: k = 5,
-G = C = 4). ``residual=True`` returns ``x + EAC(x, kernels)``.
+with zero padding. ``x`` is (B, C, H, W); ``kernels`` (B, G*k*k, H, W) with odd ``k``;
+channel ``c`` uses group ``c // (C // G)`` (DeblurDiff: k = 5, G = C = 4).
+``residual=True`` returns ``x + EAC(x, kernels)``.
 
-Implementations:
-
-* :func:`eac_reference` -- readable shifted sums, any dtype (float64 for gradcheck);
-  the ground truth of the tests.
-* :func:`eac_unfold`, :func:`eac_shifted` -- the usual PyTorch formulations, kept as
-  benchmark baselines.
-* :func:`eac_torch` -- the fast PyTorch path (CPU, or CUDA without Triton): one
-  in-place multiply-add per tap over cache-sized blocks, float32 accumulation for
-  float16/bfloat16, and a hand-written backward.
-* ``eac_triton.eac_triton`` -- fused Triton kernels (forward and both gradients).
-
-The first four live in :mod:`.eac_pytorch`, the Triton kernels in :mod:`.eac_triton`;
-both register custom operators (``torch.library``) so that ``torch.export`` and
-``torch.compile`` see EAC as one node with dynamic shapes, and Inductor compiles the
-Triton kernels into its graph.
-
-:func:`eac` picks one: Triton for CUDA tensors when ``triton`` imports, the PyTorch
-path otherwise. The environment variable ``DEBLURDIFF_EAC_BACKEND`` (``auto``,
-``torch`` or ``triton``) overrides the choice.
+:func:`eac_reference` (readable, any dtype) and :func:`eac_torch` (blocked in-place
+multiply-adds, float32 accumulation, hand-written backward) live in :mod:`.eac_pytorch`,
+the Triton kernels in :mod:`.eac_triton`; both are custom operators, so ``torch.export``
+and ``torch.compile`` see one node. :func:`eac` uses Triton for CUDA tensors when it
+imports, else PyTorch; ``DEBLURDIFF_EAC_BACKEND`` (``auto``, ``torch``, ``triton``)
+overrides the choice.
 """
 
 from __future__ import annotations
@@ -37,10 +20,10 @@ import os
 
 import torch
 
-from .eac_pytorch import eac_reference, eac_shifted, eac_torch, eac_unfold
+from .eac_pytorch import eac_reference, eac_torch
 from .eac_shapes import eac_geometry
 
-__all__ = ["eac", "eac_reference", "eac_torch", "eac_unfold", "eac_shifted", "eac_geometry", "BACKEND_ENV"]
+__all__ = ["eac", "eac_reference", "eac_torch", "eac_geometry", "BACKEND_ENV"]
 
 BACKEND_ENV = "DEBLURDIFF_EAC_BACKEND"
 _BACKENDS = ("auto", "torch", "triton")
@@ -77,13 +60,9 @@ def _choose_backend(x: torch.Tensor, backend: str | None) -> str:
 def eac(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, backend: str | None = None,
         *, groups: int | None = None) -> torch.Tensor:
     """Element-wise adaptive convolution; ``x + EAC(x, kernels)`` with ``residual=True``.
-
-    ``x``: (B, C, H, W); ``kernels``: (B, G*k*k, H, W) with odd k and C a multiple of G
-    (G inferred, see :func:`eac_geometry`, or given as ``groups``). ``backend``: None or
-    ``"auto"`` (Triton for CUDA tensors when available, else PyTorch), ``"torch"`` or
-    ``"triton"``. With None/``"auto"``, ``DEBLURDIFF_EAC_BACKEND`` forces a backend.
-    Differentiable in both inputs on every backend.
-    """
+    ``backend``: None/``"auto"`` (Triton for CUDA tensors when available, unless
+    ``DEBLURDIFF_EAC_BACKEND`` says otherwise), ``"torch"`` or ``"triton"``. Differentiable
+    in both inputs on every backend."""
     eac_geometry(x, kernels, groups)
     chosen = _choose_backend(x, backend)
     if chosen == "triton":

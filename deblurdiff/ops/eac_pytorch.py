@@ -1,4 +1,4 @@
-"""EAC in plain PyTorch: the readable reference, two baselines and the fast path.
+"""EAC in plain PyTorch: the readable reference and the fast path.
 
 See :mod:`deblurdiff.ops.eac` for the operator and the dispatch between backends.
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .eac_shapes import common_dtype, eac_geometry
 
-__all__ = ["eac_reference", "eac_torch", "eac_unfold", "eac_shifted"]
+__all__ = ["eac_reference", "eac_torch"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -38,31 +38,6 @@ def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False
         for j in range(k):
             out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
     return out + x if residual else out
-
-
-def eac_unfold(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
-    """Baseline: ``F.unfold`` the k×k neighbourhoods, multiply, sum (autograd)."""
-    G, k = eac_geometry(x, kernels, groups)
-    x, kernels = common_dtype(x, kernels)
-    B, C, H, W = x.shape
-    patches = F.unfold(x, k, padding=k // 2).view(B, G, C // G, k * k, H, W)
-    out = (patches * kernels.reshape(B, G, 1, k * k, H, W)).sum(3).view(B, C, H, W)
-    return out + x if residual else out
-
-
-def eac_shifted(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
-    """Baseline: out-of-place shifted sums on a padded ``x`` (autograd)."""
-    G, k = eac_geometry(x, kernels, groups)
-    x, kernels = common_dtype(x, kernels)
-    B, C, H, W = x.shape
-    p = k // 2
-    xp = F.pad(x, (p, p, p, p)).reshape(B, G, C // G, H + 2 * p, W + 2 * p)
-    kv = kernels.reshape(B, G, 1, k * k, H, W)
-    out = x.reshape(B, G, C // G, H, W) if residual else 0
-    for t in range(k * k):
-        i, j = divmod(t, k)
-        out = out + xp[..., i : i + H, j : j + W] * kv[:, :, :, t]
-    return out.reshape(B, C, H, W)
 
 
 # The fast PyTorch path ----------------------------------------------------------------
@@ -114,14 +89,9 @@ def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
 
 
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
-    """Blocked shifted multiply-adds on a zero-padded ``x``; float32 accumulation for halves.
-
-    The planes (b, g) are processed in cache-sized blocks of rows; inside a block each
-    of the k*k taps is one in-place ``addcmul_`` (shifted x rows times that tap's
-    kernel rows) into the accumulator. Half-precision kernels are read as they are:
-    ``addcmul_`` into a float32 accumulator widens them on the fly, which is much faster
-    than converting them first.
-    """
+    """Blocked shifted multiply-adds on a zero-padded ``x``: per cache-sized block of rows,
+    one in-place ``addcmul_`` per tap into a float32 accumulator, which also widens
+    half-precision kernels on the fly (much faster than converting them first)."""
     B, C, H, W = x.shape
     n, p, P = C // G, k // 2, B * G
     acc_dtype = torch.float32 if x.dtype in _HALF else x.dtype

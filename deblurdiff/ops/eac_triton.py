@@ -1,39 +1,25 @@
-"""Triton kernels for EAC (element-wise adaptive convolution), forward and backward.
+"""Triton kernels for EAC (:mod:`deblurdiff.ops.eac`), forward and backward.
 
-See :mod:`deblurdiff.ops.eac` for the operator::
+EAC is bandwidth bound (each per-pixel kernel value is used once), so every kernel
+streams the kernels once, coalesced along W, and keeps the shifted re-reads of the small
+``x`` (or ``grad_out``) tile in cache. A program owns a BLOCK_H x BLOCK_W tile of one
+(b, c) plane (forward, grad_x) or (b, g) plane (grad_kernels) and unrolls the k*k taps.
+Loads are in the input dtype, arithmetic in float32; explicit strides (no copies); the
+residual is fused.
 
-    out[b, c, h, w] = sum_{i,j} kernels[b, g(c), i, j, h, w] * x[b, c, h + i - k//2, w + j - k//2]
+The launches are ``torch.library.triton_op`` custom operators with an autograd formula:
+``torch.export`` keeps them as nodes and Inductor compiles them into its graph. With
+symbolic sizes the 8 x 64 tiles are used for every size (they change the work split,
+not the arithmetic).
 
-EAC is bandwidth bound: for every output value it reads k*k kernel values that are
-used exactly once, so each kernel below streams the per-pixel kernels once, with
-loads coalesced along W, and keeps the shifted re-reads of the small ``x`` (or
-``grad_out``) tile in cache. Each program owns a BLOCK_H x BLOCK_W tile of one
-(b, c) plane (forward, grad_x) or one (b, g) plane (grad_kernels) and loops over the
-k*k taps unrolled at compile time (``K`` is a constexpr). Loads are in the input
-dtype (float32, float16 or bfloat16), arithmetic and accumulation in float32.
-Strides are passed explicitly, so non-contiguous inputs need no copy; the residual
-``x +`` is fused into the forward (and its gradient into grad_x).
+Triton vectorises loads along W only where it knows row starts are aligned, which a
+width of 8 mod 16 (the project's dynamic ``W = 8 * s``) is not: the launcher passes
+``ALIGN = 8`` when it can prove the widths and strides multiples of 8 (:func:`alignment`)
+and the kernels round down to multiples of ALIGN, which changes no value.
+``tests/test_triton_compile.py`` checks the load widths for sm_90, sm_100 and sm_120.
 
-The three launches are custom operators made with ``torch.library.triton_op``
-(``deblurdiff::eac_triton_forward``, ``..._grad_x``, ``..._grad_kernels``, with an
-autograd formula): ``torch.export`` keeps them as nodes, and Inductor (``torch.compile``
-and ahead-of-time compilation) sees through them and launches the kernels from the
-compiled graph. With symbolic sizes (dynamic-shape tracing) the launch configuration
-cannot depend on the size, and the 8 x 64 tiles are used for every size; the tiles only
-change the work split, not the arithmetic.
-
-Loads are vectorised along W only where the compiler knows the row starts are aligned.
-Triton's specialisation marks integers divisible by 16 (AOTInductor: those it can prove
-so), which a row width of 8 mod 16 is not: the project's dynamic ``W = 8 * s`` and any
-eager latent width of 8 * odd. So the launcher passes ``ALIGN = 8`` when it can prove
-the row width and the batch, channel and row strides multiples of 8 (:func:`alignment`),
-and the kernels round those down to multiples of ALIGN, which changes no value but
-tells the compiler. ``tests/test_triton_compile.py`` compiles every kernel as the
-launchers (:func:`forward_launch`, :func:`grad_x_launch`, :func:`grad_kernels_launch`)
-launch it, for sm_90, sm_100 and sm_120, and checks the load widths.
-
-Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before this
-module is imported) the kernels also run on CPU tensors, which the tests use.
+Importing this module imports triton; under ``TRITON_INTERPRET=1`` the kernels also run
+on CPU tensors (the tests use that).
 """
 
 from __future__ import annotations

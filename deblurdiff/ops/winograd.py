@@ -1,23 +1,14 @@
 """3×3 convolutions by Winograd's minimal filtering, F(m×m, 3×3), for float32 on the CPU.
 
-A 3×3 convolution computes each m×m output tile from an (m+2)×(m+2) input tile with
-9·m² multiplications; Winograd's algorithm does it with (m+2)² (Lavin & Gray, 2015):
-the input tiles and the filters are transformed (``V = Bᵀ d B``, ``U = G g Gᵀ``), the
-transformed values are multiplied channel-wise, which is one batched matrix product
-over the (m+2)² positions, and the result is transformed back (``Y = Aᵀ M A``).
-F(2×2, 3×3) needs 2.25× fewer multiplications, F(4×4, 3×3) 4× fewer; both leave the
-arithmetic to MKL's GEMM, which runs closer to the CPU's peak than oneDNN's direct
-convolution does on AVX2. The filters are transformed once (in float64) and kept.
+Input tiles and filters are transformed (``V = Bᵀ d B``, ``U = G g Gᵀ``), multiplied
+channel-wise as one batched matrix product and transformed back (``Y = Aᵀ M A``; Lavin &
+Gray, 2015): 2.25× (m = 2) or 4× (m = 4) fewer multiplications, done by MKL's GEMM, which
+runs closer to peak than oneDNN's direct convolution on AVX2. Filters are transformed
+once, in float64, and kept: (m+2)²/9 of the filter's size on top of the weights.
 
-Accuracy, the largest error against float64 relative to the output's largest value, on
-random data (``tests/test_winograd.py``, ``benchmarks/bench_winograd.py``): F(2, 3)
-about 4e-7, F(4, 3) 4e-6 to 1.4e-5; oneDNN's own float32 convolution gives 3e-7 to 9e-7
-with AVX-512 and 2e-6 to 9e-6 with AVX2 alone. That is float32-level (the TF32
-convolutions that PyTorch runs by default on recent GPUs, where the reference runs,
-round to about 1e-3).
-
-Memory: the transformed filters take (m+2)²/9 of the filter's size (1.8× for m = 2,
-4× for m = 4), on top of the original weights, which stay as they are.
+Largest error against float64 relative to the output's largest value
+(``tests/test_winograd.py``): F(2, 3) about 4e-7, F(4, 3) 4e-6 to 1.4e-5, against 3e-7 to
+9e-6 for oneDNN's own float32 convolution: float32-level (TF32 on GPUs rounds to 1e-3).
 """
 
 from __future__ import annotations
@@ -28,20 +19,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = [
-    "DEFAULT_PLAN",
-    "WINOGRAD_TILES",
-    "WinogradBudget",
-    "im2col_conv2d",
-    "disable_winograd",
-    "enable_winograd",
-    "filter_transform_seconds",
-    "winograd_bytes",
-    "winograd_conv2d",
-    "winograd_filters",
-    "winograd_matrices",
-    "winograd_supported",
-]
+__all__ = ["DEFAULT_PLAN", "WINOGRAD_TILES", "WinogradBudget", "im2col_conv2d", "enable_winograd",
+           "filter_transform_seconds", "winograd_bytes", "winograd_conv2d", "winograd_filters",
+           "winograd_matrices", "winograd_supported"]
 
 WINOGRAD_TILES = (2, 4)
 
@@ -227,18 +207,13 @@ def _cached_filters(conv, tile: int) -> torch.Tensor | None:
 
 def enable_winograd(module: torch.nn.Module, plan: tuple[tuple[int, int], ...] = DEFAULT_PLAN,
                     im2col_max_size: int = 16, budget: WinogradBudget | int | None = None) -> int:
-    """Run ``module``'s plain 3×3 convolutions faster where the input is float32 on the
-    CPU and no gradient is being recorded (everything else runs as before).
+    """Run ``module``'s plain 3×3 convolutions faster for float32 CPU inputs without autograd.
 
-    ``plan``: ``(min_side, m)`` pairs, largest first: F(m, 3) on inputs whose smaller
-    side is at least ``min_side``. Inputs no Winograd tile is planned for (or whose
-    filters do not fit the budget) with sides of at most ``im2col_max_size`` run by
-    :func:`im2col_conv2d`, the rest by oneDNN as before. Convolutions with stride 2
-    (downsampling) are only ever unfolded.
-
-    Transformed filters are made when a convolution first runs at a size that uses them,
-    and kept; ``budget`` (bytes, or a :class:`WinogradBudget` shared between models) caps
-    them. Returns the number of convolutions set up."""
+    ``plan``: ``(min_side, m)`` pairs, largest first: F(m, 3) where the smaller side is at
+    least ``min_side``; other sides up to ``im2col_max_size`` (and stride-2 convolutions)
+    are unfolded (:func:`im2col_conv2d`), the rest run by oneDNN. Transformed filters are
+    made on first use and kept within ``budget`` (bytes or a shared :class:`WinogradBudget`).
+    Returns the number of convolutions set up."""
     for _, tile in plan:
         if tile not in WINOGRAD_TILES:
             raise ValueError(f"Winograd tile size must be one of {WINOGRAD_TILES}, got {tile}")
@@ -255,14 +230,6 @@ def enable_winograd(module: torch.nn.Module, plan: tuple[tuple[int, int], ...] =
         conv.forward = _winograd_forward.__get__(conv)
         count += 1
     return count
-
-
-def disable_winograd(module: torch.nn.Module) -> None:
-    """Undo :func:`enable_winograd` (and free the transformed filters)."""
-    for conv in module.modules():
-        if "_winograd_cache" in conv.__dict__:
-            for name in ("forward", "_winograd_plan", "_im2col_max_size", "_winograd_budget", "_winograd_cache"):
-                conv.__dict__.pop(name, None)
 
 
 def winograd_bytes(module: torch.nn.Module) -> int:

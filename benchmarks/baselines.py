@@ -1,0 +1,43 @@
+"""What the benchmarks compare the package's paths against: the usual PyTorch
+formulations of EAC (``bench_eac.py``; ``tests/test_eac.py`` checks them against
+``eac_reference``) and plain convolutions in place of Winograd ones (``bench_model.py``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from deblurdiff.ops.eac_shapes import common_dtype, eac_geometry
+
+
+def eac_unfold(x, kernels, residual: bool = False, groups: int | None = None):
+    """``F.unfold`` the k×k neighbourhoods, multiply, sum (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    patches = F.unfold(x, k, padding=k // 2).view(B, G, C // G, k * k, H, W)
+    out = (patches * kernels.reshape(B, G, 1, k * k, H, W)).sum(3).view(B, C, H, W)
+    return out + x if residual else out
+
+
+def eac_shifted(x, kernels, residual: bool = False, groups: int | None = None):
+    """Out-of-place shifted sums on a padded ``x`` (autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    p = k // 2
+    xp = F.pad(x, (p, p, p, p)).reshape(B, G, C // G, H + 2 * p, W + 2 * p)
+    kv = kernels.reshape(B, G, 1, k * k, H, W)
+    out = x.reshape(B, G, C // G, H, W) if residual else 0
+    for t in range(k * k):
+        i, j = divmod(t, k)
+        out = out + xp[..., i : i + H, j : j + W] * kv[:, :, :, t]
+    return out.reshape(B, C, H, W)
+
+
+def disable_winograd(module: torch.nn.Module) -> None:
+    """Undo ``ops.winograd.enable_winograd``: plain convolutions, transformed filters freed."""
+    for conv in module.modules():
+        if "_winograd_cache" in conv.__dict__:
+            for name in ("forward", "_winograd_plan", "_im2col_max_size", "_winograd_budget", "_winograd_cache"):
+                conv.__dict__.pop(name, None)
