@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .cpu import CPUConfig, CPUTiming, choose_cpu_config, estimate_cpu_seconds, guided_branches
-from .tiling import count_tiles, padded
+from .tiling import TILE_SIZE, TILE_STRIDE, count_tiles, padded
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TILE = 512
-DEFAULT_STRIDE = 256
 
 # Seconds per megapixel: (one denoising step, VAE encode + decode), full-size model.
 # "cuda": an ESTIMATE for an H100/H200-class GPU in half precision, not yet measured on a GPU.
@@ -45,7 +43,7 @@ DEFAULT_GPU_CAP_SECONDS = 40 * 60
 
 
 def processed_megapixels(
-    width: int, height: int, tiled: bool, tile: int = DEFAULT_TILE, stride: int = DEFAULT_STRIDE
+    width: int, height: int, tiled: bool, tile: int = TILE_SIZE, stride: int = TILE_STRIDE
 ) -> float:
     """Megapixels the networks process: the padded image, or the sum of its tiles."""
     w, h = padded(width), padded(height)
@@ -87,7 +85,7 @@ class SpeedModel:
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
         tiled = self._tiled(width, height, tiled)
         if self.device == "cpu":
-            tiles = count_tiles(height, width, DEFAULT_TILE, DEFAULT_STRIDE) if tiled else None
+            tiles = count_tiles(height, width, TILE_SIZE, TILE_STRIDE) if tiled else None
             return estimate_cpu_seconds(
                 width, height, steps, guidance_scale, config=self.cpu_config, timing=self.cpu_timing, tiles=tiles
             )
