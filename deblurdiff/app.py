@@ -53,6 +53,7 @@ from .estimates import (
 )
 from .image_io import InvalidInputError
 from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
+from .parsing import parse_flag
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
 from .run_control import RunControl
 from .service import (
@@ -220,15 +221,10 @@ def run_on_device(runtime_id: int, image, options: RestoreOptions, slot: int) ->
 
 
 def _to_bool(value, label: str, default: bool) -> bool:
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
-    raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
+    flag = default if value is None else parse_flag(value)
+    if flag is None:
+        raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
+    return flag
 
 
 def _user_error(message: str, title: str = "Error") -> gr.Error:
@@ -280,7 +276,7 @@ class DeblurApp:
         self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-results-", dir=cache))
         atexit.register(shutil.rmtree, self.output_root, True)
         device_type = pipe.device.type if pipe is not None else "cpu"
-        self.should_tile = getattr(pipe, "should_tile", None)
+        self.should_tile = pipe.should_tile if pipe is not None else None
         self.cpu_config = None
         if device_type == "cpu" and pipe is not None:
             self.cpu_config = choose_cpu_config(dtype=pipe.unet.dtype)
@@ -468,8 +464,6 @@ class DeblurApp:
             logger.exception("out of memory")
             raise _user_error("The server ran out of memory on this image. Try a smaller image, or turn tiling on.", "Out of memory") from None
         except Exception as exc:
-            import torch
-
             if isinstance(exc, torch.OutOfMemoryError):
                 logger.exception("out of GPU memory")
                 raise _user_error("The GPU ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).", "Out of memory") from None

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .image_io import InvalidInputError
+from .parsing import parse_flag
 from .pipeline import DEFAULT_STEPS, SAMPLERS
 
 MIN_STEPS, MAX_STEPS = 1, 100
@@ -108,11 +109,12 @@ def parse_tiling(value) -> bool | None:
     """``"auto"`` → None (the pipeline decides), ``"on"`` → True, ``"off"`` → False."""
     if value is None or value is True or value is False:
         return value
-    text = str(value).strip().lower()
-    mapping = {"auto": None, "": None, "on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
-    if text not in mapping:
+    if str(value).strip().lower() in ("auto", ""):
+        return None
+    flag = parse_flag(str(value))
+    if flag is None:
         raise InvalidInputError(f"Tiling must be one of {', '.join(TILING_CHOICES)}; got {value!r}.")
-    return mapping[text]
+    return flag
 
 
 def validate_prompt(value, label: str, default: str | None) -> str | None:
