@@ -26,12 +26,8 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deblurdiff.cpu import (  # noqa: E402
-    choose_cpu_config,
-    describe_cpu,
-    estimate_cpu_seconds,
-    prepare_cpu_pipeline,
-)
+from deblurdiff.cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline  # noqa: E402
+from deblurdiff.estimates import estimate_cpu_seconds  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.pipeline import DeblurDiffPipeline  # noqa: E402
 

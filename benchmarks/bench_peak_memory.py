@@ -1,9 +1,9 @@
 """Peak memory of one untiled DeblurDiffPipeline call, full-size models, a few sizes.
 
 Fits ``peak - weights = constant + bytes_per_latent_pixel * latent pixels`` (weights
-resident before the call are not counted), which is what ``deblurdiff.tiling``'s memory
-model stores per device type and dtype. Random weights: memory is the real one, the
-images are not deblurring results.
+resident before the call are not counted): the memory model in ``deblurdiff.estimates``
+(scaled by bytes per element for other dtypes). Random weights: memory is the real one,
+the images are not deblurring results.
 
     python benchmarks/bench_peak_memory.py                      # CPU, float32
     python benchmarks/bench_peak_memory.py --device cuda --dtype fp16

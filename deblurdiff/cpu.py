@@ -1,5 +1,5 @@
 """Running on a CPU: what the processor can do, the fastest safe configuration for it,
-and time estimates.
+and its measured speed (time estimates: deblurdiff.estimates).
 
 bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX);
 elsewhere it is over 100× slower than float32, so it is chosen only after checking.
@@ -21,11 +21,10 @@ import torch
 
 from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
-from .tiling import TILE_SIZE, padded
+from .tiling import padded
 
 __all__ = ["CPUConfig", "CPUFeatures", "CPUTiming", "choose_cpu_config", "cpu_features", "describe_cpu",
-           "enable_cpu_winograd", "measure_cpu_timing", "estimate_cpu_seconds", "guided_branches",
-           "prepare_cpu_pipeline"]
+           "enable_cpu_winograd", "measure_cpu_timing", "prepare_cpu_pipeline"]
 
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
@@ -200,7 +199,7 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
     and time it at ``config.warmup_size``, reporting through ``progress``.
 
     Returns the per-megapixel step and fixed (VAE) times (``measure=False``: None), for
-    :func:`estimate_cpu_seconds`."""
+    :func:`deblurdiff.estimates.estimate_cpu_seconds`."""
     say = progress or (lambda message: None)
     # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
     # results far below float32 rounding of the outputs.
@@ -238,61 +237,6 @@ def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2
     step = stamps[-1] - stamps[-2] if len(stamps) >= 2 else total / (steps + 1)
     mpx = padded(width) * padded(height) / 1e6
     return CPUTiming(step / mpx, max(total - steps * step, 0.0) / mpx, width, height)
-
-
-# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest), full-size
-# random weights, 2 threads. Used until the pipeline has been timed on this machine;
-# scaled by thread count. bfloat16: an AMD EPYC with AVX-512 BF16 (benchmarks/
-# bench_inference.py, bench_model.py). float32, chosen on CPUs without native bf16: an AMD
-# EPYC with AVX2 only, 3-step runs with Winograd convolutions (27.8 s per step per
-# megapixel, 51.0 s for the rest; benchmarks/results/cpu_estimate.txt), given here without
-# Winograd (times WINOGRAD_SPEEDUP).
-REFERENCE_THREADS = 2
-DEFAULT_CPU_SPEEDS = {"float32": (38.9, 70.4), "bfloat16": (6.5, 28.8)}
-# Winograd convolutions (float32): (per step, VAE encode + decode) speed-ups measured at
-# 512² on 2 AVX2 cores, Intel Xeon capped at AVX2 (benchmarks/results/cpu_estimate.txt):
-# 39.1 -> 27.9 s per step per megapixel, VAE 24.8 -> 18.0 s.
-WINOGRAD_SPEEDUP = (1.40, 1.38)
-# Time grows faster than the pixel count (activations outgrow the caches; the VAE's
-# middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
-# megapixels ** 1.14, from float32 eager at 512² and 1024² (5.7× and 4.9× for 4× pixels).
-STEP_EXPONENT = 1.25
-FIXED_EXPONENT = 1.14
-
-
-def _scaled(seconds_per_mpx: float, mpx: float, at_mpx: float, exponent: float) -> float:
-    """Seconds for ``mpx`` given ``seconds_per_mpx`` measured at ``at_mpx``."""
-    return seconds_per_mpx * at_mpx * (mpx / at_mpx) ** exponent
-
-
-def guided_branches(guidance_scale: float | None) -> int:
-    """Classifier-free guidance (any scale but 1) runs the networks twice per step."""
-    return 2 if guidance_scale is not None and float(guidance_scale) != 1.0 else 1
-
-
-def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
-                         config: CPUConfig | None = None, timing: CPUTiming | None = None,
-                         tiles: int | None = None, tile_size: int = TILE_SIZE) -> float:
-    """Seconds for one image of ``width``×``height`` on this CPU.
-
-    Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the
-    defaults measured for ``config`` on the reference machine, scaled by thread count.
-    ``tiles``: the number of ``tile_size`` tiles when the image runs tiled (None:
-    untiled)."""
-    config = config or choose_cpu_config()
-    image_mpx = padded(width) * padded(height) / 1e6
-    if timing is not None:
-        step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
-        at_mpx = padded(timing.width) * padded(timing.height) / 1e6
-    else:
-        scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
-        default_step, default_fixed = DEFAULT_CPU_SPEEDS[config.dtype_name]
-        step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
-        if config.winograd:
-            step, fixed = step / WINOGRAD_SPEEDUP[0], fixed / WINOGRAD_SPEEDUP[1]
-    pass_mpx = (tile_size * tile_size if tiles else padded(width) * padded(height)) / 1e6
-    step_seconds = (tiles or 1) * _scaled(step, pass_mpx, at_mpx, STEP_EXPONENT)
-    return _scaled(fixed, image_mpx, at_mpx, FIXED_EXPONENT) + steps * guided_branches(guidance_scale) * step_seconds
 
 
 def describe_cpu(features: CPUFeatures | None = None) -> str:

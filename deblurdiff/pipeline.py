@@ -37,9 +37,10 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .models import LatentControlNetModel, LKPNModel
 from .models.controlnet import batched_timesteps
 from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
-from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, available_memory, blend_weights, check_tiling,
-                     latent_windows, tiled_map, vae_decode_tiled, vae_encode_tiled)
-from .tiling import should_tile as _should_tile_for_memory
+from .estimates import available_memory
+from .estimates import should_tile as _should_tile_for_memory
+from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, blend_weights, check_tiling, latent_windows, tiled_map,
+                     vae_decode_tiled, vae_encode_tiled)
 
 logger = logging.get_logger(__name__)
 
@@ -255,7 +256,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         self._text_encoder_loader: Callable[[], CLIPTextModel] | None = None
         self._samplers: dict = {}
         # Bytes a call may use above the resident weights before ``tiled=None`` switches to
-        # tiles; None: what the device has free at call time (tiling.available_memory).
+        # tiles; None: what the device has free at call time (estimates.available_memory).
         self.memory_budget: int | None = None
         self.tile_batch_size = 1
         # With float16 weights, run the VAE in float32 when its config says it overflows.

@@ -1,16 +1,15 @@
-"""Tiled processing for large images, as the reference's tiled mode, and when to use it.
+"""Tiled processing for large images, as the reference's tiled mode.
 
 Windows are laid out on the latent grid (1/8 of the image). As in the reference
 (``--tiled``), the VAE encoder writes each tile's latent over the previous ones; noise
 predictions and decoded images are blended with Gaussian weights (standard deviation 0.1
 of the tile side) normalised to a partition of unity. The pipeline tiles only when an
-untiled run's estimated peak memory does not fit (``should_tile``).
+untiled run's estimated peak memory does not fit (``deblurdiff.estimates.should_tile``).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -180,131 +179,3 @@ def vae_decode_tiled(
         return decode(latents).float()
     weights = blend_weights(windows, h, w, 8, device=latents.device)
     return tiled_map(decode, [latents], windows, weights, in_factor=1, out_factor=8)[0]
-
-
-# ---------------------------------------------------------------------- when to tile
-@dataclass(frozen=True)
-class MemoryModel:
-    """Peak memory of one pipeline call above the resident weights:
-    ``constant + per_latent_pixel × latent pixels`` bytes (the models attend within fixed
-    windows, so the working set grows linearly with the image)."""
-
-    constant: float
-    per_latent_pixel: float
-    measured: bool
-    source: str
-
-    def bytes(self, latent_pixels: int) -> int:
-        return int(self.constant + self.per_latent_pixel * latent_pixels)
-
-
-_CPU_COMMAND = "python benchmarks/bench_peak_memory.py"
-# CPU float32, unguided: least squares over peaks measured at 256², 512², 768² and 1024²
-# with full-size random-weight models (benchmarks/results/peak_memory_cpu.txt): 0.364,
-# 1.212, 2.629 and 4.493 GiB above the weights; the line is within 6% at 256², 2% above.
-_CPU_FP32 = (117.1e6, 288.8e3)
-# Guided (the networks run both branches in one batch): 1.683 and 4.878 GiB at 512² and
-# 1024², the line through both.
-_CPU_FP32_GUIDED = (663.6e6, 279.2e3)
-# (device type, dtype, guided) -> model
-PEAK_MEMORY: dict[tuple[str, torch.dtype, bool], MemoryModel] = {}
-
-
-def _register() -> None:
-    fits = {False: _CPU_FP32, True: _CPU_FP32_GUIDED}
-    for is_guided, fit in fits.items():
-        PEAK_MEMORY[("cpu", torch.float32, is_guided)] = MemoryModel(*fit, True, f"measured: {_CPU_COMMAND}")
-    # Other devices and dtypes: ESTIMATES from the CPU float32 fits (half the bytes per
-    # element in float16/bfloat16) until measured with
-    # ``bench_peak_memory.py --device cuda --dtype fp16``.
-    estimate = f"estimate from the CPU float32 fit ({_CPU_COMMAND})"
-    for dtype, scale in ((torch.float32, 1.0), (torch.float16, 0.5), (torch.bfloat16, 0.5)):
-        for device_type in ("cpu", "cuda", "mps"):
-            if device_type == "cpu" and dtype == torch.float32:
-                continue
-            for is_guided, (constant, slope) in fits.items():
-                PEAK_MEMORY[(device_type, dtype, is_guided)] = MemoryModel(
-                    constant * scale, slope * scale, False, estimate
-                )
-
-
-_register()
-
-# Headroom over the fitted estimate (allocator fragmentation, other kernels' workspaces).
-MEMORY_MARGIN = 1.2
-
-
-def memory_model(device_type: str = "cpu", dtype: torch.dtype = torch.float32, guided: bool = False) -> MemoryModel:
-    """The stored peak-memory model for a device type and dtype (float32's for unknown pairs)."""
-    key = (device_type, dtype, bool(guided))
-    if key not in PEAK_MEMORY:
-        key = ("cpu", torch.float32, bool(guided))
-    return PEAK_MEMORY[key]
-
-
-def estimate_peak_memory(
-    height: int,
-    width: int,
-    device_type: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    guided: bool = False,
-    tiled: bool = False,
-    tile_size: int = TILE_SIZE,
-    tile_batch_size: int = 1,
-) -> int:
-    """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
-    pipeline call on a ``height`` × ``width`` image (padded to 64). Tiled, the networks and
-    the VAE see ``tile_batch_size`` tiles at a time."""
-    lh, lw = padded(height) // 8, padded(width) // 8
-    pixels = lh * lw
-    if tiled:
-        tile = tile_size // 8
-        pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
-    need = memory_model(device_type, dtype).bytes(pixels)
-    if guided:  # never below unguided (the two fits cross above ~4000² pixels)
-        need = max(need, memory_model(device_type, dtype, True).bytes(pixels))
-    return int(MEMORY_MARGIN * need)
-
-
-def available_memory(device: torch.device | str) -> int | None:
-    """Bytes the device can still give this process (free plus PyTorch's cached blocks on
-    CUDA, ``MemAvailable`` on a Linux CPU), or None when unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    if device.type == "mps":
-        try:
-            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-        except (AttributeError, RuntimeError):
-            return None
-    return None
-
-
-def should_tile(
-    height: int,
-    width: int,
-    available_bytes: int | None,
-    device_type: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    guided: bool = False,
-    tile_size: int = TILE_SIZE,
-) -> bool:
-    """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
-    not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``
-    (bytes free above the resident weights; None = unknown, run untiled like the reference)."""
-    if available_bytes is None or count_tiles(height, width, tile_size, tile_size) <= 1:
-        return False
-    return estimate_peak_memory(height, width, device_type, dtype, guided) > available_bytes

@@ -21,17 +21,13 @@ from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
 from deblurdiff.pipeline import low_frequency
 from conftest import FLOAT32_ROUNDING, random_image
+from deblurdiff.estimates import MEMORY_MARGIN, available_memory, estimate_peak_memory, memory_model, should_tile
 from deblurdiff.tiling import (
-    MEMORY_MARGIN,
     Window,
     blend_weights,
     check_tiling,
     count_tiles,
-    available_memory,
-    estimate_peak_memory,
     gaussian_weights,
-    memory_model,
-    should_tile,
     sliding_windows,
     tile_starts,
     tiled_map,
@@ -201,7 +197,7 @@ def test_peak_memory_estimate_grows_with_the_image():
     # tiled: one tile's worth, whatever the image
     assert estimate_peak_memory(4096, 4096, tiled=True) == estimate_peak_memory(512, 512)
     # half precision on a GPU: an estimate (not yet measured), below float32's
-    assert not memory_model("cuda", torch.float16).measured
+    assert not memory_model("cuda", torch.float16).measured and not memory_model("cpu", torch.bfloat16).measured
     assert estimate_peak_memory(1024, 1024, "cuda", torch.float16) < large
 
 
