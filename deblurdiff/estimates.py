@@ -26,10 +26,7 @@ logger = logging.getLogger(__name__)
 # Seconds per megapixel: (one denoising step, VAE encode + decode), full-size model.
 # "cuda": an ESTIMATE for an H100/H200-class GPU in half precision, not yet measured on a GPU.
 # "mps": an estimate. The CPU's come from measurements: estimate_cpu_seconds below.
-DEFAULT_SPEEDS = {
-    "cuda": (0.35, 0.6),
-    "mps": (8.0, 6.0),
-}
+DEFAULT_SPEEDS = {"cuda": (0.35, 0.6), "mps": (8.0, 6.0)}
 
 #: ZeroGPU: GPU time booked for one run = overhead + margin × estimate (the app's own
 #: margin over its estimate), at least MIN_GPU_SECONDS. Booked seconds are what ZeroGPU
@@ -80,7 +77,7 @@ def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: fl
                          tiles: int | None = None, tile_size: int = TILE_SIZE) -> float:
     """Seconds for one image of ``width``×``height`` on this CPU.
 
-    Uses ``timing`` (measured by :func:`prepare_cpu_pipeline`) when given, else the
+    Uses ``timing`` (measured by :func:`deblurdiff.cpu.prepare_cpu_pipeline`) when given, else the
     defaults measured for ``config`` on the reference machine, scaled by thread count.
     ``tiles``: the number of ``tile_size`` tiles when the image runs tiled (None:
     untiled)."""
@@ -95,7 +92,7 @@ def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: fl
         step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
         if config.winograd:
             step, fixed = step / WINOGRAD_SPEEDUP[0], fixed / WINOGRAD_SPEEDUP[1]
-    pass_mpx = (tile_size * tile_size if tiles else padded(width) * padded(height)) / 1e6
+    pass_mpx = tile_size * tile_size / 1e6 if tiles else image_mpx
     step_seconds = (tiles or 1) * _scaled(step, pass_mpx, at_mpx, STEP_EXPONENT)
     return _scaled(fixed, image_mpx, at_mpx, FIXED_EXPONENT) + steps * guided_branches(guidance_scale) * step_seconds
 
@@ -135,13 +132,8 @@ class SpeedModel:
     def measured_cpu(cls, config: CPUConfig, timing: CPUTiming, should_tile=None) -> "SpeedModel":
         return cls(0.0, 0.0, "cpu", measured=True, should_tile=should_tile, cpu_config=config, cpu_timing=timing)
 
-    def _tiled(self, width: int, height: int, tiled: bool | None) -> bool:
-        if self.should_tile is not None:
-            return bool(self.should_tile(height, width, tiled))
-        return bool(tiled)
-
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
-        tiled = self._tiled(width, height, tiled)
+        tiled = bool(self.should_tile(height, width, tiled) if self.should_tile is not None else tiled)
         if self.device == "cpu":
             tiles = count_tiles(height, width, TILE_SIZE, TILE_STRIDE) if tiled else None
             return estimate_cpu_seconds(
@@ -312,16 +304,9 @@ def memory_model(device_type: str = "cpu", dtype: torch.dtype = torch.float32, g
     return MemoryModel(constant * scale, slope * scale, measured, source)
 
 
-def estimate_peak_memory(
-    height: int,
-    width: int,
-    device_type: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    guided: bool = False,
-    tiled: bool = False,
-    tile_size: int = TILE_SIZE,
-    tile_batch_size: int = 1,
-) -> int:
+def estimate_peak_memory(height: int, width: int, device_type: str = "cpu", dtype: torch.dtype = torch.float32,
+                         guided: bool = False, tiled: bool = False, tile_size: int = TILE_SIZE,
+                         tile_batch_size: int = 1) -> int:
     """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
     pipeline call on a ``height`` × ``width`` image (padded to 64). Tiled, the networks and
     the VAE see ``tile_batch_size`` tiles at a time."""
@@ -330,9 +315,8 @@ def estimate_peak_memory(
     if tiled:
         tile = tile_size // 8
         pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
-    need = memory_model(device_type, dtype).bytes(pixels)
-    if guided:  # never below unguided (the two fits cross above ~4000² pixels)
-        need = max(need, memory_model(device_type, dtype, True).bytes(pixels))
+    # Guided: never below unguided (the two fits cross above ~4000² pixels).
+    need = max(memory_model(device_type, dtype, g).bytes(pixels) for g in {False, bool(guided)})
     return int(MEMORY_MARGIN * need)
 
 
@@ -363,15 +347,8 @@ def available_memory(device: torch.device | str) -> int | None:
     return None
 
 
-def should_tile(
-    height: int,
-    width: int,
-    available_bytes: int | None,
-    device_type: str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    guided: bool = False,
-    tile_size: int = TILE_SIZE,
-) -> bool:
+def should_tile(height: int, width: int, available_bytes: int | None, device_type: str = "cpu",
+                dtype: torch.dtype = torch.float32, guided: bool = False, tile_size: int = TILE_SIZE) -> bool:
     """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
     not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``
     (bytes free above the resident weights; None = unknown, run untiled like the reference)."""
