@@ -24,12 +24,10 @@ outputs) serves ``gradio_client`` users; every bad input is answered with a
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextvars
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -53,7 +51,6 @@ from .estimates import (
 )
 from .image_io import InvalidInputError
 from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
-from .parsing import parse_flag
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
 from .run_control import RunControl
 from .service import (
@@ -65,7 +62,6 @@ from .service import (
     RestoreOptions,
     is_untrained,
     make_options,
-    parse_tiling,
     png_metadata,
     restore,
     safe_stem,
@@ -92,7 +88,7 @@ EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
 PAPER_URL = "https://arxiv.org/abs/2502.03810"
 PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
 
-#: Results older than this are deleted from the app's temporary folder.
+#: Gradio's ``delete_cache`` removes results and uploads older than this (checking every hour).
 KEEP_RESULTS_SECONDS = 2 * 3600
 #: Requests waiting in the queue (beyond that, new ones are turned away with a message).
 QUEUE_SIZE = 32
@@ -216,19 +212,30 @@ def run_on_device(runtime_id: int, image, options: RestoreOptions, slot: int) ->
 
 
 # --------------------------------------------------------------------------
-# The app
+# What the app shows: the model's status, estimates, results
 # --------------------------------------------------------------------------
-
-
-def _to_bool(value, label: str, default: bool) -> bool:
-    flag = default if value is None else parse_flag(value)
-    if flag is None:
-        raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
-    return flag
 
 
 def _user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, duration=None, print_exception=False)
+
+
+def _as_user_error(exc: Exception) -> gr.Error:
+    """What a visitor is told when a run fails (the details go to the server's log)."""
+    if isinstance(exc, InvalidInputError):
+        return _user_error(str(exc), "Invalid input")
+    if isinstance(exc, MemoryError):
+        logger.exception("out of memory")
+        return _user_error("The server ran out of memory on this image. Try a smaller image, or turn tiling on.", "Out of memory")
+    if isinstance(exc, torch.OutOfMemoryError):
+        logger.exception("out of GPU memory")
+        return _user_error("The GPU ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).", "Out of memory")
+    logger.exception("deblurring failed")
+    return _user_error(
+        f"Something went wrong while deblurring ({type(exc).__name__}). The details were logged on the "
+        "server. Please try again; a smaller image or fewer steps may help.",
+        "Internal error",
+    )
 
 
 def _load_examples(examples_dir: Path) -> tuple[list[str], list[str]]:
@@ -248,8 +255,128 @@ def _load_examples(examples_dir: Path) -> tuple[list[str], list[str]]:
     return [str(p) for p in files], [titles.get(p.name, p.stem.replace("_", " ")) for p in files]
 
 
+def banner_text(app: DeblurApp) -> str:
+    """The model's status above the interface: missing, untrained, or what runs where."""
+    if app.pipe is None:
+        return (
+            "### ⚠️ No model weights are loaded: this app cannot deblur images yet\n"
+            f"{app.model_error}\n\n"
+            "**How to provide them**\n"
+            f"- Locally: `python app.py --model <folder | Hub repo id | model.pth>`, or set the environment variable `{MODEL_ENV}`.\n"
+            f"- On a Hugging Face Space: set the Space variable `{MODEL_ENV}` (Settings → Variables and secrets), "
+            "or `DEFAULT_SPACE_MODEL` in `deblurdiff/app.py`, then restart the Space.\n"
+            "- To try the interface without weights: `python app.py --dev-random-weights` (output labelled UNTRAINED, not deblurred).\n"
+        )
+    if app.untrained:
+        return UNTRAINED_BANNER
+    dtype = str(app.pipe.dtype).replace("torch.", "")
+    where = "ZeroGPU" if on_zero_gpu() else f"{app.pipe.device.type.upper()} ({dtype})"
+    text = f"Model: `{app.model_ref or 'custom pipeline'}` · running on {where}."
+    if app.pipe.device.type == "cpu":
+        text += " On a CPU an image takes minutes; the estimated time appears when you choose one."
+    return text
+
+
+def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
+    """The time a run of an image of ``size`` would take, and a warning when it cannot run."""
+    if app.pipe is None or not size:
+        return ""
+    try:
+        options = make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
+    except InvalidInputError:
+        return ""
+    run = (size[0], size[1], options.steps, options.guidance_scale, options.tiled)
+    if on_zero_gpu():
+        return zerogpu.estimate_text(app._gpu_speed(), *run)
+    speed = app.runtime.speed
+    seconds = speed.seconds(*run)
+    device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
+    basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
+    text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {_steps(options.steps)} (an estimate, {basis})."
+    advice = run_cost_advice(speed, *run, max_run_seconds(speed.device, app.max_run_seconds))
+    if advice:
+        return f"{text} ⚠️ {advice}"
+    if seconds > 120 and speed.device != "cuda":
+        text += " ⏳ That is long: fewer steps or a smaller image make it faster."
+    return text
+
+
+def save_results(app: DeblurApp, source, loaded, result: DeblurResult):
+    """The files and summary a run returns. The files are written into Gradio's cache folder:
+    Gradio serves them from there without a copy, tracks them once returned, and its
+    ``delete_cache`` (set in :func:`build_ui`) removes them."""
+    cache = Path(gr.utils.get_upload_folder())
+    cache.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="deblurdiff-", dir=cache))  # its own folder: the download keeps its name
+    name = Path(str(source)).name
+    stem = safe_stem(name)
+    label = f"_{UNTRAINED_LABEL}" if app.untrained else ""
+    meta = png_metadata(result, model=app.model_ref, untrained=app.untrained, extra={"source": name})
+    after = folder / f"{stem}_deblurred{label}.png"
+    result.image.save(after, pnginfo=meta)
+    before = folder / f"{stem}_input.png"
+    loaded.image.save(before, compress_level=1)
+    lkpn = None
+    if result.lkpn_image is not None:
+        lkpn = folder / f"{stem}_lkpn{label}.png"
+        result.lkpn_image.save(lkpn, pnginfo=meta)
+
+    w, h = result.image.size
+    options = result.options
+    summary = []
+    if app.untrained:
+        summary.append(f"⚠️ **{UNTRAINED_LABEL}**: made with random development weights, not a deblurred image.")
+    summary.append(
+        f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {_steps(result.steps)}, "
+        f"guidance {result.guidance_scale:g}, colour fix {'on' if options.color_fix else 'off'}, "
+        f"tiling {({None: 'auto', True: 'on', False: 'off'})[options.tiled]}."
+    )
+    summary += [f"- {note}" for note in loaded.notes]
+    return (str(before), str(after)), str(after), str(lkpn) if lkpn else None, "\n".join(summary), result.seed
+
+
+def probe_speed(app: DeblurApp) -> None:
+    """Time the loaded model once at start (holding it, so requests wait): on the CPU,
+    the configuration's warm-up (compilation, when asked for) and a 2-step 512² run;
+    elsewhere a warm-up, a 1-step and a 3-step run on a small image."""
+    import numpy as np
+    from PIL import Image
+
+    runtime = app.runtime
+    try:
+        if app.cpu_config is not None:
+            with runtime.lock:
+                timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
+            runtime.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
+            logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
+            return
+        rng = np.random.default_rng(0)
+        probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
+        timings = {}
+        with runtime.lock:
+            # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
+            for steps in (1, 1, 3):
+                start = time.perf_counter()
+                restore(app.pipe, probe, RestoreOptions(steps=steps, tiled=False))
+                timings[steps] = time.perf_counter() - start
+        mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
+        step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
+        fixed = max(timings[1] / mpx - step, 0.0)
+        runtime.speed = SpeedModel(step, fixed, app.pipe.device.type, measured=True, should_tile=app.should_tile)
+        logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", app.pipe.device, step, fixed)
+    except Exception:  # the estimate stays a rough default; running images may still work
+        logger.exception("could not measure the model's speed")
+    finally:
+        app.speed_ready.set()
+
+
+# --------------------------------------------------------------------------
+# The app
+# --------------------------------------------------------------------------
+
+
 class DeblurApp:
-    """The interface and its event handlers. ``pipe=None`` with ``model_error``: no weights."""
+    """The state behind the interface, and its event handlers. ``pipe=None`` with ``model_error``: no weights."""
 
     def __init__(
         self,
@@ -267,14 +394,9 @@ class DeblurApp:
             model_error = describe_missing_model()
         self.pipe = pipe
         self.model_error = model_error
-        self.model_ref = RANDOM_TINY if pipe is not None and is_untrained(pipe) else model_ref
         self.untrained = pipe is not None and is_untrained(pipe)
+        self.model_ref = RANDOM_TINY if self.untrained else model_ref
         self.examples_dir = examples_dir
-        # Results are written into Gradio's own cache folder, so Gradio serves them without a copy.
-        cache = Path(gr.utils.get_upload_folder())
-        cache.mkdir(parents=True, exist_ok=True)
-        self.output_root = Path(tempfile.mkdtemp(prefix="deblurdiff-results-", dir=cache))
-        atexit.register(shutil.rmtree, self.output_root, True)
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.should_tile = pipe.should_tile if pipe is not None else None
         self.cpu_config = None
@@ -293,99 +415,19 @@ class DeblurApp:
         self.clients = server_limits.ClientTracker()  # which sessions still listen (set up by launch)
         self.speed_ready = threading.Event()
         if pipe is not None and measure_speed and not on_zero_gpu():
-            threading.Thread(target=self._measure_speed, name="deblurdiff-speed-probe", daemon=True).start()
+            threading.Thread(target=probe_speed, args=(self,), name="deblurdiff-speed-probe", daemon=True).start()
         else:
             self.speed_ready.set()
 
-    # ------------------------------------------------------------------ speed
-    def _measure_speed(self):
-        """Time the loaded model once at start (holding it, so requests wait): on the CPU,
-        the configuration's warm-up (compilation, when asked for) and a 2-step 512² run;
-        elsewhere a warm-up, a 1-step and a 3-step run on a small image."""
-        import numpy as np
-        from PIL import Image
+    def build(self) -> gr.Blocks:
+        return build_ui(self)
 
-        try:
-            if self.cpu_config is not None:
-                with self.runtime.lock:
-                    timing = prepare_cpu_pipeline(self.pipe, self.cpu_config, progress=logger.info)
-                self.runtime.speed = SpeedModel.measured_cpu(self.cpu_config, timing, self.should_tile)
-                logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
-                return
-            rng = np.random.default_rng(0)
-            probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
-            timings = {}
-            with self.runtime.lock:
-                # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
-                for steps in (1, 1, 3):
-                    start = time.perf_counter()
-                    restore(self.pipe, probe, RestoreOptions(steps=steps, tiled=False))
-                    timings[steps] = time.perf_counter() - start
-            mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
-            step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
-            fixed = max(timings[1] / mpx - step, 0.0)
-            self.runtime.speed = SpeedModel(step, fixed, self.pipe.device.type, measured=True, should_tile=self.should_tile)
-            logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", self.pipe.device, step, fixed)
-        except Exception:  # the estimate stays a rough default; running images may still work
-            logger.exception("could not measure the model's speed")
-        finally:
-            self.speed_ready.set()
-
-    def estimate_text(self, size, steps, guidance_scale, tiling) -> str:
-        if self.pipe is None or not size:
-            return ""
-        try:
-            n_steps = int(steps)
-            guidance = float(guidance_scale)
-            tiled = parse_tiling(tiling)
-        except (TypeError, ValueError, InvalidInputError):
-            return ""
-        speed = self.runtime.speed
-        seconds = speed.seconds(size[0], size[1], n_steps, guidance, tiled)
-        device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
-        basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
-        text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {_steps(n_steps)} (an estimate, {basis})."
-        if on_zero_gpu():
-            speed = self._gpu_speed()
-            seconds = speed.seconds(size[0], size[1], n_steps, guidance, tiled)
-            booked = zerogpu.booked_for(seconds)
-            text = (
-                f"Estimated GPU time: **about {format_seconds(seconds)}** for {_steps(n_steps)}, plus waiting for a GPU "
-                f"(an estimate; {format_seconds(booked)} of your daily GPU quota is reserved for it)."
-            )
-            advice = zerogpu.limit_advice(speed, size[0], size[1], n_steps, guidance, tiled)
-            if advice:
-                text += f" ⚠️ {advice}"
-            elif booked > min(zerogpu.DAILY_QUOTA_SECONDS.values()):
-                text += f" ⚠️ More than some visitors have: {zerogpu.quota_note()}"
-        else:
-            advice = run_cost_advice(speed, size[0], size[1], n_steps, guidance, tiled, max_run_seconds(speed.device, self.max_run_seconds))
-            if advice:
-                return f"{text} ⚠️ {advice}"
-        if seconds > 120 and speed.device != "cuda":
-            text += " ⏳ That is long: fewer steps or a smaller image make it faster."
-        return text
-
-    # ------------------------------------------------------------------ text
     def banner(self) -> str:
-        if self.pipe is None:
-            return (
-                "### ⚠️ No model weights are loaded: this app cannot deblur images yet\n"
-                f"{self.model_error}\n\n"
-                "**How to provide them**\n"
-                f"- Locally: `python app.py --model <folder | Hub repo id | model.pth>`, or set the environment variable `{MODEL_ENV}`.\n"
-                f"- On a Hugging Face Space: set the Space variable `{MODEL_ENV}` (Settings → Variables and secrets), "
-                "or `DEFAULT_SPACE_MODEL` in `deblurdiff/app.py`, then restart the Space.\n"
-                "- To try the interface without weights: `python app.py --dev-random-weights` (output labelled UNTRAINED, not deblurred).\n"
-            )
-        if self.untrained:
-            return UNTRAINED_BANNER
-        dtype = str(self.pipe.dtype).replace("torch.", "")
-        where = "ZeroGPU" if on_zero_gpu() else f"{self.pipe.device.type.upper()} ({dtype})"
-        text = f"Model: `{self.model_ref or 'custom pipeline'}` · running on {where}."
-        if self.pipe.device.type == "cpu":
-            text += " On a CPU an image takes minutes; the estimated time appears when you choose one."
-        return text
+        return banner_text(self)
+
+    def _gpu_speed(self) -> SpeedModel:
+        speed = self.runtime.speed
+        return speed if speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
 
     def describe_input(self, image, steps, guidance_scale, tiling):
         """Shown when an image is chosen: its size, what was done to it, the time estimate."""
@@ -400,21 +442,15 @@ class DeblurApp:
             return "⚠️ This file could not be read as an image.", None
         lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."]
         lines += [f"- {note}" for note in notes]
-        estimate = self.estimate_text((w, h), steps, guidance_scale, tiling)
-        if estimate:
-            lines.append(estimate)
-        return "\n".join(lines), [w, h]
+        estimate = estimate_text(self, (w, h), steps, guidance_scale, tiling)
+        return "\n".join(lines + ([estimate] if estimate else [])), [w, h]
 
-    # ------------------------------------------------------------------ running
-    def _results_dir(self) -> Path:
-        now = time.time()
-        for old in self.output_root.iterdir():
-            try:
-                if now - old.stat().st_mtime > KEEP_RESULTS_SECONDS:
-                    shutil.rmtree(old, ignore_errors=True)
-            except OSError:
-                pass
-        return Path(tempfile.mkdtemp(prefix="run-", dir=self.output_root))
+    def estimate_update(self, size, steps, guidance_scale, tiling, current):
+        if not size or not current:
+            return current
+        lines = [line for line in str(current).split("\n") if not line.startswith("Estimated")]
+        estimate = estimate_text(self, size, steps, guidance_scale, tiling)
+        return "\n".join(lines + ([estimate] if estimate else []))
 
     def deblur(
         self,
@@ -451,98 +487,46 @@ class DeblurApp:
             The (input, deblurred) image pair, the full-resolution deblurred PNG, the LKPN view
             (None unless show_lkpn), a Markdown summary and the seed used.
         """
+        settings = dict(
+            steps=steps, seed=seed, randomize_seed=True if randomize_seed is None else randomize_seed,
+            guidance_scale=guidance_scale, prompt=prompt, negative_prompt=negative_prompt, color_fix=color_fix,
+            tiling=tiling, sampler=sampler, return_lkpn_image=show_lkpn,
+        )
         try:
-            return self._deblur(
-                image, steps, seed, randomize_seed, guidance_scale, prompt, negative_prompt,
-                color_fix, tiling, show_lkpn, sampler, request, progress,
-            )
+            return self._deblur(image, settings, request, progress)
         except gr.Error:
             raise
-        except InvalidInputError as exc:
-            raise _user_error(str(exc), "Invalid input") from None
-        except MemoryError:
-            logger.exception("out of memory")
-            raise _user_error("The server ran out of memory on this image. Try a smaller image, or turn tiling on.", "Out of memory") from None
         except Exception as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                logger.exception("out of GPU memory")
-                raise _user_error("The GPU ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).", "Out of memory") from None
-            logger.exception("deblurring failed")
-            raise _user_error(
-                f"Something went wrong while deblurring ({type(exc).__name__}). The details were logged on the "
-                "server. Please try again; a smaller image or fewer steps may help.",
-                "Internal error",
-            ) from None
+            raise _as_user_error(exc) from None
 
     def run_example(self, image, request: gr.Request = None, progress=gr.Progress()):
         """An example with the default settings and seed 0 (its result is cached)."""
         return self.deblur(image, seed=0, randomize_seed=False, request=request, progress=progress)
 
-    def _deblur(self, image, steps, seed, randomize_seed, guidance_scale, prompt, negative_prompt, color_fix, tiling, show_lkpn, sampler, request, progress):
+    def _deblur(self, image, settings: dict, request, progress):
         if self.pipe is None:
             raise _user_error(self.model_error, "No model weights loaded")
-        randomize = _to_bool(randomize_seed, "Randomize seed", True)
-        options = make_options(
-            steps=steps,
-            seed=None if randomize else seed,
-            guidance_scale=guidance_scale,
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            color_fix=_to_bool(color_fix, "Colour fix", True),
-            tiling=tiling,
-            sampler=sampler,
-            return_lkpn_image=_to_bool(show_lkpn, "Show the LKPN view", False),
-        )
+        options = make_options(**settings)  # every setting is checked here, once
         if image is None:
             raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
         session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
         if self.clients.gone(session):
             raise _user_error("The client that sent this request is gone; it was not run.", "Dropped")
         loaded = image_io.load_image_with_notes(image)
-        w, h = loaded.size
+        run = (*loaded.size, options.steps, options.guidance_scale, options.tiled)
         if on_zero_gpu():
-            advice = zerogpu.limit_advice(self._gpu_speed(), w, h, options.steps, options.guidance_scale, options.tiled)
-            if advice:
-                raise _user_error(advice, "Too long for one GPU run")
+            advice, title = zerogpu.limit_advice(self._gpu_speed(), *run), "Too long for one GPU run"
         else:
             speed = self.runtime.speed
-            limit = max_run_seconds(speed.device, self.max_run_seconds)
-            advice = run_cost_advice(speed, w, h, options.steps, options.guidance_scale, options.tiled, limit)
-            if advice:
-                raise _user_error(advice, "Too long for this server")
-
+            advice = run_cost_advice(speed, *run, max_run_seconds(speed.device, self.max_run_seconds))
+            title = "Too long for this server"
+        if advice:
+            raise _user_error(advice, title)
         result = self._run_with_progress(loaded.image, options, session, progress)
         if result.interrupted:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
-
         progress(1.0, desc="Saving")
-        folder = self._results_dir()
-        stem = safe_stem(Path(str(image)).name)
-        label = f"_{UNTRAINED_LABEL}" if self.untrained else ""
-        meta = png_metadata(result, model=self.model_ref, untrained=self.untrained, extra={"source": Path(str(image)).name})
-        after = folder / f"{stem}_deblurred{label}.png"
-        result.image.save(after, pnginfo=meta)
-        before = folder / f"{stem}_input.png"
-        loaded.image.save(before, compress_level=1)
-        lkpn = None
-        if result.lkpn_image is not None:
-            lkpn = folder / f"{stem}_lkpn{label}.png"
-            result.lkpn_image.save(lkpn, pnginfo=meta)
-
-        w, h = result.image.size
-        summary = []
-        if self.untrained:
-            summary.append(f"⚠️ **{UNTRAINED_LABEL}**: made with random development weights, not a deblurred image.")
-        summary.append(
-            f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {_steps(result.steps)}, "
-            f"guidance {result.guidance_scale:g}, colour fix {'on' if options.color_fix else 'off'}, tiling {tiling or DEFAULT_TILING}."
-        )
-        summary += [f"- {note}" for note in loaded.notes]
-        return (str(before), str(after)), str(after), str(lkpn) if lkpn else None, "\n".join(summary), result.seed
-
-    def _gpu_speed(self) -> SpeedModel:
-        speed = self.runtime.speed
-        return speed if speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
+        return save_results(self, image, loaded, result)
 
     def _run_with_progress(self, image, options: RestoreOptions, session: str, progress) -> DeblurResult:
         """Run the GPU function; a thread here relays its step count to the progress bar.
@@ -600,113 +584,112 @@ class DeblurApp:
             self.runtime.control.cancel(slot)
         return "Cancelled."
 
-    # ------------------------------------------------------------------ layout
-    def build(self) -> gr.Blocks:
-        untrained = f" ({UNTRAINED_LABEL})" if self.untrained else ""
-        with gr.Blocks(title="DeblurDiff: real-world image deblurring", delete_cache=(3600, KEEP_RESULTS_SECONDS)) as demo:
-            gr.Markdown(
-                "# DeblurDiff: real-world image deblurring\n"
-                "Upload a blurry photo and get a sharp one back. "
-                "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
-                f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL})).\n\n" + SCOPE_TEXT,
-                elem_id="scope",
+
+# --------------------------------------------------------------------------
+# The layout
+# --------------------------------------------------------------------------
+
+
+def build_ui(app: DeblurApp) -> gr.Blocks:
+    """The interface around ``app``; results are removed by Gradio's ``delete_cache``."""
+    untrained = f" ({UNTRAINED_LABEL})" if app.untrained else ""
+    with gr.Blocks(title="DeblurDiff: real-world image deblurring", delete_cache=(3600, KEEP_RESULTS_SECONDS)) as demo:
+        gr.Markdown(
+            "# DeblurDiff: real-world image deblurring\n"
+            "Upload a blurry photo and get a sharp one back. "
+            "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
+            f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL})).\n\n" + SCOPE_TEXT,
+            elem_id="scope",
+        )
+        banner_kind = "missing" if app.pipe is None else ("untrained" if app.untrained else "ok")
+        gr.Markdown(banner_text(app), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
+        size_state = gr.State(None)
+        with gr.Row():
+            with gr.Column():
+                image_in = gr.Image(
+                    label="Blurry photo (upload, drag, paste or webcam)",
+                    sources=["upload", "webcam", "clipboard"],
+                    type="filepath",
+                    image_mode=None,
+                    elem_id="input-image",
+                )
+                input_info = gr.Markdown(elem_id="input-info")
+                with gr.Row():
+                    run_btn = gr.Button("Deblur", variant="primary", elem_id="run-button")
+                    cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
+                steps = gr.Slider(
+                    service.MIN_STEPS, service.MAX_STEPS, value=service.DEFAULT_STEPS, step=1,
+                    label="Steps", info="More steps: finer detail, longer run.", elem_id="steps",
+                )
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, minimum=service.MIN_SEED, maximum=service.MAX_SEED, label="Seed")
+                    randomize = gr.Checkbox(value=True, label="Randomize seed", info="The seed used is shown with the result.")
+                guidance = gr.Slider(
+                    service.MIN_GUIDANCE, service.MAX_GUIDANCE, value=service.DEFAULT_GUIDANCE, step=0.1,
+                    label="Guidance scale", info="1 = no classifier-free guidance (the default); higher values follow the prompts more and take twice as long.",
+                )
+                with gr.Accordion("Advanced", open=False):
+                    prompt = gr.Textbox(label="Prompt", value="", placeholder="optional, e.g. 'a photo of a cat'")
+                    negative = gr.Textbox(
+                        label="Negative prompt (used when guidance > 1)", value=DEFAULT_NEGATIVE_PROMPT
+                    )
+                    color_fix = gr.Checkbox(value=True, label="Colour fix (match the input's colours)")
+                    tiling = gr.Radio(list(TILING_CHOICES), value=DEFAULT_TILING, label="Tiling for large images", info="auto: by image size; tiles use less memory.")
+                    sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                    show_lkpn = gr.Checkbox(value=False, label="Also show the LKPN-restored latent (decoded)")
+            with gr.Column():
+                slider = gr.ImageSlider(
+                    label=f"Before / after{untrained}", type="filepath", elem_id="result", interactive=False,
+                )
+                result_info = gr.Markdown(label="Summary", elem_id="result-info")
+                download = gr.File(label=f"Full-resolution PNG{untrained}", interactive=False, elem_id="download")
+                lkpn_image = gr.Image(
+                    label=f"LKPN-restored latent, decoded{untrained}", type="filepath", visible=False, interactive=False, elem_id="lkpn"
+                )
+
+        inputs = [image_in, steps, seed, randomize, guidance, prompt, negative, color_fix, tiling, show_lkpn, sampler]
+        pass_raw(image_in, image=True)
+        for component in (steps, seed, guidance, tiling, sampler):
+            pass_raw(component)
+        outputs = [slider, download, lkpn_image, result_info, seed]
+        description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
+        if app.untrained:
+            description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
+        run_event = run_btn.click(
+            app.deblur, inputs, outputs, api_name="deblur", api_description=description,
+            concurrency_limit=app.concurrency_limit, concurrency_id="model", show_progress_on=[slider],
+        )
+
+        example_files, example_labels = _load_examples(app.examples_dir)
+        cancellable = [run_event]
+        if example_files and not app.untrained and app.pipe is not None:
+            # Computed once on first click, then served from the cache: visitors spend no GPU time.
+            gr.Examples(
+                [[f] for f in example_files], inputs=[image_in], outputs=outputs, fn=app.run_example,
+                cache_examples=True, cache_mode="lazy", elem_id="examples",
+                label="Examples (click one: results are computed once, then cached): " + " · ".join(example_labels),
             )
-            banner_kind = "missing" if self.pipe is None else ("untrained" if self.untrained else "ok")
-            gr.Markdown(self.banner(), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
-            size_state = gr.State(None)
-            with gr.Row():
-                with gr.Column():
-                    image_in = gr.Image(
-                        label="Blurry photo (upload, drag, paste or webcam)",
-                        sources=["upload", "webcam", "clipboard"],
-                        type="filepath",
-                        image_mode=None,
-                        elem_id="input-image",
-                    )
-                    input_info = gr.Markdown(elem_id="input-info")
-                    with gr.Row():
-                        run_btn = gr.Button("Deblur", variant="primary", elem_id="run-button")
-                        cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
-                    steps = gr.Slider(
-                        service.MIN_STEPS, service.MAX_STEPS, value=service.DEFAULT_STEPS, step=1,
-                        label="Steps", info="More steps: finer detail, longer run.", elem_id="steps",
-                    )
-                    with gr.Row():
-                        seed = gr.Number(value=0, precision=0, minimum=service.MIN_SEED, maximum=service.MAX_SEED, label="Seed")
-                        randomize = gr.Checkbox(value=True, label="Randomize seed", info="The seed used is shown with the result.")
-                    guidance = gr.Slider(
-                        service.MIN_GUIDANCE, service.MAX_GUIDANCE, value=service.DEFAULT_GUIDANCE, step=0.1,
-                        label="Guidance scale", info="1 = no classifier-free guidance (the default); higher values follow the prompts more and take twice as long.",
-                    )
-                    with gr.Accordion("Advanced", open=False):
-                        prompt = gr.Textbox(label="Prompt", value="", placeholder="optional, e.g. 'a photo of a cat'")
-                        negative = gr.Textbox(
-                            label="Negative prompt (used when guidance > 1)", value=DEFAULT_NEGATIVE_PROMPT
-                        )
-                        color_fix = gr.Checkbox(value=True, label="Colour fix (match the input's colours)")
-                        tiling = gr.Radio(list(TILING_CHOICES), value=DEFAULT_TILING, label="Tiling for large images", info="auto: by image size; tiles use less memory.")
-                        sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
-                        show_lkpn = gr.Checkbox(value=False, label="Also show the LKPN-restored latent (decoded)")
-                with gr.Column():
-                    slider = gr.ImageSlider(
-                        label=f"Before / after{untrained}", type="filepath", elem_id="result", interactive=False,
-                    )
-                    result_info = gr.Markdown(label="Summary", elem_id="result-info")
-                    download = gr.File(label=f"Full-resolution PNG{untrained}", interactive=False, elem_id="download")
-                    lkpn_image = gr.Image(
-                        label=f"LKPN-restored latent, decoded{untrained}", type="filepath", visible=False, interactive=False, elem_id="lkpn"
-                    )
-
-            inputs = [image_in, steps, seed, randomize, guidance, prompt, negative, color_fix, tiling, show_lkpn, sampler]
-            pass_raw(image_in, image=True)
-            for component in (steps, seed, guidance, tiling, sampler):
-                pass_raw(component)
-            outputs = [slider, download, lkpn_image, result_info, seed]
-            description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
-            if self.untrained:
-                description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
-            run_event = run_btn.click(
-                self.deblur, inputs, outputs, api_name="deblur", api_description=description,
-                concurrency_limit=self.concurrency_limit, concurrency_id="model", show_progress_on=[slider],
+        elif example_files:
+            # Untrained or missing weights: never cache; a click loads the image and runs it.
+            examples = gr.Examples(
+                [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
+                label="Examples (click one to run it): " + " · ".join(example_labels),
             )
-
-            example_files, example_labels = _load_examples(self.examples_dir)
-            cancellable = [run_event]
-            if example_files and not self.untrained and self.pipe is not None:
-                # Computed once on first click, then served from the cache: visitors spend no GPU time.
-                gr.Examples(
-                    [[f] for f in example_files], inputs=[image_in], outputs=outputs, fn=self.run_example,
-                    cache_examples=True, cache_mode="lazy", elem_id="examples",
-                    label="Examples (click one: results are computed once, then cached): " + " · ".join(example_labels),
+            cancellable.append(
+                examples.load_input_event.then(
+                    app.deblur, inputs, outputs, api_visibility="private", concurrency_limit=app.concurrency_limit, concurrency_id="model",
+                    show_progress_on=[slider],
                 )
-            elif example_files:
-                # Untrained or missing weights: never cache; a click loads the image and runs it.
-                examples = gr.Examples(
-                    [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
-                    label="Examples (click one to run it): " + " · ".join(example_labels),
-                )
-                cancellable.append(
-                    examples.load_input_event.then(
-                        self.deblur, inputs, outputs, api_visibility="private", concurrency_limit=self.concurrency_limit, concurrency_id="model",
-                        show_progress_on=[slider],
-                    )
-                )
-            cancel_btn.click(self.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
+            )
+        cancel_btn.click(app.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
 
-            show_lkpn.change(lambda show: gr.update(visible=bool(show)), show_lkpn, lkpn_image, queue=False, api_visibility="private")
-            describe_inputs = [image_in, steps, guidance, tiling]
-            image_in.change(self.describe_input, describe_inputs, [input_info, size_state], queue=False, api_visibility="private")
-            for control in (steps, guidance, tiling):
-                control.change(self.estimate_update, [size_state, steps, guidance, tiling, input_info], input_info, queue=False, api_visibility="private", show_progress="hidden")
-        demo.deblurdiff_app = self
-        return demo
-
-    def estimate_update(self, size, steps, guidance_scale, tiling, current):
-        if not size or not current:
-            return current
-        lines = [line for line in str(current).split("\n") if not line.startswith("Estimated")]
-        estimate = self.estimate_text(size, steps, guidance_scale, tiling)
-        return "\n".join(lines + ([estimate] if estimate else []))
+        show_lkpn.change(lambda show: gr.update(visible=bool(show)), show_lkpn, lkpn_image, queue=False, api_visibility="private")
+        describe_inputs = [image_in, steps, guidance, tiling]
+        image_in.change(app.describe_input, describe_inputs, [input_info, size_state], queue=False, api_visibility="private")
+        for control in (steps, guidance, tiling):
+            control.change(app.estimate_update, [size_state, steps, guidance, tiling, input_info], input_info, queue=False, api_visibility="private", show_progress="hidden")
+    demo.deblurdiff_app = app
+    return demo
 
 
 CSS = """

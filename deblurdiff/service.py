@@ -117,6 +117,14 @@ def parse_tiling(value) -> bool | None:
     return flag
 
 
+def validate_flag(value, label: str, default: bool) -> bool:
+    """A user-supplied switch (``None``: ``default``)."""
+    flag = default if value is None else parse_flag(value)
+    if flag is None:
+        raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
+    return flag
+
+
 def validate_prompt(value, label: str, default: str | None) -> str | None:
     """The prompt as given ("" included); ``default`` when it is None."""
     if value is None:
@@ -191,18 +199,21 @@ def make_options(
     tiling=None,
     sampler=None,
     return_lkpn_image: bool = False,
+    randomize_seed=False,
 ) -> RestoreOptions:
-    """Validate user input; ``seed=None`` draws a random seed. Raises InvalidInputError."""
+    """Validate user input; ``seed=None`` or ``randomize_seed`` draws a random seed.
+    Flags may be booleans or their words (``"true"``, ``"off"``, …). Raises InvalidInputError."""
+    randomize = validate_flag(randomize_seed, "Randomize seed", False)
     return RestoreOptions(
         steps=validate_steps(steps),
-        seed=validate_seed(seed),
+        seed=validate_seed(None if randomize else seed),
         guidance_scale=validate_guidance(guidance_scale),
         prompt=validate_prompt(prompt, "prompt", ""),
         negative_prompt=validate_prompt(negative_prompt, "negative prompt", None),
-        color_fix=bool(color_fix),
+        color_fix=validate_flag(color_fix, "Colour fix", True),
         tiled=parse_tiling(tiling),
         sampler=validate_sampler(sampler),
-        return_lkpn_image=bool(return_lkpn_image),
+        return_lkpn_image=validate_flag(return_lkpn_image, "Show the LKPN view", False),
     )
 
 

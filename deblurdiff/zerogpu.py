@@ -14,7 +14,7 @@ import math
 import re
 from datetime import timedelta
 
-from .estimates import SpeedModel, gpu_booking_seconds, gpu_limit_advice
+from .estimates import SpeedModel, format_seconds, gpu_booking_seconds, gpu_limit_advice
 
 #: Seconds one call may book while the Space starts: ``@spaces.GPU(duration=1500)`` is
 #: "the maximum duration allowed during startup" (Hugging Face, "Make your ZeroGPU Spaces
@@ -97,6 +97,24 @@ def limit_advice(speed: SpeedModel, width: int, height: int, steps: int, guidanc
     what = None if left is None else f"the {left} s of GPU quota you have left today"
     return gpu_limit_advice(speed, width, height, steps, guidance_scale, tiled, limit=left, booked=booked_for,
                             what=what, note=quota_note())
+
+
+def estimate_text(speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0,
+                  tiled: bool | None = None) -> str:
+    """The app's time estimate on ZeroGPU: the GPU time, what it books of the visitor's
+    quota, and a warning when it cannot fit or is more than some visitors have."""
+    seconds = speed.seconds(width, height, steps, guidance_scale, tiled)
+    booked = booked_for(seconds)
+    text = (
+        f"Estimated GPU time: **about {format_seconds(seconds)}** for {steps} step{'' if steps == 1 else 's'}, "
+        f"plus waiting for a GPU (an estimate; {format_seconds(booked)} of your daily GPU quota is reserved for it)."
+    )
+    advice = limit_advice(speed, width, height, steps, guidance_scale, tiled)
+    if advice:
+        return f"{text} ⚠️ {advice}"
+    if booked > min(DAILY_QUOTA_SECONDS.values()):
+        return f"{text} ⚠️ More than some visitors have: {quota_note()}"
+    return text
 
 
 #: ``spaces``' message when a booking is above the visitor's quota left ("... quota (300s requested vs. 100s left) ...").

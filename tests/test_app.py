@@ -12,6 +12,7 @@ import struct
 import time
 import threading
 import zlib
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -124,6 +125,26 @@ def test_lkpn_view_guidance_prompts_and_options(client, tmp_path):
     )
     assert Image.open(lkpn).size == (64, 80) and "UNTRAINED" in os.path.basename(lkpn)
     assert "guidance 2.5" in summary and "colour fix off" in summary
+
+
+def test_results_are_files_gradio_delete_cache_removes(pipe, tmp_path):
+    """The app keeps no sweep of its own: what it writes, Gradio tracks once returned and
+    its ``delete_cache`` removes (here the shutdown pass, which removes every tracked file)."""
+    from gradio.route_utils import delete_files_created_by_app
+
+    demo = build_demo(pipe, model_ref="random-tiny", measure_speed=False, examples_dir=None)
+    try:
+        demo.server_url = serve(demo)
+        path = write(tmp_path, "cleanup_probe.png", gradient(64, 64))
+        deblur(Client(demo.server_url, verbose=False), path, show_lkpn=True)
+        written = sorted(Path(gr.utils.get_upload_folder()).glob("deblurdiff-*/cleanup_probe_*.png"))
+        assert {p.name for p in written} == {"cleanup_probe_input.png", "cleanup_probe_deblurred_UNTRAINED.png", "cleanup_probe_lkpn_UNTRAINED.png"}
+        tracked = set().union(*demo.temp_file_sets)
+        assert {str(p) for p in written} <= tracked
+        delete_files_created_by_app(demo, age=None)
+        assert not any(p.exists() for p in written)
+    finally:
+        demo.close()
 
 
 def test_api_description_and_banner_say_untrained(client):
