@@ -1,25 +1,18 @@
-"""Loading user images for the model, with messages for the user when that cannot be done.
+"""Loading user images for the model, with a message for the user when that cannot be done.
 
-:func:`load_image_with_notes` accepts a path, raw bytes, a binary file object, a PIL image or
-an array (converted by the pipeline's own rule, :func:`deblurdiff.pipeline.image_to_tensor`) and
-returns an 8-bit RGB image plus notes on what was done to it, for showing in a UI. Along the way it
-
-* refuses images above ``max_pixels`` from the size in the file's header, before decoding;
-* reads HEIC/HEIF (``pillow-heif``) and AVIF (Pillow's own support) besides Pillow's formats;
-* uses the first frame of animations and the first page of multi-page TIFFs;
-* applies the EXIF orientation of camera photos;
-* composites transparency onto white, scales 16-bit greyscale to 8 bits, converts colours with an
-  embedded ICC profile to sRGB and every other mode to RGB as Pillow does;
-* upscales images whose short side is below ``min_side`` (bicubic), or refuses them.
-
-Every problem with the input raises :class:`InvalidInputError`, whose message is meant to be
-shown verbatim. The pixel limit defaults to 4096 × 4096; ``DEBLURDIFF_MAX_PIXELS`` (read at
-import) changes it, as a pixel count (``25000000``, ``2.5e7``) or a size (``5000x5000``).
-Pillow's own decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) is left as it is.
+:func:`load_image_with_notes` takes a path, bytes, a binary file, a PIL image or an array (by the
+pipeline's rule, :func:`deblurdiff.pipeline.image_to_tensor`) and returns 8-bit RGB plus notes on
+what was done: the size checked from the header before decoding, HEIC/HEIF (``pillow-heif``) and
+AVIF read, the first frame or page, EXIF orientation, transparency onto white, 16-bit greyscale
+scaled, ICC profiles to sRGB, small images upscaled (or refused). :func:`read_header` tells the
+size and notes from the header alone. Problems raise :class:`InvalidInputError`, whose message is
+shown verbatim. The pixel limit (4096 × 4096) is ``DEBLURDIFF_MAX_PIXELS``, read at import, as a
+count (``25000000``) or a size (``5000x5000``); Pillow's own bomb limit is left as it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import numbers
@@ -34,18 +27,6 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError, features
 from pillow_heif import register_heif_opener
 
 register_heif_opener()
-
-__all__ = [
-    "InvalidInputError",
-    "LoadedImage",
-    "load_image_with_notes",
-    "max_pixels_from_env",
-    "MAX_PIXELS_ENV_VAR",
-    "BUILTIN_MAX_PIXELS",
-    "DEFAULT_MAX_PIXELS",
-    "DEFAULT_MIN_SIDE",
-    "SUPPORTED_FORMATS",
-]
 
 
 class InvalidInputError(ValueError):
@@ -74,12 +55,8 @@ def max_pixels_from_env(environ: dict | None = None) -> int:
         value = 0
     if value > 0 and math.isfinite(value) and value == int(value):
         return int(value)
-    warnings.warn(
-        f"Ignoring {MAX_PIXELS_ENV_VAR}={raw!r}: expected a positive pixel count such as 16777216 or a "
-        f"size such as 4096x4096. Using {BUILTIN_MAX_PIXELS} pixels.",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+    warnings.warn(f"Ignoring {MAX_PIXELS_ENV_VAR}={raw!r}: expected a positive pixel count such as 16777216 or a "
+                  f"size such as 4096x4096. Using {BUILTIN_MAX_PIXELS} pixels.", RuntimeWarning, stacklevel=2)
     return BUILTIN_MAX_PIXELS
 
 
@@ -88,16 +65,13 @@ DEFAULT_MAX_PIXELS = max_pixels_from_env()
 
 @dataclass
 class LoadedImage:
-    """An input image ready for the model, with notes on how it was prepared."""
+    """An 8-bit RGB image ready for the model; ``notes`` on the conversions applied, its size
+    before upscaling (after the EXIF rotation) and the decoder's format (None for arrays)."""
 
     image: Image.Image
-    """8-bit RGB image."""
     notes: list[str] = field(default_factory=list)
-    """Human-readable notes on the conversions applied (empty if none)."""
     original_size: tuple[int, int] = (0, 0)
-    """``(width, height)`` before upscaling (after the EXIF rotation)."""
     source_format: str | None = None
-    """Decoder format (``"JPEG"``, ``"HEIF"``, ...); ``None`` for arrays."""
 
     @property
     def upscaled(self) -> bool:
@@ -212,18 +186,14 @@ def _openable(source: Any) -> tuple[Any, str]:
     return io.BytesIO(bytes(data)), name
 
 
-def _decode(source: Any, max_pixels: int, notes: list[str]) -> tuple[Image.Image, str | None]:
-    """Open (unless ``source`` is a PIL image), check the size, decode and convert to RGB."""
-    opened = source if isinstance(source, Image.Image) else None
-    source, name = (source, "The image") if opened else _openable(source)
+@contextlib.contextmanager
+def _user_errors(name: str, max_pixels: int):
+    """Pillow's and the system's exceptions while opening ``name``, as messages for the user."""
     try:
         with warnings.catch_warnings():
-            # Pillow warns between its limit and twice it; the size is checked here against max_pixels.
+            # Pillow warns between its limit and twice it; the size is checked against max_pixels.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            if opened is None:
-                with Image.open(source) as opened:
-                    return _prepare(opened, name, max_pixels, notes), opened.format
-            return _prepare(opened, name, max_pixels, notes), opened.format
+            yield
     except InvalidInputError:
         raise
     except Image.DecompressionBombError as exc:
@@ -236,6 +206,16 @@ def _decode(source: Any, max_pixels: int, notes: list[str]) -> tuple[Image.Image
         raise InvalidInputError(f"{name} is too large to open. The limit is {_limit_text(max_pixels)}.") from None
     except Exception as exc:  # decoders raise many exception types on bad data
         raise _damaged(exc, name) from None
+
+
+def _decode(source: Any, max_pixels: int, notes: list[str]) -> tuple[Image.Image, str | None]:
+    """Open (unless ``source`` is a PIL image), check the size, decode and convert to RGB."""
+    if isinstance(source, Image.Image):
+        with _user_errors("The image", max_pixels):
+            return _prepare(source, "The image", max_pixels, notes), source.format
+    source, name = _openable(source)
+    with _user_errors(name, max_pixels), Image.open(source) as opened:
+        return _prepare(opened, name, max_pixels, notes), opened.format
 
 
 def _prepare(img: Image.Image, name: str, max_pixels: int, notes: list[str]) -> Image.Image:
@@ -332,21 +312,26 @@ def _from_array(source: Any, max_pixels: int) -> Image.Image:
     return Image.fromarray(tensor.permute(1, 2, 0).mul(255).round().byte().numpy())
 
 
+def _upscaled_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """``size`` enlarged so that its short side is ``min_side`` (unchanged if it already is)."""
+    (w, h), short = size, min(size)
+    if short >= min_side:
+        return size
+    scale = min_side / short
+    return (min_side if w == short else max(min_side, round(w * scale)),
+            min_side if h == short else max(min_side, round(h * scale)))
+
+
 def _ensure_min_side(image: Image.Image, min_side: int, upscale_small: bool, max_pixels: int, notes: list[str]) -> Image.Image:
     """Upscale (or refuse) an image whose short side is under ``min_side``."""
-    (w, h), short = image.size, min(image.size)
-    if short >= min_side:
+    new_size = _upscaled_size(image.size, min_side)
+    if new_size == image.size:
         return image
     if not upscale_small:
         raise InvalidInputError(
             f"The image is only {_dims(image.size)} pixels, but each side must be at least {min_side} pixels. "
             "Please use a larger image."
         )
-    scale = min_side / short
-    new_size = (
-        min_side if w == short else max(min_side, round(w * scale)),
-        min_side if h == short else max(min_side, round(h * scale)),
-    )
     if new_size[0] * new_size[1] > max_pixels:
         raise InvalidInputError(
             f"The image is {_dims(image.size)} pixels: too narrow to process. It would have to be enlarged to "
@@ -367,14 +352,9 @@ def load_image_with_notes(
     min_side: int = DEFAULT_MIN_SIDE,
     upscale_small: bool = True,
 ) -> LoadedImage:
-    """Load ``source`` as an 8-bit RGB image and describe what was done to it.
-
-    ``source``: a path, ``bytes``, a binary file object, a ``PIL.Image.Image`` or an array
-    (anything with ``__array__``). ``max_pixels``: images with more pixels are refused (checked
-    before decoding). ``min_side``: a shorter short side is upscaled to it, or refused when
-    ``upscale_small`` is false. Raises :class:`InvalidInputError` with a message for the user;
-    ``ValueError`` when ``max_pixels`` or ``min_side`` themselves are invalid.
-    """
+    """``source`` as 8-bit RGB with notes. Images above ``max_pixels`` are refused before
+    decoding; a short side under ``min_side`` is upscaled (refused unless ``upscale_small``).
+    Raises :class:`InvalidInputError` for the user; ValueError for invalid limits themselves."""
     for label, value in (("max_pixels", max_pixels), ("min_side", min_side)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
@@ -394,39 +374,25 @@ def read_header(path: Any, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     notes of the image file at ``path``, from its header alone: no pixel data is decoded,
     so this is cheap for any file size. Broken pixel data is only found when loading."""
     source, name = _openable(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise _too_large(img.size, max_pixels, name)
-                try:
-                    if img.format == "PNG":  # Pillow's getexif() decodes a whole PNG to look past its pixels
-                        raw = img.info.get("exif")
-                        orientation = Image.Exif().load(raw).get(0x0112, 1) if raw else 1
-                    else:
-                        orientation = img.getexif().get(0x0112, 1)
-                except Exception:
-                    orientation = 1
-    except InvalidInputError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise _bomb(exc, max_pixels, name) from None
-    except UnidentifiedImageError:
-        raise _not_an_image(name) from None
-    except OSError as exc:
-        raise _unreadable(name, exc) from None
-    except Exception as exc:
-        raise _damaged(exc, name) from None
+    with _user_errors(name, max_pixels), Image.open(source) as img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise _too_large(img.size, max_pixels, name)
+        try:
+            if img.format == "PNG":  # Pillow's getexif() decodes a whole PNG to look past its pixels
+                raw = img.info.get("exif")
+                orientation = Image.Exif().load(raw).get(0x0112, 1) if raw else 1
+            else:
+                orientation = img.getexif().get(0x0112, 1)
+        except Exception:
+            orientation = 1
     notes: list[str] = []
     if orientation in (5, 6, 7, 8):
         w, h = h, w
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
+    if orientation in range(2, 9):
         notes.append("The photo will be rotated/flipped upright according to its EXIF orientation tag.")
-    if min(w, h) < min_side:
-        scale = min_side / min(w, h)
-        w, h = max(min_side, round(w * scale)), max(min_side, round(h * scale))
-        notes.append(f"The image is small, so it will be upscaled to {w}×{h} (the minimum side is {min_side} "
+    size = _upscaled_size((w, h), min_side)
+    if size != (w, h):
+        notes.append(f"The image is small, so it will be upscaled to {_dims(size)} (the minimum side is {min_side} "
                      "pixels); expect limited detail.")
-    return (w, h), notes
+    return size, notes
