@@ -19,7 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .loading import MODEL_ENV
 
 __all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "PLATFORM_PACKAGES", "space_files", "space_requirements",
            "staged_requirements", "platform_requirements", "space_readme", "deploy", "main"]
@@ -168,6 +167,8 @@ def _describe(error: Exception) -> str:
 def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,
            hardware: bool = True, api=None, root: Path = ROOT, out=print) -> str:
     """Create or update the Space ``repo_id``; returns its address."""
+    from .loading import MODEL_ENV  # torch comes with it: `requirements` must run without
+
     if not _REPO_ID.match(repo_id or ""):
         raise DeployError(f"the Space must be given as owner/name, got {repo_id!r}")
     if model is not None and not model.strip():
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="create or update a ZeroGPU Gradio Space")
     d.add_argument("space", help="the Space, as owner/name")
-    d.add_argument("--model", default=None, help=f"weights the Space loads (sets the {MODEL_ENV} variable)")
+    d.add_argument("--model", default=None, help="weights the Space loads (sets the Space variable the app reads)")
     d.add_argument("--private", action="store_true", help="create the Space private")
     d.add_argument("--token", default=None, help="Hub token (default: the logged-in one or HF_TOKEN)")
     d.add_argument("--no-hardware", action="store_true", help="do not ask for ZeroGPU hardware")

@@ -246,3 +246,15 @@ def test_space_readme_front_matter_parses_as_yaml():
     text = space.space_readme((ROOT / "README.md").read_text(encoding="utf-8"))
     block = text.split("---\n")[1]
     assert yaml.safe_load(block)["title"] == "DeblurDiff"
+
+
+def test_requirements_command_runs_without_torch():
+    """CI writes the Space's requirements with a bare interpreter, before anything is installed."""
+    import subprocess
+
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['space', 'requirements'];"
+            "runpy.run_module('deblurdiff.space', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"torch=={space.SPACE_TORCH}" in result.stdout
