@@ -45,6 +45,7 @@ from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import (
     SpeedModel,
     format_seconds,
+    format_steps,
     max_run_seconds,
     processed_megapixels,
     run_cost_advice,
@@ -162,10 +163,6 @@ def pass_raw(component, image: bool = False):
     """
     component.preprocess = types.MethodType(_raw_image_preprocess if image else _raw_value_preprocess, component)
     return component
-
-
-def _steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"
 
 
 # --------------------------------------------------------------------------
@@ -292,7 +289,7 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     seconds = speed.seconds(*run)
     device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
     basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
-    text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {_steps(options.steps)} (an estimate, {basis})."
+    text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {format_steps(options.steps)} (an estimate, {basis})."
     advice = run_cost_advice(speed, *run, max_run_seconds(speed.device, app.max_run_seconds))
     if advice:
         return f"{text} ⚠️ {advice}"
@@ -327,7 +324,7 @@ def save_results(app: DeblurApp, source, loaded, result: DeblurResult):
     if app.untrained:
         summary.append(f"⚠️ **{UNTRAINED_LABEL}**: made with random development weights, not a deblurred image.")
     summary.append(
-        f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {_steps(result.steps)}, "
+        f"Done in {result.seconds:.1f} s: {w}×{h} pixels, seed **{result.seed}**, {format_steps(result.steps)}, "
         f"guidance {result.guidance_scale:g}, colour fix {'on' if options.color_fix else 'off'}, "
         f"tiling {({None: 'auto', True: 'on', False: 'off'})[options.tiled]}."
     )

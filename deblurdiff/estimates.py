@@ -225,6 +225,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def format_steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
 # --------------------------------------------------------------------------
 # The cost cap of any device (the ZeroGPU limit above is a separate, stricter one)
 # --------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import math
 import re
 from datetime import timedelta
 
-from .estimates import SpeedModel, format_seconds, gpu_booking_seconds, gpu_limit_advice
+from .estimates import SpeedModel, format_seconds, format_steps, gpu_booking_seconds, gpu_limit_advice
 
 #: Seconds one call may book while the Space starts: ``@spaces.GPU(duration=1500)`` is
 #: "the maximum duration allowed during startup" (Hugging Face, "Make your ZeroGPU Spaces
@@ -106,7 +106,7 @@ def estimate_text(speed: SpeedModel, width: int, height: int, steps: int, guidan
     seconds = speed.seconds(width, height, steps, guidance_scale, tiled)
     booked = booked_for(seconds)
     text = (
-        f"Estimated GPU time: **about {format_seconds(seconds)}** for {steps} step{'' if steps == 1 else 's'}, "
+        f"Estimated GPU time: **about {format_seconds(seconds)}** for {format_steps(steps)}, "
         f"plus waiting for a GPU (an estimate; {format_seconds(booked)} of your daily GPU quota is reserved for it)."
     )
     advice = limit_advice(speed, width, height, steps, guidance_scale, tiled)
