@@ -1,38 +1,25 @@
 """The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally.
 
-Which weights are loaded, first match wins:
-
-1. ``--model`` on the command line;
-2. the ``DEBLURDIFF_MODEL`` environment variable (on a Space: Settings → Variables);
-3. :data:`DEFAULT_SPACE_MODEL` below — the one place where the published Space's
-   choice is written down;
-4. the authors' checkpoint, downloaded, verified and converted on the first start
-   and cached (``deblurdiff/weights.py``; ``--no-download`` turns that off).
-
-Each is a diffusers-layout folder, a Hub repo id, or the official ``model.pth``
-(converted when loaded; the tokenizer ships with the package, ``--tokenizer`` /
-``DEBLURDIFF_TOKENIZER`` override it). Without weights the app still starts: a banner
-says what is missing and how to provide it, and Run answers with that message instead of a result.
-``--dev-random-weights`` loads untrained random weights for development; every
-output is then labelled UNTRAINED.
-
-The API endpoint ``/deblur`` (see :meth:`DeblurApp.deblur` for its inputs and
-outputs) serves ``gradio_client`` users; every bad input is answered with a
-``gr.Error`` whose message says what was wrong.
+The weights are the first of ``--model``, ``$DEBLURDIFF_MODEL``, :data:`DEFAULT_SPACE_MODEL`
+and the authors' checkpoint (downloaded and converted once; ``--no-download`` turns that off);
+see :mod:`deblurdiff.loading` for what a reference may be. Without weights the app still
+starts and says what is missing; ``--dev-random-weights`` labels every output UNTRAINED.
+The API endpoint ``/deblur`` (:meth:`DeblurApp.deblur`) answers every bad input with a
+``gr.Error`` saying what was wrong.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextvars
+import ctypes
 import json
 import logging
+import multiprocessing
 import os
+import queue
 import tempfile
 import threading
 import time
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -51,9 +38,15 @@ from .estimates import (
     run_cost_advice,
 )
 from .image_io import InvalidInputError
-from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
+from .loading import (
+    MODEL_ENV,
+    RANDOM_TINY,
+    TOKENIZER_ENV,
+    ModelUnavailableError,
+    describe_missing_model,
+    load_pipeline,
+)
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
-from .run_control import RunControl
 from .service import (
     DEFAULT_SAMPLER,
     DEFAULT_TILING,
@@ -77,11 +70,9 @@ ZERO_GPU_MEMORY_BYTES = 48 * 1024**3
 #: runs it with the development weights too; by default it runs with real weights only.
 AOTI_ENV = "DEBLURDIFF_AOTI"
 
-#: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set
-#: (a Hub repo id in diffusers layout, e.g. one made from the official ``model.pth`` with
-#: ``DeblurDiffPipeline.from_single_file(...).save_pretrained(...)`` and uploaded).
-#: ``None``: no weights have been published yet, so the app starts without a model and
-#: says how to provide one.
+#: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set: a Hub
+#: repo id in diffusers layout (e.g. the official ``model.pth`` converted and uploaded).
+#: ``None``: none published yet, so the app starts without a model and says how to provide one.
 DEFAULT_SPACE_MODEL: str | None = None
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -95,6 +86,8 @@ KEEP_RESULTS_SECONDS = 2 * 3600
 QUEUE_SIZE = 32
 #: Side of the square image used to measure the speed of the loaded model.
 PROBE_SIDE = 256
+#: Runs at once that can have a cancel flag (ZeroGPU runs at most ``zerogpu.CONCURRENCY``).
+RUN_SLOTS = 64
 
 #: What the model is for, shown under the title (the model card says the same).
 SCOPE_TEXT = (
@@ -122,90 +115,58 @@ UNTRAINED_BANNER = (
 )
 
 
+
 def on_zero_gpu() -> bool:
-    try:
-        from spaces.config import Config
-
-        return bool(Config.zero_gpu)
-    except Exception:  # pragma: no cover - an unexpected `spaces` version
-        return False
-
-
-# --------------------------------------------------------------------------
-# Components that leave validation to the app
-# --------------------------------------------------------------------------
-# Gradio's own checks would answer an API call with an out-of-range number or an
-# unreadable file with a terse or generic message; these components hand the raw
-# value to the app, whose checks (shared with the command line) say what is wrong.
-
-
-def _raw_image_preprocess(component, payload):
-    """Like ``gr.Image(type="filepath")``, but the uploaded file is passed on untouched.
-
-    The built-in preprocessing opens the file with Pillow first, so a corrupt file or a
-    decompression bomb would fail before the app could explain the problem; here the
-    original bytes (EXIF orientation, 16-bit data, …) reach ``image_io`` unchanged.
-    """
-    if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
-        return str(payload.path)
-    return type(component).preprocess(component, payload)
-
-
-def _raw_value_preprocess(component, payload):
-    return payload
+    return bool(spaces.config.Config.zero_gpu)
 
 
 def pass_raw(component, image: bool = False):
-    """Hand the component's raw value to the app (whose checks explain what is wrong).
+    """Hand the component's raw value to the app, whose checks (shared with the command line)
+    say what is wrong: Gradio's own would answer an out-of-range number or an unreadable file
+    tersely. An uploaded image is passed on as its file, untouched (Gradio would open it with
+    Pillow first: a corrupt file or a decompression bomb would fail before the app could explain).
+    Set on the instance: subclassing a component would make Gradio write a ``.pyi`` stub."""
 
-    Set on the instance: subclassing a component would make Gradio write a ``.pyi``
-    stub next to this module.
-    """
-    component.preprocess = types.MethodType(_raw_image_preprocess if image else _raw_value_preprocess, component)
+    def preprocess(payload):
+        if not image:
+            return payload
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        return type(component).preprocess(component, payload)
+
+    component.preprocess = preprocess
     return component
 
 
 # --------------------------------------------------------------------------
-# The model, where the GPU function can reach it
+# The GPU function
 # --------------------------------------------------------------------------
-# On ZeroGPU the decorated function runs in a forked worker that inherits this
-# module's globals, so only small picklable arguments cross the process boundary.
+# On ZeroGPU it runs in a forked worker that inherits this module's globals, so only small
+# picklable arguments cross the process boundary: the app's key in _APPS, not the app.
+
+_APPS: dict[int, DeblurApp] = {}
 
 
-@dataclass
-class Runtime:
-    pipe: object
-    lock: threading.Lock
-    control: RunControl  # shared memory: made at start-up, before ZeroGPU forks its worker
-    speed: SpeedModel
-
-
-_RUNTIMES: dict[int, Runtime] = {}
-
-
-def _gpu_duration(runtime_id: int, image, options: RestoreOptions, slot: int) -> int:
+def _gpu_duration(app_key: int, image, options: RestoreOptions, *rest) -> int:
     """Duration to give ``@spaces.GPU``: the time estimate with a margin, divided by the
     factor ``spaces`` multiplies it by, so that what ZeroGPU books is the estimate's."""
-    runtime = _RUNTIMES.get(runtime_id)
-    speed = runtime.speed if runtime and runtime.speed.device == "cuda" else SpeedModel.default("cuda")
+    app = _APPS.get(app_key)
+    speed = app._gpu_speed() if app is not None else SpeedModel.default("cuda")
     return zerogpu.duration_for(speed.seconds(image.width, image.height, options.steps, options.guidance_scale, options.tiled))
 
 
 @spaces.GPU(duration=_gpu_duration)
-def run_on_device(runtime_id: int, image, options: RestoreOptions, slot: int) -> DeblurResult:
-    """The GPU function. On ZeroGPU it runs in a forked worker: it reports its steps and
-    reads its cancel flag through the runtime's shared-memory :class:`RunControl`, and
-    uses the pipeline that was placed on the GPU at start-up (nothing is moved here)."""
-    runtime = _RUNTIMES[runtime_id]
-    control = runtime.control
-    with runtime.lock:  # a cancelled run may still be finishing its current step
-        return restore(
-            runtime.pipe,
-            image,
-            options,
-            on_step=lambda done, total: control.report(slot, done, total),
-            should_stop=lambda: control.cancelled(slot),
-        )
+def run_on_device(app_key: int, image, options: RestoreOptions, slot: int, progress) -> DeblurResult:
+    """The GPU function. On ZeroGPU, in the forked worker, ``spaces`` relays its calls of
+    Gradio's ``progress`` to the app, it reads its cancel flag from the app's shared memory,
+    and it uses the pipeline placed on the GPU at start-up (nothing is moved here)."""
+    app = _APPS[app_key]
+
+    def on_step(done, total):
+        progress((done, total), desc="Denoising", unit="steps")
+
+    with app.lock:  # a cancelled run may still be finishing its current step
+        return restore(app.pipe, image, options, on_step=on_step, should_stop=lambda: app.cancelled[slot])
 
 
 # --------------------------------------------------------------------------
@@ -221,12 +182,13 @@ def _as_user_error(exc: Exception) -> gr.Error:
     """What a visitor is told when a run fails (the details go to the server's log)."""
     if isinstance(exc, InvalidInputError):
         return _user_error(str(exc), "Invalid input")
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         logger.exception("out of memory")
-        return _user_error("The server ran out of memory on this image. Try a smaller image, or turn tiling on.", "Out of memory")
-    if isinstance(exc, torch.OutOfMemoryError):
-        logger.exception("out of GPU memory")
-        return _user_error("The GPU ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).", "Out of memory")
+        where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "server"
+        return _user_error(
+            f"The {where} ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).",
+            "Out of memory",
+        )
     logger.exception("deblurring failed")
     return _user_error(
         f"Something went wrong while deblurring ({type(exc).__name__}). The details were logged on the "
@@ -235,21 +197,13 @@ def _as_user_error(exc: Exception) -> gr.Error:
     )
 
 
-def _load_examples(examples_dir: Path) -> tuple[list[str], list[str]]:
-    """Example image paths and their titles (from examples.json when present)."""
-    if not examples_dir or not examples_dir.is_dir():
+def _load_examples(examples_dir: Path | None) -> tuple[list[str], list[str]]:
+    """Example image paths and their titles, as listed in the folder's examples.json."""
+    meta = examples_dir / "examples.json" if examples_dir else None
+    if meta is None or not meta.is_file():
         return [], []
-    titles = {}
-    meta = examples_dir / "examples.json"
-    if meta.is_file():
-        try:
-            titles = {entry["file"]: entry.get("title") or entry["file"] for entry in json.loads(meta.read_text())}
-        except (ValueError, KeyError, TypeError):
-            logger.warning("ignoring %s: not the expected list of {file, title}", meta)
-    files = sorted(p for p in examples_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
-    if titles:
-        files = [p for p in files if p.name in titles] or files
-    return [str(p) for p in files], [titles.get(p.name, p.stem.replace("_", " ")) for p in files]
+    entries = json.loads(meta.read_text())
+    return [str(examples_dir / entry["file"]) for entry in entries], [entry["title"] for entry in entries]
 
 
 def banner_text(app: DeblurApp) -> str:
@@ -274,10 +228,16 @@ def banner_text(app: DeblurApp) -> str:
     return text
 
 
+def limit_advice(app: DeblurApp, run: tuple) -> str | None:
+    """What fits, when ``run`` (width, height, steps, guidance, tiled) would take longer than
+    allowed: one ZeroGPU booking, or this server's limit; None when it fits."""
+    if on_zero_gpu():
+        return zerogpu.limit_advice(app._gpu_speed(), *run)
+    return run_cost_advice(app.speed, *run, max_run_seconds(app.speed.device, app.max_run_seconds))
+
+
 def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     """The time a run of an image of ``size`` would take, and a warning when it cannot run."""
-    if app.pipe is None or not size:
-        return ""
     try:
         options = make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
     except InvalidInputError:
@@ -285,12 +245,12 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     run = (size[0], size[1], options.steps, options.guidance_scale, options.tiled)
     if on_zero_gpu():
         return zerogpu.estimate_text(app._gpu_speed(), *run)
-    speed = app.runtime.speed
+    speed = app.speed
     seconds = speed.seconds(*run)
     device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
     basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
     text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {format_steps(options.steps)} (an estimate, {basis})."
-    advice = run_cost_advice(speed, *run, max_run_seconds(speed.device, app.max_run_seconds))
+    advice = limit_advice(app, run)
     if advice:
         return f"{text} ⚠️ {advice}"
     if seconds > 120 and speed.device != "cuda":
@@ -339,18 +299,17 @@ def probe_speed(app: DeblurApp) -> None:
     import numpy as np
     from PIL import Image
 
-    runtime = app.runtime
     try:
         if app.cpu_config is not None:
-            with runtime.lock:
+            with app.lock:
                 timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
-            runtime.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
+            app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
             logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
             return
         rng = np.random.default_rng(0)
         probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
         timings = {}
-        with runtime.lock:
+        with app.lock:
             # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
             for steps in (1, 1, 3):
                 start = time.perf_counter()
@@ -359,7 +318,7 @@ def probe_speed(app: DeblurApp) -> None:
         mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
         step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
         fixed = max(timings[1] / mpx - step, 0.0)
-        runtime.speed = SpeedModel(step, fixed, app.pipe.device.type, measured=True, should_tile=app.should_tile)
+        app.speed = SpeedModel(step, fixed, app.pipe.device.type, measured=True, should_tile=app.should_tile)
         logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", app.pipe.device, step, fixed)
     except Exception:  # the estimate stays a rough default; running images may still work
         logger.exception("could not measure the model's speed")
@@ -385,27 +344,28 @@ class DeblurApp:
         measure_speed: bool = True,
         max_run_seconds: float | None = None,
     ):
-        if pipe is None and not model_error:
-            from .loading import describe_missing_model
-
-            model_error = describe_missing_model()
         self.pipe = pipe
-        self.model_error = model_error
+        self.model_error = model_error or (describe_missing_model() if pipe is None else None)
         self.untrained = pipe is not None and is_untrained(pipe)
         self.model_ref = RANDOM_TINY if self.untrained else model_ref
         self.examples_dir = examples_dir
-        device_type = pipe.device.type if pipe is not None else "cpu"
         self.should_tile = pipe.should_tile if pipe is not None else None
         self.cpu_config = None
-        if device_type == "cpu" and pipe is not None:
+        if pipe is not None and pipe.device.type == "cpu":
             self.cpu_config = choose_cpu_config(dtype=pipe.unet.dtype)
             logger.info("CPU: %s", describe_cpu())
             logger.info("CPU configuration: %s", self.cpu_config.describe())
-        speed = SpeedModel.default(device_type, self.should_tile, cpu_config=self.cpu_config)
-        self.runtime = Runtime(pipe, threading.Lock(), RunControl(), speed)
-        self.runtime_id = id(self.runtime)
-        _RUNTIMES[self.runtime_id] = self.runtime
-        self.active_runs: dict[str, int] = {}  # session -> run-control slot
+        device_type = pipe.device.type if pipe is not None else "cpu"
+        self.speed = SpeedModel.default(device_type, self.should_tile, cpu_config=self.cpu_config)
+        self.lock = threading.Lock()
+        # Cancel flags in shared memory, made before ZeroGPU forks its worker: a flag set here is
+        # the one the worker reads (a Python object would be the worker's own copy).
+        self.cancelled = multiprocessing.RawArray(ctypes.c_bool, RUN_SLOTS)
+        self.free_slots = queue.SimpleQueue()
+        for slot in range(RUN_SLOTS):
+            self.free_slots.put(slot)
+        self.active_runs: dict[str, int] = {}  # session -> cancel-flag slot
+        _APPS[id(self)] = self
         # ZeroGPU gives each call its own GPU slice; a local device runs one image at a time.
         self.concurrency_limit = zerogpu.CONCURRENCY if on_zero_gpu() else 1
         self.max_run_seconds = max_run_seconds  # None: $DEBLURDIFF_MAX_RUN_SECONDS, else the device's default
@@ -419,36 +379,25 @@ class DeblurApp:
     def build(self) -> gr.Blocks:
         return build_ui(self)
 
-    def banner(self) -> str:
-        return banner_text(self)
-
     def _gpu_speed(self) -> SpeedModel:
-        speed = self.runtime.speed
-        return speed if speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
+        return self.speed if self.speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
 
-    def describe_input(self, image, steps, guidance_scale, tiling):
-        """Shown when an image is chosen: its size, what was done to it, the time estimate."""
+    def describe_input(self, image, steps, guidance_scale, tiling) -> str:
+        """Shown when an image or a setting is chosen: the image's size, what was done to it,
+        the time estimate. Only the header is read: this runs outside the queue."""
         if not image:
-            return "", None
-        try:  # the header only: this runs outside the queue, for every image chosen
+            return ""
+        try:
             (w, h), notes = image_io.read_header(image)
         except InvalidInputError as exc:
-            return f"⚠️ {exc}", None
+            return f"⚠️ {exc}"
         except Exception:
             logger.exception("could not read an uploaded image")
-            return "⚠️ This file could not be read as an image.", None
-        lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."]
-        lines += [f"- {note}" for note in notes]
-        estimate = estimate_text(self, (w, h), steps, guidance_scale, tiling)
-        return "\n".join(lines + ([estimate] if estimate else [])), [w, h]
-
-    def estimate_update(self, size, steps, guidance_scale, tiling, current):
-        if not size or not current:
-            return current
-        lines = [line for line in str(current).split("\n") if not line.startswith("Estimated")]
-        estimate = estimate_text(self, size, steps, guidance_scale, tiling)
-        return "\n".join(lines + ([estimate] if estimate else []))
-
+            return "⚠️ This file could not be read as an image."
+        lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."] + [f"- {note}" for note in notes]
+        if self.pipe is not None:
+            lines.append(estimate_text(self, (w, h), steps, guidance_scale, tiling))
+        return "\n".join(line for line in lines if line)
     def deblur(
         self,
         image,
@@ -511,74 +460,42 @@ class DeblurApp:
             raise _user_error("The client that sent this request is gone; it was not run.", "Dropped")
         loaded = image_io.load_image_with_notes(image)
         run = (*loaded.size, options.steps, options.guidance_scale, options.tiled)
-        if on_zero_gpu():
-            advice, title = zerogpu.limit_advice(self._gpu_speed(), *run), "Too long for one GPU run"
-        else:
-            speed = self.runtime.speed
-            advice = run_cost_advice(speed, *run, max_run_seconds(speed.device, self.max_run_seconds))
-            title = "Too long for this server"
+        advice = limit_advice(self, run)
         if advice:
-            raise _user_error(advice, title)
-        result = self._run_with_progress(loaded.image, options, session, progress)
-        if result.interrupted:
-            raise _user_error("The run was cancelled; no result.", "Cancelled")
-        progress(1.0, desc="Saving")
-        return save_results(self, image, loaded, result)
-
-    def _run_with_progress(self, image, options: RestoreOptions, session: str, progress) -> DeblurResult:
-        """Run the GPU function; a thread here relays its step count to the progress bar.
-
-        The count comes through shared memory, so it also arrives from ZeroGPU's forked
-        worker; until the first step is done the bar shows the time elapsed."""
-        control = self.runtime.control
-        slot = control.acquire(options.steps)
+            raise _user_error(advice, "Too long for one GPU run" if on_zero_gpu() else "Too long for this server")
+        slot = self.free_slots.get_nowait()
+        self.cancelled[slot] = False
         self.active_runs[session] = slot
         finished = threading.Event()
-        started = time.monotonic()
 
-        shown = None
-
-        def show():
-            nonlocal shown
-            done, total = control.progress(slot)
-            if done == 0:
-                progress(None, desc=f"Starting ({time.monotonic() - started:.0f} s)")
-            elif (done, total) != shown:
-                progress((done, total), desc="Denoising", unit="steps")
-                shown = (done, total)
-
-        def relay():
+        def stop_if_gone():  # the pipeline stops after its current step
             while not finished.wait(0.1):
-                show()
-                if self.clients.gone(session):  # the pipeline stops after its current step
-                    control.cancel(slot)
+                if self.clients.gone(session):
+                    self.cancelled[slot] = True
 
-        relay_thread = threading.Thread(target=contextvars.copy_context().run, args=(relay,), daemon=True)
+        threading.Thread(target=stop_if_gone, daemon=True).start()
         progress(0, desc="Starting")
-        relay_thread.start()
         try:
-            result = run_on_device(self.runtime_id, image, options, slot)
-            result.interrupted = result.interrupted or control.cancelled(slot)
-            return result
+            result = run_on_device(id(self), loaded.image, options, slot, progress)
+            cancelled = result.interrupted or self.cancelled[slot]
         except gr.Error as exc:  # ZeroGPU's refusal, through `spaces`: say what fits instead
-            refusal = on_zero_gpu() and zerogpu.quota_refusal(
-                str(exc.message), self._gpu_speed(), image.width, image.height, options.steps,
-                options.guidance_scale, options.tiled,
-            )
+            refusal = on_zero_gpu() and zerogpu.quota_refusal(str(exc.message), self._gpu_speed(), *run)
             if refusal:
                 raise _user_error(refusal, "Not enough ZeroGPU quota") from None
             raise
         finally:
             finished.set()
-            relay_thread.join()
-            show()  # the last step, had the run ended between two looks
             self.active_runs.pop(session, None)
-            control.release(slot)
+            self.free_slots.put(slot)
+        if cancelled:
+            raise _user_error("The run was cancelled; no result.", "Cancelled")
+        progress(1.0, desc="Saving")
+        return save_results(self, image, loaded, result)
 
     def cancel(self, request: gr.Request = None):
         slot = self.active_runs.get(getattr(request, "session_hash", None))
         if slot is not None:
-            self.runtime.control.cancel(slot)
+            self.cancelled[slot] = True
         return "Cancelled."
 
 
@@ -600,7 +517,6 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         )
         banner_kind = "missing" if app.pipe is None else ("untrained" if app.untrained else "ok")
         gr.Markdown(banner_text(app), elem_id="model-status", elem_classes=[f"status-{banner_kind}"])
-        size_state = gr.State(None)
         with gr.Row():
             with gr.Column():
                 image_in = gr.Image(
@@ -652,13 +568,10 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
         if app.untrained:
             description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
-        run_event = run_btn.click(
-            app.deblur, inputs, outputs, api_name="deblur", api_description=description,
-            concurrency_limit=app.concurrency_limit, concurrency_id="model", show_progress_on=[slider],
-        )
+        run = dict(concurrency_limit=app.concurrency_limit, concurrency_id="model", show_progress_on=[slider])
+        cancellable = [run_btn.click(app.deblur, inputs, outputs, api_name="deblur", api_description=description, **run)]
 
         example_files, example_labels = _load_examples(app.examples_dir)
-        cancellable = [run_event]
         if example_files and not app.untrained and app.pipe is not None:
             # Computed once on first click, then served from the cache: visitors spend no GPU time.
             gr.Examples(
@@ -672,19 +585,13 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
                 [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
                 label="Examples (click one to run it): " + " · ".join(example_labels),
             )
-            cancellable.append(
-                examples.load_input_event.then(
-                    app.deblur, inputs, outputs, api_visibility="private", concurrency_limit=app.concurrency_limit, concurrency_id="model",
-                    show_progress_on=[slider],
-                )
-            )
+            cancellable.append(examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run))
         cancel_btn.click(app.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
 
-        show_lkpn.change(lambda show: gr.update(visible=bool(show)), show_lkpn, lkpn_image, queue=False, api_visibility="private")
-        describe_inputs = [image_in, steps, guidance, tiling]
-        image_in.change(app.describe_input, describe_inputs, [input_info, size_state], queue=False, api_visibility="private")
-        for control in (steps, guidance, tiling):
-            control.change(app.estimate_update, [size_state, steps, guidance, tiling, input_info], input_info, queue=False, api_visibility="private", show_progress="hidden")
+        private = dict(queue=False, api_visibility="private", show_progress="hidden")
+        show_lkpn.change(lambda show: gr.update(visible=bool(show)), show_lkpn, lkpn_image, **private)
+        for component in (image_in, steps, guidance, tiling):
+            component.change(app.describe_input, [image_in, steps, guidance, tiling], input_info, **private)
     demo.deblurdiff_app = app
     return demo
 
@@ -699,8 +606,6 @@ CSS = """
 # --------------------------------------------------------------------------
 # Start-up
 # --------------------------------------------------------------------------
-
-
 def resolve_model(model: str | None = None) -> str | None:
     """``--model``, else ``DEBLURDIFF_MODEL``, else :data:`DEFAULT_SPACE_MODEL`."""
     return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
@@ -744,27 +649,22 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
         return None, f"Could not load DeblurDiff weights from {reference!r}: {type(exc).__name__}: {exc}", reference
 
 
-def build_demo(pipe=None, *, model_error=None, model_ref=None, examples_dir=EXAMPLES_DIR, measure_speed=True, max_run_seconds=None) -> gr.Blocks:
-    """The interface around ``pipe`` (None: the no-weights page saying what is missing)."""
-    return DeblurApp(
-        pipe, model_error=model_error, model_ref=model_ref, examples_dir=examples_dir, measure_speed=measure_speed,
-        max_run_seconds=max_run_seconds,
-    ).build()
+def build_demo(pipe=None, **kwargs) -> gr.Blocks:
+    """The interface around ``pipe`` (None: the no-weights page saying what is missing);
+    ``kwargs`` are :class:`DeblurApp`'s."""
+    return DeblurApp(pipe, **kwargs).build()
 
 
 def launch(demo: gr.Blocks, *, max_file_size=None, mcp: bool = True, **kwargs):
-    """``demo.queue(...).launch(...)`` with the app's queue, styling, file permissions and
-    the server's limits (``deblurdiff/server_limits.py``): every call goes through the queue
-    (no direct REST route), uploads and request bodies are size-limited (``max_file_size``,
-    default ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB), and the MCP server is on unless ``mcp=False``."""
-    app = getattr(demo, "deblurdiff_app", None)
-    allowed = [str(app.examples_dir)] if app is not None and app.examples_dir else []
+    """``demo.queue(...).launch(...)`` with the app's queue, styling, file permissions and the
+    server's limits (:mod:`deblurdiff.server_limits`; ``max_file_size`` defaults to
+    ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB); the MCP server is on unless ``mcp=False``."""
+    app = demo.deblurdiff_app
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
     kwargs.setdefault("css", CSS)
-    kwargs.setdefault("allowed_paths", allowed)
+    kwargs.setdefault("allowed_paths", [str(app.examples_dir)] if app.examples_dir else [])
     kwargs.setdefault("mcp_server", mcp)
-    tracker = app.clients if app is not None else server_limits.ClientTracker()
-    kwargs = server_limits.protect(demo, tracker, server_limits.max_file_size(max_file_size), kwargs)
+    kwargs = server_limits.protect(demo, app.clients, server_limits.max_file_size(max_file_size), kwargs)
     return demo.launch(**kwargs)
 
 

@@ -308,7 +308,7 @@ def test_unreachable_weights_are_reported(tmp_path):
     pipe, error, reference = app_module.load_app_model(str(tmp_path / "missing-folder"))
     assert pipe is None and "Model folder not found" in error and reference.endswith("missing-folder")
     app = DeblurApp(None, model_error=error, model_ref=reference, examples_dir=None)
-    assert "Model folder not found" in app.banner()
+    assert "Model folder not found" in app_module.banner_text(app)
 
 
 def test_model_choice_order(monkeypatch):
@@ -375,14 +375,15 @@ def test_cancel_interrupts_the_pipeline(pipe, tmp_path):
 def test_time_estimate_is_measured_and_shown(pipe, tmp_path):
     app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=True)
     assert app.speed_ready.wait(60)
-    assert app.runtime.speed.measured and app.runtime.speed.device == "cpu"
+    assert app.speed.measured and app.speed.device == "cpu"
     path = write(tmp_path, "p.png", gradient(200, 100))
-    text, size = app.describe_input(str(path), 50, 1.0, "auto")
-    assert size == [200, 100] and "200×100" in text and "Estimated time" in text and "estimate" in text
-    bad, size = app.describe_input(str(bad_file(tmp_path, "text")), 50, 1.0, "auto")
-    assert size is None and "not an image" in bad
-    updated = app.estimate_update([200, 100], 10, 1.0, "auto", text)
-    assert updated.count("Estimated time") == 1 and "10 steps" in updated
+    text = app.describe_input(str(path), 50, 1.0, "auto")
+    assert "200×100" in text and "Estimated time" in text and "estimate" in text and "50 steps" in text
+    bad = app.describe_input(str(bad_file(tmp_path, "text")), 50, 1.0, "auto")
+    assert "not an image" in bad and "Estimated" not in bad
+    # A change of settings gives the image's description with the new estimate.
+    updated = app.describe_input(str(path), 10, 1.0, "auto")
+    assert updated.count("Estimated time") == 1 and "10 steps" in updated and "200×100" in updated
 
 
 def test_speed_model_and_gpu_duration():
@@ -428,7 +429,7 @@ def test_on_zero_gpu_a_run_that_cannot_fit_is_refused_before_it_starts(pipe, tmp
         app.deblur(str(path), steps=50, seed=1, randomize_seed=False, request=FakeRequest(), progress=RecordingProgress())
     assert "at most" in err.value.message and "300 s one run may book" in err.value.message and not started
     assert "signing in" in err.value.message
-    text, _ = app.describe_input(str(path), 50, 1.0, "auto")
+    text = app.describe_input(str(path), 50, 1.0, "auto")
     assert "Estimated GPU time" in text and "at most" in text
 
 
@@ -478,79 +479,43 @@ def _slow_steps(pipe, seconds):
     return lambda: setattr(pipe.unet, "forward", unet_forward)
 
 
-def _forked_run(app, options):
-    """Start ``run_on_device`` in a forked process, as ZeroGPU's worker does; the result
-    (steps reported, interrupted) comes back through a pipe."""
-    ctx = multiprocessing.get_context("fork")
-    slot = app.runtime.control.acquire(options.steps)
-    receiver, sender = ctx.Pipe(duplex=False)
-    image = gradient(64, 64)
-
-    def worker():
-        result = app_module.run_on_device(app.runtime_id, image, options, slot)
-        sender.send((app.runtime.control.progress(slot), result.interrupted))
-
-    process = ctx.Process(target=worker, daemon=True)
-    process.start()
-    return process, slot, receiver
-
-
 @pytest.mark.slow
 def test_cancel_reaches_a_forked_worker_within_a_step(tmp_path):
+    """``run_on_device`` in a forked process, as ZeroGPU's worker runs it: the flag the app
+    sets stops it after the current step (its steps come back through shared memory here)."""
     pipe = app_module.load_pipeline("random-tiny", device="cpu")
     app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    ctx = multiprocessing.get_context("fork")
+    steps = ctx.RawArray("i", 2)  # done, total as the worker's progress reports them
+    receiver, sender = ctx.Pipe(duplex=False)
+    slot = app.free_slots.get()
+    app.cancelled[slot] = False
+    app.active_runs[FakeRequest.session_hash] = slot  # what Cancel looks up, as during a run
+
+    def progress(value, **kwargs):
+        steps[0], steps[1] = value
+
+    def worker():
+        result = app_module.run_on_device(id(app), gradient(64, 64), RestoreOptions(steps=60), slot, progress)
+        sender.send(result.interrupted)
+
     undo = _slow_steps(pipe, 0.2)
     try:
-        process, slot, receiver = _forked_run(app, RestoreOptions(steps=60))
-    finally:
-        undo()
-    control = app.runtime.control
-    deadline = time.monotonic() + 60
-    while control.progress(slot)[0] < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    done_at_cancel = control.progress(slot)[0]
-    assert done_at_cancel >= 3, "the worker's steps were not seen by the parent"
-    control.cancel(slot)
-    assert receiver.poll(30), "the worker did not stop"
-    (done, total), interrupted = receiver.recv()
-    process.join(10)
-    assert interrupted and total == 60
-    assert done <= done_at_cancel + 1  # the step under way when Cancel came, and no more
-
-
-@pytest.mark.slow
-def test_progress_of_a_forked_worker_reaches_the_progress_bar(tmp_path, monkeypatch):
-    """The app's relay reads the forked worker's steps from shared memory and reports each
-    one to Gradio's progress bar, as it would from ZeroGPU's worker process."""
-    pipe = app_module.load_pipeline("random-tiny", device="cpu")
-    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
-    undo = _slow_steps(pipe, 0.5)  # several looks per step by the relay (every 0.1 s)
-    ctx = multiprocessing.get_context("fork")
-    run_on_device = app_module.run_on_device
-
-    def in_forked_worker(runtime_id, image, options, slot):
-        receiver, sender = ctx.Pipe(duplex=False)
-
-        def worker():
-            result = run_on_device(runtime_id, image, options, slot)
-            sender.send((result.image, result.interrupted, result.seconds))
-
         process = ctx.Process(target=worker, daemon=True)
         process.start()
-        assert receiver.poll(60)
-        image_out, interrupted, seconds = receiver.recv()
-        process.join(10)
-        return app_module.DeblurResult(image_out, None, options, seconds, interrupted)
-
-    monkeypatch.setattr(app_module, "run_on_device", in_forked_worker)
-    progress = RecordingProgress()
-    path = write(tmp_path, "p.png", gradient(64, 64))
-    try:
-        result = app.deblur(str(path), steps=4, seed=1, randomize_seed=False, request=FakeRequest(), progress=progress)
     finally:
         undo()
-    assert Image.open(result[1]).size == (64, 64)
-    assert [c for c in progress.calls if isinstance(c, tuple)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    deadline = time.monotonic() + 60
+    while steps[0] < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    done_at_cancel = steps[0]
+    assert done_at_cancel >= 3, "the worker's steps were not seen by the parent"
+    assert app.cancel(FakeRequest()) == "Cancelled."
+    assert receiver.poll(30), "the worker did not stop"
+    interrupted = receiver.recv()
+    process.join(10)
+    assert interrupted and steps[1] == 60
+    assert steps[0] <= done_at_cancel + 1  # the step under way when Cancel came, and no more
 
 
 # ---------------------------------------------------------------- examples

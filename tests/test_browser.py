@@ -161,16 +161,16 @@ def test_cancel_stops_the_run(page, dev_app, monkeypatch):
     page.locator("#run-button").click()
     sync_api.expect(page.locator("#result .progress-text, #result .meta-text, #result .progress-level")).not_to_have_count(0)
     deadline = time.monotonic() + 30
-    while not app.runtime.lock.locked() and time.monotonic() < deadline:
+    while not app.lock.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert app.runtime.lock.locked(), "the run did not start"
+    assert app.lock.locked(), "the run did not start"
     page.locator("#cancel-button").click()
     sync_api.expect(page.locator("#result-info")).to_contain_text("Cancelled.")
     # The pipeline stops after its current step instead of finishing 100 of them.
     deadline = time.monotonic() + 10
-    while app.runtime.lock.locked() and time.monotonic() < deadline:
+    while app.lock.locked() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not app.runtime.lock.locked(), "the pipeline kept running after Cancel"
+    assert not app.lock.locked(), "the pipeline kept running after Cancel"
     assert len(runs) == 1 and runs[0].interrupted
     sync_api.expect(page.locator("#result img")).to_have_count(0)
 

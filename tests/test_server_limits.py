@@ -183,14 +183,14 @@ def test_few_jobs_per_session_and_never_listened_jobs_are_dropped(served, http, 
     monkeypatch.setattr(app_module, "restore", counting_restore)
     app = served.deblurdiff_app
     path = upload(http, png_bytes())
-    with app.runtime.lock:  # the model is busy: the first job starts and waits for it, the second queues
+    with app.lock:  # the model is busy: the first job starts and waits for it, the second queues
         answers = [http.post("/queue/join", json=deblur_payload(path, "quiet", steps=20)) for _ in range(3)]
         assert [a.status_code for a in answers[:2]] == [200, 200]
         assert answers[2].status_code == 400 and "already has 2 requests" in answers[2].json()["detail"]
         assert wait_until(lambda: "quiet" in app.active_runs, 5)
         # Nobody listens for "quiet": the queued job leaves the queue after the grace period.
         assert wait_until(lambda: len(served._queue) == 0, 3 + server_limits.LISTEN_GRACE_SECONDS)
-        assert wait_until(lambda: app.runtime.control.cancelled(app.active_runs["quiet"]), 2)
+        assert wait_until(lambda: app.cancelled[app.active_runs["quiet"]], 2)
     # The started one stops after its first step.
     assert wait_until(lambda: "quiet" not in app.active_runs, 10)
     assert len(steps) <= 1, steps
@@ -199,7 +199,7 @@ def test_few_jobs_per_session_and_never_listened_jobs_are_dropped(served, http, 
 def test_fire_and_forget_joins_do_not_lock_visitors_out(served, http):
     app = served.deblurdiff_app
     path = upload(http, png_bytes())
-    with app.runtime.lock:  # nothing finishes meanwhile: the queue fills up
+    with app.lock:  # nothing finishes meanwhile: the queue fills up
         answers = [http.post("/queue/join", json=deblur_payload(path, f"ff-{i}")) for i in range(app_module.QUEUE_SIZE + 1)]
         assert all(a.status_code == 200 for a in answers)
         assert len(served._queue) >= app_module.QUEUE_SIZE
@@ -262,7 +262,7 @@ def test_a_run_over_the_cost_limit_is_refused_with_what_fits(random_tiny_pipe, t
     assert "more than the" in message and "this server allows" in message
     assert "resize the image to" in message or "at most" in message
     # The estimate shown when the image is chosen says so already.
-    text, _ = app.describe_input(str(path), 100, 1.0, "auto")
+    text = app.describe_input(str(path), 100, 1.0, "auto")
     assert "this server allows" in text
     # With the default limit the same small run is accepted.
     monkeypatch.delenv("DEBLURDIFF_MAX_RUN_SECONDS", raising=False)
@@ -301,19 +301,19 @@ def test_describe_input_reads_only_the_header(random_tiny_pipe, tmp_path, monkey
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
     monkeypatch.setattr(image_io, "load_image_with_notes", lambda *a, **k: decoded.append("full load"))
-    text, size = app.describe_input(str(path), 2, 1.0, "auto")
-    assert size == [2000, 1500] and "2000×1500" in text and "Estimated" in text
+    text = app.describe_input(str(path), 2, 1.0, "auto")
+    assert "2000×1500" in text and "Estimated" in text
     # A rotated JPEG: its orientation comes from the header too.
     jpeg = tmp_path / "rotated.jpg"
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (300, 200)).save(jpeg, exif=exif)
-    text, size = app.describe_input(str(jpeg), 2, 1.0, "auto")
-    assert size == [200, 300] and "EXIF orientation" in text
+    text = app.describe_input(str(jpeg), 2, 1.0, "auto")
+    assert "200×300" in text and "EXIF orientation" in text
     assert decoded == []
     (tmp_path / "note.txt").write_text("hello")
-    text, size = app.describe_input(str(tmp_path / "note.txt"), 2, 1.0, "auto")
-    assert size is None and "not an image" in text
+    text = app.describe_input(str(tmp_path / "note.txt"), 2, 1.0, "auto")
+    assert "not an image" in text and "Estimated" not in text
 
 
 # ---------------------------------------------------------------- 5. clean-up

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -203,12 +204,19 @@ report["startup"] = {
     "compile_allow_pids": [int(q["pid"]) for q in standin.named("/allow")][:1],
     "load_seconds": round(time.monotonic() - t0, 1),
 }
-for name in aoti.NETWORKS:  # slow steps, so that Cancel comes mid-run
-    module = getattr(pipe, name)
-    forward = module.forward
-    if name == "unet":
-        module.forward = lambda *a, _f=forward, **k: (time.sleep(STEP_SECONDS), _f(*a, **k))[1]
+# Slow steps, so that Cancel comes mid-run; counted in shared memory, made before the run's
+# worker is forked, so that the steps the worker ran are seen here.
+unet_steps = multiprocessing.RawValue("i", 0)
+unet_forward = pipe.unet.forward
 
+
+def slow_step(*args, **kwargs):
+    time.sleep(STEP_SECONDS)
+    unet_steps.value += 1
+    return unet_forward(*args, **kwargs)
+
+
+pipe.unet.forward = slow_step
 
 
 @spaces.GPU(duration=10)
@@ -293,29 +301,34 @@ def in_thread(fn, *args):
 
 
 options = app_module.make_options(steps=4, seed=1)
-run["gpu_duration"] = in_thread(app_module._gpu_duration, app.runtime_id, Image.open(image_path).convert("RGB"), options, 0)
+run["gpu_duration"] = in_thread(app_module._gpu_duration, id(app), Image.open(image_path).convert("RGB"), options, 0)
 report["run"] = run
 
 # 2. Cancel: the Cancel button's handler, as the page calls it (same session), mid-run.
 cancel_index = next(i for i, fn in demo.fns.items() if getattr(fn.fn, "__func__", None) is type(app).cancel)
 releases_before = len(standin.named("/release"))
+unet_steps.value = 0
 job = client.submit(**deblur_args(40), api_name="/deblur")
-slot_seen = wait_for(lambda: app.active_runs, 60)
-slot = next(iter(app.active_runs.values()), None) if slot_seen else None
-wait_for(lambda: slot is not None and app.runtime.control.progress(slot)[0] >= 3, 60)
-done_at_cancel = app.runtime.control.progress(slot)[0] if slot is not None else None
+
+
+def client_saw_steps(n):
+    """True once the client has seen step ``n`` in Gradio's progress, relayed from the worker."""
+    return any(unit.index is not None and unit.index >= n for unit in job.status().progress_data or [])
+
+
+wait_for(lambda: client_saw_steps(3), 60)
+done_at_cancel = unet_steps.value
 reply = httpx.post(
     f"{url}gradio_api/run/predict", json={"fn_index": cancel_index, "data": [], "session_hash": client.session_hash}, timeout=30
 )
 cancelled_at = time.monotonic()
-job_result = None
 wait_for(job.done, 60)
 stopped_after = time.monotonic() - cancelled_at
 job_result = outcome(job)
 report["cancel"] = {
     "reply": reply.status_code,
     "done_at_cancel": done_at_cancel,
-    "done_at_end": app.runtime.control.progress(slot)[0] if slot is not None else None,
+    "done_at_end": unet_steps.value,
     "stopped_after_s": round(stopped_after, 2),
     "error": job_result.get("error"),
     "release": standin.named("/release")[releases_before:],
