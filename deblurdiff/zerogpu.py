@@ -33,35 +33,29 @@ CONCURRENCY = 8
 
 def quota_note() -> str:
     """What a refusal adds: signing in gives more quota."""
-    tiers = ", ".join(f"{_minutes(s)} {tier}" for tier, s in DAILY_QUOTA_SECONDS.items())
+    tiers = ", ".join(f"{seconds // 60} min {tier}" for tier, seconds in DAILY_QUOTA_SECONDS.items())
     return f"ZeroGPU's daily GPU quota per visitor is {tiers}: signing in to Hugging Face gives more."
 
 
-def _minutes(seconds: int) -> str:
-    return f"{seconds // 60} min"
+def _booked(requested: float, gpu_size: str | None) -> float:
+    """What ``spaces`` books for a request of ``requested`` seconds (the request itself where
+    the ``spaces`` ZeroGPU client cannot be read)."""
+    try:
+        from spaces.zero import client
 
-
-def _client():
-    from spaces.zero import client
-
-    return client
+        return float(client.get_duration_seconds(timedelta(seconds=requested), gpu_size))
+    except Exception:  # pragma: no cover - an unexpected `spaces` version
+        return float(requested)
 
 
 def duration_factor(gpu_size: str | None = None) -> float:
-    """What ``spaces`` multiplies a requested duration by on this node (1.0 where the
-    ``spaces`` ZeroGPU client cannot be read)."""
-    try:
-        return float(_client().get_duration_seconds(timedelta(seconds=1), gpu_size))
-    except Exception:  # pragma: no cover - an unexpected `spaces` version
-        return 1.0
+    """What ``spaces`` multiplies a requested duration by on this node."""
+    return _booked(1, gpu_size)
 
 
 def booked_seconds(requested: int, gpu_size: str | None = None) -> int:
     """Seconds ``spaces`` books for ``@spaces.GPU(duration=requested)``, as sent to ``/schedule``."""
-    try:
-        return round(_client().get_duration_seconds(timedelta(seconds=int(requested)), gpu_size))
-    except Exception:  # pragma: no cover - an unexpected `spaces` version
-        return int(requested)
+    return round(_booked(int(requested), gpu_size))
 
 
 def request_seconds(booking: float, gpu_size: str | None = None) -> int:
@@ -125,12 +119,12 @@ def quota_refusal(message: str, speed: SpeedModel, width: int, height: int, step
                   guidance_scale: float = 1.0, tiled: bool | None = None) -> str | None:
     """Our message for ZeroGPU's quota refusal (``spaces``' ``gr.Error``), saying what
     fits in the quota left; None if ``message`` is not such a refusal."""
-    found = _QUOTA_LEFT.search(message or "")
+    found = _QUOTA_LEFT.search(message)
     if found is not None:
         left = int(found.group(2))
         return limit_advice(speed, width, height, steps, guidance_scale, tiled, left=left) or (
             f"ZeroGPU refused this run: it has {left} s of your GPU quota left today. {quota_note()}"
         )
-    if "quota" in (message or "").lower() or "GPU limit" in (message or "") or "maximum allowed" in (message or ""):
+    if "quota" in message.lower() or "GPU limit" in message or "maximum allowed" in message:
         return f"ZeroGPU refused this run: {message.strip()} {quota_note()}"
     return None
