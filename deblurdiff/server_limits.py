@@ -1,23 +1,13 @@
-"""Protection of the public web server: size limits, queue discipline, headers, clean-up.
-
-Everything here wraps Gradio's own server rather than replacing it:
-
-- :class:`ServerGuard`, an ASGI middleware (given to FastAPI through ``launch(app_kwargs=...)``),
-  refuses request bodies over the limit with 413 before they are parsed (a too-large
-  ``Content-Length`` at once, a streamed body as soon as it passes the limit), answers
-  malformed API calls with a short 400 instead of a logged traceback, adds the standard
-  security headers, and tells :class:`ClientTracker` which sessions are listening.
-- :func:`guard_queue` limits each session to a few queued jobs and drops jobs whose client
-  is gone: never listened, or disconnected.
-- :func:`install_bounded_downloads` gives image URLs (sent to the MCP tool or the API)
-  a size and a time limit, keeping Gradio's protection against private addresses.
-- :func:`claim_temp_dir` gives this server one temporary folder (uploads and results),
-  sweeps those left by earlier runs that were killed, and removes it on exit, SIGTERM included.
+"""What strangers can send the public server, enforced around Gradio's own server: body sizes
+and security headers (:class:`ServerGuard`, an ASGI middleware), the queue's discipline
+(:func:`guard_queue`), image URLs with a size and a time limit, and one temporary folder
+that goes with the server (:func:`claim_temp_dir`). :func:`protect` applies them all.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -84,14 +74,12 @@ def format_size(n: int) -> str:
 
 
 class ClientTracker:
-    """Open event streams per session, as seen by :class:`ServerGuard`.
+    """Open event streams per session, as seen by :class:`ServerGuard`: a job's client is
+    *gone* when its session has had no open stream for :data:`LISTEN_GRACE_SECONDS` since
+    it joined or since its last stream closed. Inactive (always "listening") until a server
+    installs the middleware."""
 
-    A job's client is *gone* when its session has had no open stream for
-    :data:`LISTEN_GRACE_SECONDS` since it joined or since its last stream closed.
-    Inactive (always "listening") until a server installs the middleware."""
-
-    def __init__(self, grace: float = LISTEN_GRACE_SECONDS):
-        self.grace = grace
+    def __init__(self):
         self.active = False
         self.queue = None  # set by guard_queue: resolves /call/ event ids to sessions
         self._open: dict[str, int] = {}
@@ -123,14 +111,14 @@ class ClientTracker:
                     if key not in self._open:
                         del self._since[key]
 
-    def gone(self, session: str | None, grace: float | None = None) -> bool:
+    def gone(self, session: str | None, grace: float = LISTEN_GRACE_SECONDS) -> bool:
         if not self.active or not session:
             return False
         with self._lock:
             if self._open.get(session):
                 return False
             since = self._since.setdefault(session, time.monotonic())
-        return time.monotonic() - since > (self.grace if grace is None else grace)
+        return time.monotonic() - since > grace
 
 
 # --------------------------------------------------------------------------
@@ -140,10 +128,6 @@ class ClientTracker:
 
 class BodyTooLarge(Exception):
     pass
-
-
-def _is_stream(path: str) -> bool:
-    return path.startswith(f"{API_PREFIX}/queue/data") or bool(re.match(rf"{API_PREFIX}/call/(v2/)?[^/]+/[^/]+$", path))
 
 
 async def _plain(send, status: int, text: str) -> None:
@@ -158,25 +142,32 @@ async def _plain(send, status: int, text: str) -> None:
 class ServerGuard:
     """ASGI middleware: body limits, security headers, stream tracking, terse errors."""
 
-    def __init__(self, app, *, file_limit: int = DEFAULT_MAX_FILE_SIZE, json_limit: int = MAX_JSON_BODY, tracker: ClientTracker | None = None):
+    def __init__(self, app, *, file_limit: int, tracker: ClientTracker):
         self.app = app
         self.file_limit = file_limit
-        self.json_limit = json_limit
         self.tracker = tracker
-        if tracker is not None:
-            tracker.active = True
+        tracker.active = True
 
     def body_limit(self, path: str) -> int:
         if path.startswith(f"{API_PREFIX}/upload"):
             return self.file_limit + MULTIPART_OVERHEAD
         if path.startswith(f"{API_PREFIX}/mcp"):  # a tool call may carry a base64 image
             return self.file_limit * 4 // 3 + MULTIPART_OVERHEAD
-        return self.json_limit
+        return MAX_JSON_BODY
+
+    def stream_session(self, scope) -> str | None:
+        """The session an event stream is for; None for other requests."""
+        path = scope["path"]
+        if path.startswith(f"{API_PREFIX}/queue/data"):
+            return (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [None])[0]
+        if re.match(rf"{API_PREFIX}/call/(v2/)?[^/]+/[^/]+$", path):
+            return self.tracker.session_of(path.rstrip("/").rsplit("/", 1)[-1])
+        return None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path = scope.get("path", "")
+        path = scope["path"]
         limit = self.body_limit(path)
         too_large = f"Request too large: at most {format_size(limit if limit != self.file_limit + MULTIPART_OVERHEAD else self.file_limit)} is accepted here."
         for name, value in scope.get("headers", []):
@@ -208,14 +199,9 @@ class ServerGuard:
                 message["headers"] = list(message.get("headers", [])) + [h for h in SECURITY_HEADERS if h[0] not in names]
             await send(message)
 
-        session = None
-        if self.tracker is not None and _is_stream(path):
-            if path.startswith(f"{API_PREFIX}/queue/data"):
-                session = (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [None])[0]
-            else:
-                session = self.tracker.session_of(path.rstrip("/").rsplit("/", 1)[-1])
-            if session:
-                self.tracker.opened(session)
+        session = self.stream_session(scope)
+        if session:
+            self.tracker.opened(session)
         try:
             await self.app(scope, limited_receive, guarded_send)
         except BodyTooLarge:
@@ -242,13 +228,9 @@ class ServerGuard:
 # --------------------------------------------------------------------------
 
 
-def _waiting(queue, session: str) -> int:
-    return sum(1 for event_id in queue.pending_event_ids_session.get(session, ()) if event_id in queue.event_ids_to_events)
-
-
-async def drop_abandoned(queue, tracker: ClientTracker, grace: float | None = None) -> int:
-    """Remove the queued jobs (and stop the running ones) of sessions whose client is gone
-    (no open stream for ``grace`` seconds; default: the tracker's)."""
+async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GRACE_SECONDS) -> int:
+    """Remove the queued jobs of sessions whose client is gone (no open stream for ``grace``
+    seconds); the app stops their running ones."""
     from gradio.server_messages import ProcessCompletedMessage
 
     dropped = [
@@ -308,15 +290,15 @@ def check_call(blocks, body) -> str | None:
     return None
 
 
-def guard_queue(queue, tracker: ClientTracker, per_session: int = MAX_JOBS_PER_SESSION, sweep_every: float = 1.0):
-    """At most ``per_session`` jobs per session; jobs of gone clients swept every second."""
+def guard_queue(queue, tracker: ClientTracker):
+    """At most :data:`MAX_JOBS_PER_SESSION` jobs per session; jobs of gone clients swept every second."""
     original_push = queue.push
     tracker.queue = queue
     sweeper = None
 
     async def sweep():
         while not queue.stopped:
-            await asyncio.sleep(sweep_every)
+            await asyncio.sleep(1.0)
             try:
                 await drop_abandoned(queue, tracker)
             except Exception:  # never let the sweeper die silently
@@ -331,9 +313,10 @@ def guard_queue(queue, tracker: ClientTracker, per_session: int = MAX_JOBS_PER_S
             logger.warning("refused a call: %s", problem[:200])
             return False, problem, "error"
         session = body.session_hash
-        if session and _waiting(queue, session) >= per_session:
+        waiting = [e for e in queue.pending_event_ids_session.get(session, ()) if e in queue.event_ids_to_events]
+        if session and len(waiting) >= MAX_JOBS_PER_SESSION:
             return False, (
-                f"This session already has {per_session} requests waiting or running; "
+                f"This session already has {MAX_JOBS_PER_SESSION} requests waiting or running; "
                 "wait for one to finish (or cancel it) before sending another."
             ), "error"
         if session:
@@ -355,21 +338,21 @@ class DownloadRefused(ValueError):
     pass
 
 
-async def bounded_download(url: str, cache_dir: str, *, max_bytes: int, timeout: float = URL_TIMEOUT_SECONDS, max_redirects: int = 5) -> str:
+async def bounded_download(url: str, cache_dir: str, *, max_bytes: int, timeout: float = URL_TIMEOUT_SECONDS) -> str:
     """Gradio's SSRF-protected download with a size and a time limit; a partial file is removed."""
     try:
-        return await asyncio.wait_for(_download(url, cache_dir, max_bytes, max_redirects), timeout)
+        return await asyncio.wait_for(_download(url, cache_dir, max_bytes), timeout)
     except asyncio.TimeoutError:
         raise DownloadRefused(f"The image at {url[:200]} took longer than {timeout:.0f} s to download.") from None
 
 
-async def _download(url: str, cache_dir: str, max_bytes: int, max_redirects: int) -> str:
+async def _download(url: str, cache_dir: str, max_bytes: int) -> str:
     import httpx
     import safehttpx
     from gradio import processing_utils
     from gradio_client import utils as client_utils
 
-    for _ in range(max_redirects + 1):
+    for _ in range(processing_utils.MAX_REDIRECTS + 1):
         host = httpx.URL(url).host
         if httpx.URL(url).scheme not in ("http", "https") or not host:
             raise DownloadRefused(f"Only http(s) image URLs are accepted; got {url[:200]}.")
@@ -407,7 +390,7 @@ async def _download(url: str, cache_dir: str, max_bytes: int, max_redirects: int
                     target.unlink(missing_ok=True)
                     raise
                 return str(target)
-    raise DownloadRefused(f"The image URL redirected more than {max_redirects} times.")
+    raise DownloadRefused(f"The image URL redirected more than {processing_utils.MAX_REDIRECTS} times.")
 
 
 async def validate_host(host: str) -> str:
@@ -417,14 +400,11 @@ async def validate_host(host: str) -> str:
     return await safehttpx.async_validate_url(host)
 
 
-def install_bounded_downloads(max_bytes: int, timeout: float = URL_TIMEOUT_SECONDS) -> None:
+def install_bounded_downloads(max_bytes: int) -> None:
     """Make Gradio fetch image URLs through :func:`bounded_download`."""
     from gradio import processing_utils
 
-    async def download(url: str, cache_dir: str) -> str:
-        return await bounded_download(url, cache_dir, max_bytes=max_bytes, timeout=timeout)
-
-    processing_utils.async_ssrf_protected_download = download
+    processing_utils.async_ssrf_protected_download = functools.partial(bounded_download, max_bytes=max_bytes)
 
 
 def install_upload_cleanup() -> None:
@@ -531,9 +511,3 @@ def protect(demo, tracker: ClientTracker, file_limit: int, launch_kwargs: dict) 
     kwargs["app_kwargs"] = app_kwargs
     return kwargs
 
-
-__all__ = [
-    "ClientTracker", "ServerGuard", "guard_queue", "drop_abandoned", "bounded_download", "install_bounded_downloads",
-    "install_upload_cleanup", "claim_temp_dir", "sweep_leftovers", "max_file_size", "parse_size", "protect",
-    "DownloadRefused",
-]
