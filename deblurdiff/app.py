@@ -26,7 +26,7 @@ import gradio as gr
 import spaces
 import torch
 
-from . import image_io, server_limits, service, zerogpu
+from . import image_io, loading, server_limits, service, zerogpu
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import (
@@ -38,28 +38,9 @@ from .estimates import (
     run_cost_advice,
 )
 from .image_io import InvalidInputError
-from .loading import (
-    MODEL_ENV,
-    RANDOM_TINY,
-    TOKENIZER_ENV,
-    ModelUnavailableError,
-    describe_missing_model,
-    load_pipeline,
-)
+from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
-from .service import (
-    DEFAULT_SAMPLER,
-    DEFAULT_TILING,
-    TILING_CHOICES,
-    UNTRAINED_LABEL,
-    DeblurResult,
-    RestoreOptions,
-    is_untrained,
-    make_options,
-    png_metadata,
-    restore,
-    safe_stem,
-)
+from .service import UNTRAINED_LABEL, restore
 from .weights import NO_DOWNLOAD_ENV, OFFICIAL_LABEL
 
 logger = logging.getLogger(__name__)
@@ -147,7 +128,7 @@ def pass_raw(component, image: bool = False):
 _APPS: dict[int, DeblurApp] = {}
 
 
-def _gpu_duration(app_key: int, image, options: RestoreOptions, *rest) -> int:
+def _gpu_duration(app_key: int, image, options: service.RestoreOptions, *rest) -> int:
     """Duration to give ``@spaces.GPU``: the time estimate with a margin, divided by the
     factor ``spaces`` multiplies it by, so that what ZeroGPU books is the estimate's."""
     app = _APPS.get(app_key)
@@ -156,7 +137,7 @@ def _gpu_duration(app_key: int, image, options: RestoreOptions, *rest) -> int:
 
 
 @spaces.GPU(duration=_gpu_duration)
-def run_on_device(app_key: int, image, options: RestoreOptions, slot: int, progress) -> DeblurResult:
+def run_on_device(app_key: int, image, options: service.RestoreOptions, slot: int, progress):
     """The GPU function. On ZeroGPU, in the forked worker, ``spaces`` relays its calls of
     Gradio's ``progress`` to the app, it reads its cancel flag from the app's shared memory,
     and it uses the pipeline placed on the GPU at start-up (nothing is moved here)."""
@@ -186,7 +167,8 @@ def _as_user_error(exc: Exception) -> gr.Error:
         logger.exception("out of memory")
         where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "server"
         return _user_error(
-            f"The {where} ran out of memory on this image. Try a smaller image, or turn tiling on (Advanced).",
+            f"The {where} ran out of memory on this image. Try a smaller image, or turn tiling on "
+            "(Advanced).",
             "Out of memory",
         )
     logger.exception("deblurring failed")
@@ -239,7 +221,7 @@ def limit_advice(app: DeblurApp, run: tuple) -> str | None:
 def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     """The time a run of an image of ``size`` would take, and a warning when it cannot run."""
     try:
-        options = make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
+        options = service.make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
     except InvalidInputError:
         return ""
     run = (size[0], size[1], options.steps, options.guidance_scale, options.tiled)
@@ -258,7 +240,7 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     return text
 
 
-def save_results(app: DeblurApp, source, loaded, result: DeblurResult):
+def save_results(app: DeblurApp, source, loaded, result: service.DeblurResult):
     """The files and summary a run returns. The files are written into Gradio's cache folder:
     Gradio serves them from there without a copy, tracks them once returned, and its
     ``delete_cache`` (set in :func:`build_ui`) removes them."""
@@ -266,9 +248,9 @@ def save_results(app: DeblurApp, source, loaded, result: DeblurResult):
     cache.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="deblurdiff-", dir=cache))  # its own folder: the download keeps its name
     name = Path(str(source)).name
-    stem = safe_stem(name)
+    stem = service.safe_stem(name)
     label = f"_{UNTRAINED_LABEL}" if app.untrained else ""
-    meta = png_metadata(result, model=app.model_ref, untrained=app.untrained, extra={"source": name})
+    meta = service.png_metadata(result, model=app.model_ref, untrained=app.untrained, extra={"source": name})
     after = folder / f"{stem}_deblurred{label}.png"
     result.image.save(after, pnginfo=meta)
     before = folder / f"{stem}_input.png"
@@ -313,7 +295,7 @@ def probe_speed(app: DeblurApp) -> None:
             # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
             for steps in (1, 1, 3):
                 start = time.perf_counter()
-                restore(app.pipe, probe, RestoreOptions(steps=steps, tiled=False))
+                restore(app.pipe, probe, service.RestoreOptions(steps=steps, tiled=False))
                 timings[steps] = time.perf_counter() - start
         mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
         step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
@@ -345,8 +327,8 @@ class DeblurApp:
         max_run_seconds: float | None = None,
     ):
         self.pipe = pipe
-        self.model_error = model_error or (describe_missing_model() if pipe is None else None)
-        self.untrained = pipe is not None and is_untrained(pipe)
+        self.model_error = model_error or (loading.describe_missing_model() if pipe is None else None)
+        self.untrained = pipe is not None and service.is_untrained(pipe)
         self.model_ref = RANDOM_TINY if self.untrained else model_ref
         self.examples_dir = examples_dir
         self.should_tile = pipe.should_tile if pipe is not None else None
@@ -398,6 +380,7 @@ class DeblurApp:
         if self.pipe is not None:
             lines.append(estimate_text(self, (w, h), steps, guidance_scale, tiling))
         return "\n".join(line for line in lines if line)
+
     def deblur(
         self,
         image,
@@ -408,9 +391,9 @@ class DeblurApp:
         prompt="",
         negative_prompt=None,
         color_fix=True,
-        tiling=DEFAULT_TILING,
+        tiling=service.DEFAULT_TILING,
         show_lkpn=False,
-        sampler=DEFAULT_SAMPLER,
+        sampler=service.DEFAULT_SAMPLER,
         request: gr.Request = None,
         progress=gr.Progress(),
     ):
@@ -452,7 +435,7 @@ class DeblurApp:
     def _deblur(self, image, settings: dict, request, progress):
         if self.pipe is None:
             raise _user_error(self.model_error, "No model weights loaded")
-        options = make_options(**settings)  # every setting is checked here, once
+        options = service.make_options(**settings)  # every setting is checked here, once
         if image is None:
             raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
         session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
@@ -462,7 +445,8 @@ class DeblurApp:
         run = (*loaded.size, options.steps, options.guidance_scale, options.tiled)
         advice = limit_advice(self, run)
         if advice:
-            raise _user_error(advice, "Too long for one GPU run" if on_zero_gpu() else "Too long for this server")
+            title = "Too long for one GPU run" if on_zero_gpu() else "Too long for this server"
+            raise _user_error(advice, title)
         slot = self.free_slots.get_nowait()
         self.cancelled[slot] = False
         self.active_runs[session] = slot
@@ -547,8 +531,11 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
                         label="Negative prompt (used when guidance > 1)", value=DEFAULT_NEGATIVE_PROMPT
                     )
                     color_fix = gr.Checkbox(value=True, label="Colour fix (match the input's colours)")
-                    tiling = gr.Radio(list(TILING_CHOICES), value=DEFAULT_TILING, label="Tiling for large images", info="auto: by image size; tiles use less memory.")
-                    sampler = gr.Dropdown(list(SAMPLERS), value=DEFAULT_SAMPLER, label="Sampler")
+                    tiling = gr.Radio(
+                        list(service.TILING_CHOICES), value=service.DEFAULT_TILING, label="Tiling for large images",
+                        info="auto: by image size; tiles use less memory.",
+                    )
+                    sampler = gr.Dropdown(list(SAMPLERS), value=service.DEFAULT_SAMPLER, label="Sampler")
                     show_lkpn = gr.Checkbox(value=False, label="Also show the LKPN-restored latent (decoded)")
             with gr.Column():
                 slider = gr.ImageSlider(
@@ -569,7 +556,9 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         if app.untrained:
             description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
         run = dict(concurrency_limit=app.concurrency_limit, concurrency_id="model", show_progress_on=[slider])
-        cancellable = [run_btn.click(app.deblur, inputs, outputs, api_name="deblur", api_description=description, **run)]
+        cancellable = [
+            run_btn.click(app.deblur, inputs, outputs, api_name="deblur", api_description=description, **run)
+        ]
 
         example_files, example_labels = _load_examples(app.examples_dir)
         if example_files and not app.untrained and app.pipe is not None:
@@ -585,7 +574,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
                 [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
                 label="Examples (click one to run it): " + " · ".join(example_labels),
             )
-            cancellable.append(examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run))
+            run_example = examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run)
+            cancellable.append(run_example)
         cancel_btn.click(app.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
 
         private = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -617,7 +607,7 @@ def prepare_for_zero_gpu(pipe) -> None:
     weights = sum(p.numel() * p.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
     pipe.memory_budget = ZERO_GPU_MEMORY_BYTES - weights
     aoti = os.environ.get(AOTI_ENV, "").strip()
-    if aoti == "0" or (is_untrained(pipe) and aoti != "1"):
+    if aoti == "0" or (service.is_untrained(pipe) and aoti != "1"):
         return
     try:
         compile_for_zerogpu(pipe)

@@ -300,7 +300,7 @@ def in_thread(fn, *args):
     return out[0]
 
 
-options = app_module.make_options(steps=4, seed=1)
+options = app_module.service.make_options(steps=4, seed=1)
 run["gpu_duration"] = in_thread(app_module._gpu_duration, id(app), Image.open(image_path).convert("RGB"), options, 0)
 report["run"] = run
 
