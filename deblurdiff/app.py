@@ -275,9 +275,7 @@ def save_results(app: DeblurApp, source, loaded, result: service.DeblurResult):
 
 
 def probe_speed(app: DeblurApp) -> None:
-    """Time the loaded model once at start (holding it, so requests wait): on the CPU,
-    the configuration's warm-up (compilation, when asked for) and a 2-step 512² run;
-    elsewhere a warm-up, a 1-step and a 3-step run on a small image."""
+    """Time the loaded model once at start, for the estimates (holding it, so requests wait)."""
     import numpy as np
     from PIL import Image
 
@@ -640,8 +638,7 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
 
 
 def build_demo(pipe=None, **kwargs) -> gr.Blocks:
-    """The interface around ``pipe`` (None: the no-weights page saying what is missing);
-    ``kwargs`` are :class:`DeblurApp`'s."""
+    """The interface around ``pipe`` (None: the page saying what is missing); ``kwargs``: :class:`DeblurApp`'s."""
     return DeblurApp(pipe, **kwargs).build()
 
 

@@ -7,8 +7,9 @@ that goes with the server (:func:`claim_temp_dir`). :func:`protect` applies them
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import functools
-import json
 import logging
 import os
 import re
@@ -170,13 +171,11 @@ class ServerGuard:
         path = scope["path"]
         limit = self.body_limit(path)
         too_large = f"Request too large: at most {format_size(limit if limit != self.file_limit + MULTIPART_OVERHEAD else self.file_limit)} is accepted here."
-        for name, value in scope.get("headers", []):
-            if name == b"content-length":
-                try:
-                    if int(value) > limit:
-                        return await _plain(send, 413, too_large)
-                except ValueError:
-                    return await _plain(send, 400, "Bad Content-Length header.")
+        declared = dict(scope.get("headers", [])).get(b"content-length", b"0")
+        if not declared.isdigit():
+            return await _plain(send, 400, "Bad Content-Length header.")
+        if int(declared) > limit:
+            return await _plain(send, 413, too_large)
 
         received = 0
         started = False
@@ -212,7 +211,7 @@ class ServerGuard:
 
             if isinstance(exc, ClientDisconnect) or started:
                 return  # the client left: nothing to answer, nothing to log
-            if isinstance(exc, (ValueError, TypeError, KeyError, IndexError, json.JSONDecodeError)):
+            if isinstance(exc, (ValueError, TypeError, KeyError, IndexError)):
                 # Gradio's route helpers raise these on malformed calls (unknown fn_index,
                 # wrong argument count): say so briefly, without the payload or a traceback.
                 logger.warning("refused a malformed request to %s (%s)", path, type(exc).__name__)
@@ -228,7 +227,7 @@ class ServerGuard:
 # --------------------------------------------------------------------------
 
 
-async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GRACE_SECONDS) -> int:
+async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GRACE_SECONDS) -> None:
     """Remove the queued jobs of sessions whose client is gone (no open stream for ``grace``
     seconds); the app stops their running ones."""
     from gradio.server_messages import ProcessCompletedMessage
@@ -252,7 +251,6 @@ async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GR
             ))
     if sessions:
         logger.info("dropped the queued jobs of %d session(s) whose client is gone", len(sessions))
-    return len(sessions)
 
 
 def check_call(blocks, body) -> str | None:
@@ -423,11 +421,9 @@ def install_upload_cleanup() -> None:
                 return await super().parse()
             except BaseException:
                 for handle in self._files_to_close_on_error:
-                    try:
+                    with contextlib.suppress(OSError):
                         handle.close()
                         Path(handle.name).unlink(missing_ok=True)
-                    except OSError:
-                        pass
                 raise
 
     route_utils.GradioMultiPartParser = CleaningParser
@@ -477,8 +473,6 @@ def claim_temp_dir(parent: str | None = None) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=base))
     (folder / _PID_FILE).write_text(str(os.getpid()))
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
-    import atexit
-
     atexit.register(shutil.rmtree, folder, True)
     stop_on_sigterm()
     return folder
@@ -497,17 +491,13 @@ def stop_on_sigterm() -> None:
 
 
 def protect(demo, tracker: ClientTracker, file_limit: int, launch_kwargs: dict) -> dict:
-    """Apply the limits to a queued ``demo``; returns ``launch_kwargs`` completed
-    (``max_file_size``, and the middleware in ``app_kwargs``)."""
+    """Apply the limits to a queued ``demo``; returns ``launch_kwargs`` completed with
+    ``max_file_size`` and the middleware."""
     from starlette.middleware import Middleware
 
     guard_queue(demo._queue, tracker)
     install_upload_cleanup()
     install_bounded_downloads(file_limit)
-    kwargs = dict(launch_kwargs)
-    kwargs.setdefault("max_file_size", file_limit)
-    app_kwargs = dict(kwargs.get("app_kwargs") or {})
-    app_kwargs["middleware"] = [*app_kwargs.get("middleware", []), Middleware(ServerGuard, file_limit=file_limit, tracker=tracker)]
-    kwargs["app_kwargs"] = app_kwargs
-    return kwargs
+    middleware = Middleware(ServerGuard, file_limit=file_limit, tracker=tracker)
+    return {"max_file_size": file_limit, **launch_kwargs, "app_kwargs": {"middleware": [middleware]}}
 
