@@ -638,7 +638,7 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
 
 
 def build_demo(pipe=None, **kwargs) -> gr.Blocks:
-    """The interface around ``pipe`` (None: the page saying what is missing); ``kwargs``: :class:`DeblurApp`'s."""
+    """The interface around ``pipe`` (None: the page saying what is missing)."""
     return DeblurApp(pipe, **kwargs).build()
 
 
