@@ -27,7 +27,7 @@ from diffusers.utils import logging as diffusers_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deblurdiff.cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline  # noqa: E402
-from deblurdiff.estimates import estimate_cpu_seconds  # noqa: E402
+from deblurdiff.estimates import SpeedModel  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.pipeline import DeblurDiffPipeline  # noqa: E402
 
@@ -58,8 +58,8 @@ def main(argv=None) -> None:
     rows = []
     for w, h in args.sizes:
         image = torch.rand(1, 3, h, w)
-        default = estimate_cpu_seconds(w, h, args.steps, config=config)
-        measured_estimate = estimate_cpu_seconds(w, h, args.steps, config=config, timing=timing)
+        default = SpeedModel.default("cpu", cpu_config=config).seconds(w, h, args.steps)
+        measured_estimate = SpeedModel.measured_cpu(config, timing).seconds(w, h, args.steps)
         t = time.perf_counter()
         pipe(image, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="pt")
         actual = time.perf_counter() - t

@@ -57,7 +57,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from deblurdiff.cpu import (  # noqa: E402
-    CPUConfig,
     choose_cpu_config,
     cpu_features,
     describe_cpu,
@@ -263,10 +262,9 @@ def configure(pipe, name: str) -> None:
     if "prepare" in spec:
         prepare_cpu_pipeline(pipe, spec["prepare"], measure=False)
         return
-    config = CPUConfig(dtype=spec["dtype"], channels_last=spec.get("channels_last", False))
-    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
-    if pipe.unet.dtype != config.dtype:
-        pipe.to(dtype=config.dtype)
+    fmt = torch.channels_last if spec.get("channels_last") else torch.contiguous_format
+    if pipe.unet.dtype != spec["dtype"]:
+        pipe.to(dtype=spec["dtype"])
     for module in (pipe.unet, pipe.controlnet, pipe.lkpn):
         module.to(memory_format=fmt)
     if spec.get("winograd"):

@@ -23,9 +23,6 @@ from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
 from .tiling import padded
 
-__all__ = ["CPUConfig", "CPUFeatures", "CPUTiming", "choose_cpu_config", "cpu_features", "describe_cpu",
-           "enable_cpu_winograd", "measure_cpu_timing", "prepare_cpu_pipeline"]
-
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
 WINOGRAD_ENV = "DEBLURDIFF_CPU_WINOGRAD"
@@ -76,12 +73,8 @@ def _model_name() -> str:
 
 
 def _isa_allows(cap: str | None, index: int) -> bool:
-    if not cap:
-        return True
-    cap = cap.strip().upper()
-    if cap in ("ALL", "DEFAULT"):
-        return True
-    return cap in _ONEDNN_ISAS and _ONEDNN_ISAS.index(cap) >= index
+    cap = (cap or "ALL").strip().upper()
+    return cap in ("ALL", "DEFAULT") or (cap in _ONEDNN_ISAS and _ONEDNN_ISAS.index(cap) >= index)
 
 
 def cpu_features() -> CPUFeatures:
@@ -108,7 +101,6 @@ class CPUConfig:
     float32-level results)."""
 
     dtype: torch.dtype = torch.float32
-    channels_last: bool = False
     winograd: bool = False
     warmup_size: tuple[int, int] = (512, 512)
     reason: str = ""
@@ -121,8 +113,6 @@ class CPUConfig:
         parts = [self.dtype_name]
         if self.winograd:
             parts.append("Winograd 3×3 convolutions")
-        if self.channels_last:
-            parts.append("channels-last")
         text = ", ".join(parts)
         return f"{text} — {self.reason}" if self.reason else text
 
@@ -177,38 +167,31 @@ class CPUTiming:
     height: int
 
 
-def winograd_budget_bytes() -> int:
-    """Bytes that transformed Winograd filters may take on this machine."""
+def enable_cpu_winograd(*modules: torch.nn.Module) -> WinogradBudget:
+    """Winograd convolutions for ``modules``, their filters sharing this machine's budget."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         total = 16 * 2**30
-    return int(min(WINOGRAD_MAX_BYTES, WINOGRAD_MEMORY_SHARE * total))
-
-
-def enable_cpu_winograd(*modules: torch.nn.Module) -> None:
-    """Winograd convolutions for ``modules``, their filters sharing this machine's budget."""
-    budget = WinogradBudget(winograd_budget_bytes())
+    budget = WinogradBudget(int(min(WINOGRAD_MAX_BYTES, WINOGRAD_MEMORY_SHARE * total)))
     for module in modules:
         enable_winograd(module, budget=budget)
+    return budget
 
 
 def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None] | None = None,
                          measure: bool = True) -> CPUTiming | None:
-    """Apply ``config`` to a CPU pipeline (dtype, memory format, Winograd convolutions)
+    """Apply ``config`` to a CPU pipeline (dtype, Winograd convolutions)
     and time it at ``config.warmup_size``, reporting through ``progress``.
 
     Returns the per-megapixel step and fixed (VAE) times (``measure=False``: None), for
-    :func:`deblurdiff.estimates.estimate_cpu_seconds`."""
+    :meth:`deblurdiff.estimates.SpeedModel.measured_cpu`."""
     say = progress or (lambda message: None)
     # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
     # results far below float32 rounding of the outputs.
     torch.set_flush_denormal(True)
     if pipe.unet.dtype != config.dtype:
         pipe.to(dtype=config.dtype)
-    if config.channels_last:
-        for module in (pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae):
-            module.to(memory_format=torch.channels_last)
     if config.winograd and config.dtype == torch.float32:
         enable_cpu_winograd(pipe.unet, pipe.controlnet, pipe.lkpn, pipe.vae)
     if not measure:

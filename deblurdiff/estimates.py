@@ -1,10 +1,11 @@
 """Estimates: how long an image takes (GPU, MPS and CPU), what fits in a ZeroGPU run,
 and peak memory, which decides when to tile.
 
-Seconds ≈ megapixels processed × (fixed + steps × branches × per-step), where
-"megapixels processed" is the padded image, or the sum of its overlapping tiles.
-The GPU constants below are estimates until a GPU has measured them (the app replaces
-them by a measurement of the loaded model where it can run one before a request).
+Seconds ≈ passes × (fixed + steps × branches × per-step), each term seconds per megapixel
+of one pass: the padded image untiled, else each of its overlapping tiles. On the CPU
+time grows faster than the pixel count (``CPU_EXPONENTS``). The GPU constants below are
+estimates until a GPU has measured them (the app replaces them by a measurement of the
+loaded model where it can run one before a request).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from typing import Callable
 import torch
 
 from .cpu import CPUConfig, CPUTiming, choose_cpu_config
-from .tiling import TILE_SIZE, TILE_STRIDE, count_tiles, padded
+from .tiling import TILE_SIZE, count_tiles, padded
 
 logger = logging.getLogger(__name__)
 
 
 # Seconds per megapixel: (one denoising step, VAE encode + decode), full-size model.
 # "cuda": an ESTIMATE for an H100/H200-class GPU in half precision, not yet measured on a GPU.
-# "mps": an estimate. The CPU's come from measurements: estimate_cpu_seconds below.
+# "mps": an estimate. The CPU's come from measurements (below).
 DEFAULT_SPEEDS = {"cuda": (0.35, 0.6), "mps": (8.0, 6.0)}
 
 #: ZeroGPU: GPU time booked for one run = overhead + margin × estimate (the app's own
@@ -50,6 +51,7 @@ DEFAULT_GPU_CAP_SECONDS = 40 * 60
 # megapixel, 51.0 s for the rest; benchmarks/results/cpu_estimate.txt), given here without
 # Winograd (times WINOGRAD_SPEEDUP).
 REFERENCE_THREADS = 2
+REFERENCE_MPX = 512 * 512 / 1e6
 DEFAULT_CPU_SPEEDS = {"float32": (38.9, 70.4), "bfloat16": (6.5, 28.8)}
 # Winograd convolutions (float32): (per step, VAE encode + decode) speed-ups measured at
 # 512² on 2 AVX2 cores, Intel Xeon capped at AVX2 (benchmarks/results/cpu_estimate.txt):
@@ -58,58 +60,25 @@ WINOGRAD_SPEEDUP = (1.40, 1.38)
 # Time grows faster than the pixel count (activations outgrow the caches; the VAE's
 # middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
 # megapixels ** 1.14, from float32 eager at 512² and 1024² (5.7× and 4.9× for 4× pixels).
-STEP_EXPONENT = 1.25
-FIXED_EXPONENT = 1.14
+CPU_EXPONENTS = (1.25, 1.14)
 
 
-def _scaled(seconds_per_mpx: float, mpx: float, at_mpx: float, exponent: float) -> float:
-    """Seconds for ``mpx`` given ``seconds_per_mpx`` measured at ``at_mpx``."""
-    return seconds_per_mpx * at_mpx * (mpx / at_mpx) ** exponent
-
-
-def guided_branches(guidance_scale: float | None) -> int:
+def is_guided(guidance_scale: float | None) -> bool:
     """Classifier-free guidance (any scale but 1) runs the networks twice per step."""
-    return 2 if guidance_scale is not None and float(guidance_scale) != 1.0 else 1
+    return guidance_scale is not None and float(guidance_scale) != 1.0
 
 
-def estimate_cpu_seconds(width: int, height: int, steps: int, guidance_scale: float = 1.0, *,
-                         config: CPUConfig | None = None, timing: CPUTiming | None = None,
-                         tiles: int | None = None, tile_size: int = TILE_SIZE) -> float:
-    """Seconds for one image of ``width``×``height`` on this CPU.
-
-    Uses ``timing`` (measured by :func:`deblurdiff.cpu.prepare_cpu_pipeline`) when given, else the
-    defaults measured for ``config`` on the reference machine, scaled by thread count.
-    ``tiles``: the number of ``tile_size`` tiles when the image runs tiled (None:
-    untiled)."""
-    config = config or choose_cpu_config()
-    image_mpx = padded(width) * padded(height) / 1e6
-    if timing is not None:
-        step, fixed = timing.step_s_per_mpx, timing.fixed_s_per_mpx
-        at_mpx = padded(timing.width) * padded(timing.height) / 1e6
-    else:
-        scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
-        default_step, default_fixed = DEFAULT_CPU_SPEEDS[config.dtype_name]
-        step, fixed, at_mpx = default_step * scale, default_fixed * scale, 512 * 512 / 1e6
-        if config.winograd:
-            step, fixed = step / WINOGRAD_SPEEDUP[0], fixed / WINOGRAD_SPEEDUP[1]
-    pass_mpx = tile_size * tile_size / 1e6 if tiles else image_mpx
-    step_seconds = (tiles or 1) * _scaled(step, pass_mpx, at_mpx, STEP_EXPONENT)
-    return _scaled(fixed, image_mpx, at_mpx, FIXED_EXPONENT) + steps * guided_branches(guidance_scale) * step_seconds
-
-
-def processed_megapixels(
-    width: int, height: int, tiled: bool, tile: int = TILE_SIZE, stride: int = TILE_STRIDE
-) -> float:
+def processed_megapixels(width: int, height: int, tiled: bool) -> float:
     """Megapixels the networks process: the padded image, or the sum of its tiles."""
     w, h = padded(width), padded(height)
-    if not tiled or max(w, h) <= tile:
+    if not tiled:
         return w * h / 1e6
-    return count_tiles(h, w, tile, stride) * min(w, tile) * min(h, tile) / 1e6
+    return count_tiles(h, w) * min(w, TILE_SIZE) * min(h, TILE_SIZE) / 1e6
 
 
 @dataclass
 class SpeedModel:
-    """Seconds ≈ megapixels × (fixed + steps × branches × step)."""
+    """Seconds per megapixel of one step and of the rest, measured on passes of ``at_mpx``."""
 
     step_s_per_mpx: float
     fixed_s_per_mpx: float
@@ -117,30 +86,38 @@ class SpeedModel:
     measured: bool = False
     #: The pipeline's tiling rule ``(height, width, tiled) -> bool``; default: never tile.
     should_tile: Callable[[int, int, bool | None], bool] | None = None
-    #: On the CPU: how the networks run, and their measured speed (None: the defaults).
-    cpu_config: CPUConfig | None = None
-    cpu_timing: CPUTiming | None = None
+    at_mpx: float = REFERENCE_MPX
 
     @classmethod
     def default(cls, device_type: str, should_tile=None, cpu_config: CPUConfig | None = None) -> "SpeedModel":
-        if device_type == "cpu":
-            return cls(0.0, 0.0, "cpu", should_tile=should_tile, cpu_config=cpu_config or choose_cpu_config())
-        step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["mps"])
-        return cls(step, fixed, device_type, should_tile=should_tile)
+        if device_type != "cpu":
+            step, fixed = DEFAULT_SPEEDS.get(device_type, DEFAULT_SPEEDS["mps"])
+            return cls(step, fixed, device_type, should_tile=should_tile)
+        config = cpu_config or choose_cpu_config()
+        scale = REFERENCE_THREADS / max(1, torch.get_num_threads())
+        step, fixed = DEFAULT_CPU_SPEEDS[config.dtype_name]
+        if config.winograd:
+            step, fixed = step / WINOGRAD_SPEEDUP[0], fixed / WINOGRAD_SPEEDUP[1]
+        return cls(step * scale, fixed * scale, "cpu", should_tile=should_tile)
 
     @classmethod
     def measured_cpu(cls, config: CPUConfig, timing: CPUTiming, should_tile=None) -> "SpeedModel":
-        return cls(0.0, 0.0, "cpu", measured=True, should_tile=should_tile, cpu_config=config, cpu_timing=timing)
+        """The CPU's speed as ``timing`` measured it with ``config`` applied (its speed-ups included)."""
+        at_mpx = padded(timing.width) * padded(timing.height) / 1e6
+        return cls(timing.step_s_per_mpx, timing.fixed_s_per_mpx, "cpu", True, should_tile, at_mpx)
 
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
         tiled = bool(self.should_tile(height, width, tiled) if self.should_tile is not None else tiled)
-        if self.device == "cpu":
-            tiles = count_tiles(height, width, TILE_SIZE, TILE_STRIDE) if tiled else None
-            return estimate_cpu_seconds(
-                width, height, steps, guidance_scale, config=self.cpu_config, timing=self.cpu_timing, tiles=tiles
-            )
-        mpx = processed_megapixels(width, height, tiled)
-        return mpx * (self.fixed_s_per_mpx + steps * guided_branches(guidance_scale) * self.step_s_per_mpx)
+        passes = count_tiles(height, width) if tiled else 1
+        mpx = processed_megapixels(width, height, tiled) / passes
+        step_exponent, fixed_exponent = CPU_EXPONENTS if self.device == "cpu" else (1.0, 1.0)
+
+        def scaled(s_per_mpx: float, exponent: float) -> float:
+            return s_per_mpx * self.at_mpx * (mpx / self.at_mpx) ** exponent
+
+        branches = 2 if is_guided(guidance_scale) else 1
+        step = scaled(self.step_s_per_mpx, step_exponent)
+        return passes * (scaled(self.fixed_s_per_mpx, fixed_exponent) + steps * branches * step)
 
 
 def gpu_cap_seconds() -> int:
@@ -185,34 +162,34 @@ def gpu_limit_advice(
     the message."""
     limit = gpu_cap_seconds() if limit is None else limit
 
-    def fits(w: int, h: int, n: int) -> bool:
-        return fits_gpu_limit(speed.seconds(w, h, n, guidance_scale, tiled), limit, booked)
+    def cost(w: int, h: int, n: int) -> float:
+        return booked(speed.seconds(w, h, n, guidance_scale, tiled))
 
-    estimate = speed.seconds(width, height, steps, guidance_scale, tiled)
-    if fits_gpu_limit(estimate, limit, booked):
+    if cost(width, height, steps) <= limit:
         return None
-    most_steps, resize = _what_fits(fits, width, height, steps)
     what = what or f"the {limit:.0f} s one run may book here"
     head = (
-        f"This run would book about {booked(estimate):.0f} s of GPU time "
+        f"This run would book about {cost(width, height, steps):.0f} s of GPU time "
         f"(an estimate with a margin), more than {what}."
     )
-    if most_steps >= 1:
-        plural = "s" if most_steps > 1 else ""
-        text = f"{head} At {width}×{height}, at most {most_steps} step{plural} fit{'' if plural else 's'}: choose {most_steps} or fewer, or {resize}."
-    else:
-        text = f"{head} To run {steps} steps, {resize}."
-    return f"{text} {note}".strip()
+    return f"{head} {_what_fits(cost, limit, width, height, steps)} {note}".strip()
 
 
-def _what_fits(fits: Callable[[int, int, int], bool], width: int, height: int, steps: int) -> tuple[int, str]:
-    """The most steps under ``steps`` that fit at this size (0: none), and the resize, keeping
-    the aspect ratio, on which ``steps`` fit."""
-    most_steps = next((n for n in range(steps - 1, 0, -1) if fits(width, height, n)), 0)
+def _what_fits(cost: Callable[[int, int, int], float], limit: float, width: int, height: int, steps: int) -> str:
+    """What fits in ``limit``: the most steps under ``steps`` at this size, else (or also)
+    the resize, keeping the aspect ratio, on which ``steps`` fit."""
+
+    def fits(w: int, h: int, n: int) -> bool:
+        return cost(w, h, n) <= limit
+
+    most = next((n for n in range(steps - 1, 0, -1) if fits(width, height, n)), 0)
     scale = 1.0
     while scale > 0.02 and not fits(max(64, int(width * scale)), max(64, int(height * scale)), steps):
         scale *= 0.97
-    return most_steps, f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
+    resize = f"resize the image to {max(64, math.floor(width * scale))}×{max(64, math.floor(height * scale))} pixels or less"
+    if most:
+        return f"At {width}×{height}, at most {format_steps(most)} fit{'s' if most == 1 else ''}: choose {most} or fewer, or {resize}."
+    return f"To run {steps} steps, {resize}."
 
 
 def format_seconds(seconds: float) -> str:
@@ -254,74 +231,42 @@ def run_cost_advice(
 ) -> str | None:
     """None when the estimated run fits in ``limit`` seconds; otherwise what fits, for the user."""
 
-    def fits(w: int, h: int, n: int) -> bool:
-        return speed.seconds(w, h, n, guidance_scale, tiled) <= limit
+    def cost(w: int, h: int, n: int) -> float:
+        return speed.seconds(w, h, n, guidance_scale, tiled)
 
-    estimate = speed.seconds(width, height, steps, guidance_scale, tiled)
+    estimate = cost(width, height, steps)
     if estimate <= limit:
         return None
-    most_steps, resize = _what_fits(fits, width, height, steps)
     head = f"This run would take about {format_seconds(estimate)} here (an estimate), more than the {format_seconds(limit)} this server allows for one image."
-    if most_steps >= 1:
-        return f"{head} At {width}×{height}, at most {most_steps} step{'s' if most_steps > 1 else ''} fit: choose {most_steps} or fewer, or {resize}."
-    return f"{head} To run {steps} steps, {resize}."
+    return f"{head} {_what_fits(cost, limit, width, height, steps)}"
 
 
 # --------------------------------------------------------------------------
 # Peak memory, and when to tile
 # --------------------------------------------------------------------------
 
-_MEMORY_COMMAND = "python benchmarks/bench_peak_memory.py"
 #: Peak bytes of one untiled call above the resident weights, CPU float32:
 #: ``constant + per latent pixel × latent pixels`` (the models attend within fixed windows,
 #: so the working set grows linearly), by guidance. Unguided: least squares over peaks
 #: measured at 256², 512², 768² and 1024² with full-size random-weight models
-#: (benchmarks/results/peak_memory_cpu.txt): 0.364, 1.212, 2.629 and 4.493 GiB above the
-#: weights; the line is within 6% at 256², 2% above. Guided (both branches in one batch):
-#: 1.683 and 4.878 GiB at 512² and 1024², the line through both.
+#: (benchmarks/results/peak_memory_cpu.txt, ``python benchmarks/bench_peak_memory.py``):
+#: 0.364, 1.212, 2.629 and 4.493 GiB above the weights; the line is within 6% at 256², 2%
+#: above. Guided (both branches in one batch): 1.683 and 4.878 GiB at 512² and 1024², the
+#: line through both. Elsewhere an ESTIMATE: the same, scaled by bytes per element (half in
+#: float16/bfloat16), until measured with ``bench_peak_memory.py --device cuda --dtype fp16``.
 CPU_FP32_PEAK = {False: (117.1e6, 288.8e3), True: (663.6e6, 279.2e3)}
 # Headroom over the fitted estimate (allocator fragmentation, other kernels' workspaces).
 MEMORY_MARGIN = 1.2
 
 
-@dataclass(frozen=True)
-class MemoryModel:
-    """Peak bytes above the resident weights: ``constant + per_latent_pixel × latent pixels``."""
-
-    constant: float
-    per_latent_pixel: float
-    measured: bool
-    source: str
-
-    def bytes(self, latent_pixels: int) -> int:
-        return int(self.constant + self.per_latent_pixel * latent_pixels)
-
-
-def memory_model(device_type: str = "cpu", dtype: torch.dtype = torch.float32, guided: bool = False) -> MemoryModel:
-    """The CPU float32 fit, scaled by bytes per element (half in float16/bfloat16): measured
-    on the CPU in float32, an ESTIMATE elsewhere until measured with
-    ``bench_peak_memory.py --device cuda --dtype fp16``."""
-    scale = 0.5 if dtype in (torch.float16, torch.bfloat16) else 1.0
-    constant, slope = CPU_FP32_PEAK[bool(guided)]
-    measured = device_type == "cpu" and dtype == torch.float32
-    source = f"{'measured' if measured else 'estimate from the CPU float32 fit'}: {_MEMORY_COMMAND}"
-    return MemoryModel(constant * scale, slope * scale, measured, source)
-
-
-def estimate_peak_memory(height: int, width: int, device_type: str = "cpu", dtype: torch.dtype = torch.float32,
-                         guided: bool = False, tiled: bool = False, tile_size: int = TILE_SIZE,
-                         tile_batch_size: int = 1) -> int:
+def estimate_peak_memory(height: int, width: int, dtype: torch.dtype = torch.float32, guided: bool = False) -> int:
     """Estimated peak bytes, above the resident weights and with ``MEMORY_MARGIN``, of one
-    pipeline call on a ``height`` × ``width`` image (padded to 64). Tiled, the networks and
-    the VAE see ``tile_batch_size`` tiles at a time."""
-    lh, lw = padded(height) // 8, padded(width) // 8
-    pixels = lh * lw
-    if tiled:
-        tile = tile_size // 8
-        pixels = min(tile, lh) * min(tile, lw) * max(1, tile_batch_size)
+    untiled pipeline call on a ``height`` × ``width`` image (padded to 64)."""
+    latent_pixels = (padded(height) // 8) * (padded(width) // 8)
+    scale = 0.5 if dtype in (torch.float16, torch.bfloat16) else 1.0
     # Guided: never below unguided (the two fits cross above ~4000² pixels).
-    need = max(memory_model(device_type, dtype, g).bytes(pixels) for g in {False, bool(guided)})
-    return int(MEMORY_MARGIN * need)
+    need = max(constant + slope * latent_pixels for constant, slope in (CPU_FP32_PEAK[False], CPU_FP32_PEAK[guided]))
+    return int(MEMORY_MARGIN * scale * need)
 
 
 def available_memory(device: torch.device | str) -> int | None:
@@ -331,31 +276,25 @@ def available_memory(device: torch.device | str) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
     if device.type == "mps":
         try:
             return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
         except (AttributeError, RuntimeError):
             return None
-    return None
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):  # not Linux: unknown
+        return None
 
 
-def should_tile(height: int, width: int, available_bytes: int | None, device_type: str = "cpu",
-                dtype: torch.dtype = torch.float32, guided: bool = False, tile_size: int = TILE_SIZE) -> bool:
+def should_tile(height: int, width: int, available_bytes: int | None, dtype: torch.dtype = torch.float32,
+                guided: bool = False, tile_size: int = TILE_SIZE) -> bool:
     """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
     not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``
     (bytes free above the resident weights; None = unknown, run untiled like the reference)."""
     if available_bytes is None or count_tiles(height, width, tile_size, tile_size) <= 1:
         return False
-    return estimate_peak_memory(height, width, device_type, dtype, guided) > available_bytes
+    return estimate_peak_memory(height, width, dtype, guided) > available_bytes

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .models import LatentControlNetModel, LKPNModel
 from .models.controlnet import batched_timesteps
 from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
-from .estimates import available_memory
+from .estimates import available_memory, is_guided
 from .estimates import should_tile as _should_tile_for_memory
 from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, blend_weights, check_tiling, latent_windows, tiled_map,
                      vae_decode_tiled, vae_encode_tiled)
@@ -61,77 +60,61 @@ class DeblurDiffPipelineOutput(BaseOutput):
 
 
 def image_to_tensor(image) -> torch.Tensor:
-    """PIL image(s), array(s) or a (B, 3, H, W) tensor in [0, 1] -> float32 (B, 3, H, W) in [0, 1].
+    """A PIL image, an array or a (B, 3, H, W) tensor in [0, 1] -> float32 (B, 3, H, W) in [0, 1].
 
     The one rule for arrays (the input loader uses it too): H×W greyscale, H×W×3 RGB or H×W×4
     RGBA composited onto white; bool, uint8 (0-255), uint16 (0-65535), other integers in 0-255,
     or floats in [0, 1] (an overshoot of 0.02 is clipped). PIL images are read as RGB(A).
     """
     if isinstance(image, torch.Tensor):
-        tensor = image if image.ndim == 4 else image[None]
-        return tensor.float()
-    images = image if isinstance(image, (list, tuple)) else [image]
-    if not images:
-        raise ValueError("`image` is empty")
-    arrays = []
-    for im in images:
-        if isinstance(im, PIL.Image.Image):
-            im = im if im.mode == "RGB" else im.convert("RGBA")
-        a = np.asarray(im)
-        a = a[..., None] if a.ndim == 2 else a
-        if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
-            hint = ", which looks channels-first: use arr.transpose(1, 2, 0)" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
-            hint = ", with a batch dimension: pass a list of images" if a.ndim == 4 else hint
-            raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}{hint}")
-        if a.size == 0:
-            raise ValueError(f"the image is empty (shape {a.shape})")
-        if a.dtype == np.uint8 or a.dtype == np.bool_:
-            a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
-        elif a.dtype.kind in "iu":
-            top = 65535 if a.dtype == np.uint16 else 255
-            if a.min() < 0 or a.max() > top:
-                raise ValueError(f"{a.dtype} values must be in 0-{top}, got {a.min()} to {a.max()} (uint16 holds 16-bit data)")
-            a = a.astype(np.float32) / top
-        elif a.dtype.kind == "f":
-            a = a.astype(np.float32)
-            if not np.isfinite(a).all():
-                raise ValueError("it contains NaN or infinite values")
-            lo, hi = float(a.min()), float(a.max())
-            if lo < -0.02 or hi > 1.02:
-                hint = " (divide 0-255 data by 255)" if lo >= 0 and hi <= 255 else " ((arr + 1) / 2 maps [-1, 1] to it)" if lo >= -1.02 and hi <= 1.02 else ""
-                raise ValueError(f"float values must be in [0, 1], got {lo:.4g} to {hi:.4g}{hint}")
-            a = a.clip(0.0, 1.0)
-        else:
-            raise ValueError(f"unsupported data type {a.dtype}: use uint8, uint16, bool or float")
-        if a.shape[2] == 4:
-            a = a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:])
-        arrays.append(np.broadcast_to(a, a.shape[:2] + (3,)))
-    if len({a.shape for a in arrays}) > 1:
-        raise ValueError("all images in a batch must have the same size")
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        return (image if image.ndim == 4 else image[None]).float()
+    if isinstance(image, PIL.Image.Image):
+        image = image if image.mode == "RGB" else image.convert("RGBA")
+    a = np.asarray(image)
+    a = a[..., None] if a.ndim == 2 else a
+    if a.ndim != 3 or a.shape[2] not in (1, 3, 4):
+        hint = ", which looks channels-first: use arr.transpose(1, 2, 0)" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+        hint = ", with a batch dimension: pass a list of images" if a.ndim == 4 else hint
+        raise ValueError(f"expected an image of shape (H, W), (H, W, 3) or (H, W, 4), got {a.shape}{hint}")
+    if a.size == 0:
+        raise ValueError(f"the image is empty (shape {a.shape})")
+    if a.dtype == np.uint8 or a.dtype == np.bool_:
+        a = a.astype(np.float32) / (255.0 if a.dtype == np.uint8 else 1.0)
+    elif a.dtype.kind in "iu":
+        top = 65535 if a.dtype == np.uint16 else 255
+        if a.min() < 0 or a.max() > top:
+            raise ValueError(f"{a.dtype} values must be in 0-{top}, got {a.min()} to {a.max()} (uint16 holds 16-bit data)")
+        a = a.astype(np.float32) / top
+    elif a.dtype.kind == "f":
+        a = a.astype(np.float32)
+        if not np.isfinite(a).all():
+            raise ValueError("it contains NaN or infinite values")
+        lo, hi = float(a.min()), float(a.max())
+        if lo < -0.02 or hi > 1.02:
+            hint = " (divide 0-255 data by 255)" if lo >= 0 and hi <= 255 else " ((arr + 1) / 2 maps [-1, 1] to it)" if lo >= -1.02 and hi <= 1.02 else ""
+            raise ValueError(f"float values must be in [0, 1], got {lo:.4g} to {hi:.4g}{hint}")
+        a = a.clip(0.0, 1.0)
+    else:
+        raise ValueError(f"unsupported data type {a.dtype}: use uint8, uint16, bool or float")
+    if a.shape[2] == 4:
+        a = a[..., :3] * a[..., 3:] + (1.0 - a[..., 3:])
+    return torch.from_numpy(a).permute(2, 0, 1).expand(3, -1, -1)[None].contiguous()
 
 
 def images_to_batch(image) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """``image_to_tensor``, zero-padded to multiples of 64 (a list's images may differ in size
-    if they pad alike), and each image's ``(height, width)``."""
-    if isinstance(image, (list, tuple)) and len({_image_size(im) for im in image}) > 1:
-        tensors = [image_to_tensor(im) for im in image]
-        sizes = [tuple(t.shape[-2:]) for t in tensors]
-        padded = [pad_to_multiple(t) for t in tensors]
-        if len({t.shape for t in padded}) > 1:
-            raise ValueError(
-                "images in a batch must pad to the same size (multiples of "
-                f"{SIZE_MULTIPLE} pixels); got sizes (height, width) {sizes}"
-            )
-        return torch.cat(padded), sizes
-    tensor = image_to_tensor(image)
-    return pad_to_multiple(tensor), [tuple(tensor.shape[-2:])] * tensor.shape[0]
-
-
-def _image_size(image) -> tuple:
-    if isinstance(image, PIL.Image.Image):
-        return image.size[::-1]
-    return tuple(np.shape(image)[-3:-1]) if not isinstance(image, torch.Tensor) else tuple(image.shape[-2:])
+    """``image_to_tensor`` of an image or a list of them (which may differ in size if they pad
+    alike), zero-padded to multiples of 64, and each image's ``(height, width)``."""
+    tensors = [image_to_tensor(im) for im in (image if isinstance(image, (list, tuple)) else [image])]
+    if not tensors:
+        raise ValueError("`image` is empty")
+    sizes = [tuple(t.shape[-2:]) for t in tensors for _ in range(t.shape[0])]
+    padded = [pad_to_multiple(t) for t in tensors]
+    if len({t.shape[-2:] for t in padded}) > 1:
+        raise ValueError(
+            "images in a batch must pad to the same size (multiples of "
+            f"{SIZE_MULTIPLE} pixels); got sizes (height, width) {sizes}"
+        )
+    return torch.cat(padded), sizes
 
 
 def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 1000) -> list[int]:
@@ -179,14 +162,6 @@ def low_frequency(images: torch.Tensor, levels: int = 5) -> torch.Tensor:
         d = 2**level
         images = F.conv2d(F.pad(images, (d, d, d, d), mode="replicate"), kernel, groups=channels, dilation=d)
     return images
-
-
-def encode_text(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
-    """(1, 77, D): the prompt padded to the context length, through the whole encoder."""
-    ids = tokenizer(
-        [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(ids).last_hidden_state
 
 
 def save_prompt_embeds(path: str | os.PathLike, embeds: dict[str, torch.Tensor]) -> None:
@@ -249,16 +224,14 @@ class DeblurDiffPipeline(DiffusionPipeline):
         # A plain UNet just loaded attends within the ControlNet's windows, as the reference.
         if unet is not None:
             ensure_attention_layout(unet, getattr(controlnet.config, "attention_window", DEFAULT_WINDOW))
-        self._prompt_cache: dict = {}
-        # Embeddings known without the text encoder ({prompt: float32 CPU tensor}).
-        self._stored_prompt_embeds: dict[str, torch.Tensor] = {}
+        # {prompt: (1, 77, D) embedding}: given ones (float32, CPU) and those encoded so far.
+        self._prompt_embeds: dict[str, torch.Tensor] = {}
         # Called to load the text encoder the first time a prompt needs it.
         self._text_encoder_loader: Callable[[], CLIPTextModel] | None = None
         self._samplers: dict = {}
         # Bytes a call may use above the resident weights before ``tiled=None`` switches to
         # tiles; None: what the device has free at call time (estimates.available_memory).
         self.memory_budget: int | None = None
-        self.tile_batch_size = 1
         # With float16 weights, run the VAE in float32 when its config says it overflows.
         self.upcast_vae = True
 
@@ -307,7 +280,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         super().save_pretrained(save_directory, *args, **kwargs)
         embeds = {}
         for prompt in (DEFAULT_PROMPT, DEFAULT_NEGATIVE_PROMPT):
-            if prompt in self._stored_prompt_embeds or self.text_encoder is not None:
+            if prompt in self._prompt_embeds or self.text_encoder is not None:
                 embeds[prompt] = self.encode_prompt(prompt)
         if embeds:
             save_prompt_embeds(Path(save_directory) / PROMPT_EMBEDS_FILE, embeds)
@@ -319,15 +292,14 @@ class DeblurDiffPipeline(DiffusionPipeline):
         for prompt, value in embeds.items():
             if value.ndim == 2:
                 value = value[None]
-            self._stored_prompt_embeds[prompt] = value.detach().to("cpu", torch.float32)
-        self._prompt_cache = {k: v for k, v in self._prompt_cache.items() if k[0] not in embeds}
+            self._prompt_embeds[prompt] = value.detach().to("cpu", torch.float32)
 
     def _load_text_encoder(self) -> CLIPTextModel:
         if self.text_encoder is None:
             if self._text_encoder_loader is None:
                 raise RuntimeError(
                     "This pipeline has no text encoder, and only the stored prompts "
-                    f"{sorted(self._stored_prompt_embeds)} can be used; load it with a text encoder "
+                    f"{sorted(self._prompt_embeds)} can be used; load it with a text encoder "
                     "for custom prompts."
                 )
             logger.info("Loading the text encoder for a custom prompt.")
@@ -339,19 +311,19 @@ class DeblurDiffPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embedding (1, 77, D) of one prompt, cached: stored embeddings when present,
-        else the text encoder's (loaded if it was deferred)."""
-        device = self._execution_device
-        key = (prompt, device)
-        if key not in self._prompt_cache:
-            if prompt in self._stored_prompt_embeds:
-                embeds = self._stored_prompt_embeds[prompt].to(device)
-            else:
-                if self.tokenizer is None:
-                    raise RuntimeError("This pipeline has no tokenizer, so it cannot encode custom prompts.")
-                embeds = encode_text(self.tokenizer, self._load_text_encoder(), prompt).to(device)
-            self._prompt_cache[key] = embeds
-        return self._prompt_cache[key]
+        """Text embedding (1, 77, D) of one prompt (padded to the context length, through the
+        whole encoder), cached: stored embeddings when present, else the text encoder's
+        (loaded if it was deferred)."""
+        if prompt not in self._prompt_embeds:
+            if self.tokenizer is None:
+                raise RuntimeError("This pipeline has no tokenizer, so it cannot encode custom prompts.")
+            encoder = self._load_text_encoder()
+            ids = self.tokenizer(
+                [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            self._prompt_embeds[prompt] = encoder(ids.to(encoder.device)).last_hidden_state
+        return self._prompt_embeds[prompt].to(self._execution_device)
 
     @contextlib.contextmanager
     def _vae_precision(self, part: str):
@@ -424,14 +396,6 @@ class DeblurDiffPipeline(DiffusionPipeline):
         return decode(latents)
 
     # ------------------------------------------------------------------ one model call
-    def _text_batch(self, prompt_embeds, negative_prompt_embeds, batch: int, guided: bool) -> torch.Tensor:
-        """Text embeddings for ``batch`` samples (twice as many with guidance), in model dtype."""
-        dtype, device = self.unet.dtype, self._execution_device
-        text = prompt_embeds.to(device=device, dtype=dtype).expand(batch, -1, -1)
-        if guided:
-            text = torch.cat([text, negative_prompt_embeds.to(device=device, dtype=dtype).expand(batch, -1, -1)])
-        return text.contiguous()
-
     def _denoise(self, x, condition, t, text, guided: bool, guidance_scale: float, conditioning_scale: float):
         """``(eps, z_s)`` (float32) for float32 latents ``x`` (n samples) given ``condition``
         and ``text`` already in model dtype and doubled (cond, uncond) when ``guided``."""
@@ -473,39 +437,26 @@ class DeblurDiffPipeline(DiffusionPipeline):
         batch, the unconditional one reading ``negative_condition`` (default ``condition``).
         With ``windows``, overlapping latent tiles are blended with Gaussian weights (the
         reference keeps the last tile's ``z_s``; here it is blended like ``eps``)."""
-        batch = condition.shape[0]
-        guided = guidance_scale != 1.0 and negative_prompt_embeds is not None
-        dtype = self.unet.dtype
+        batch, (h, w) = condition.shape[0], condition.shape[-2:]
+        guided = is_guided(guidance_scale) and negative_prompt_embeds is not None
+        dtype, device = self.unet.dtype, self._execution_device
         cond = condition.to(dtype)
         negative = cond if negative_condition is None else negative_condition.to(dtype)
+        # Text for one tile's (or the image's) samples, the unconditional branch's after them.
+        text = prompt_embeds.to(device, dtype).expand(batch, -1, -1)
+        if guided:
+            text = torch.cat([text, negative_prompt_embeds.to(device, dtype).expand(batch, -1, -1)])
+        text = text.contiguous()
+
+        def denoise(t, x, c, negative_c):
+            c = torch.cat([c, negative_c]) if guided else c
+            return self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
 
         if windows is None or len(windows) == 1:
-            text = self._text_batch(prompt_embeds, negative_prompt_embeds, batch, guided)
             c = torch.cat([cond, negative]) if guided else cond
-
-            def denoise(x, t):
-                return self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
-
-            return denoise
-
-        h, w = condition.shape[-2:]
-        weights = blend_weights(windows, h, w, 1, device=condition.device)
-        size = max(1, int(self.tile_batch_size))
-        texts = {}
-        for start in range(0, len(windows), size):
-            n = min(size, len(windows) - start) * batch
-            if n not in texts:
-                texts[n] = self._text_batch(prompt_embeds, negative_prompt_embeds, n, guided)
-
-        def denoise_tiled(x, t):
-            def denoise_tiles(x_tiles, c_tiles, negative_tiles):
-                c = torch.cat([c_tiles, negative_tiles]) if guided else c_tiles
-                text = texts[x_tiles.shape[0]]
-                return self._denoise(x_tiles, c, t, text, guided, guidance_scale, conditioning_scale)
-
-            return tiled_map(denoise_tiles, [x, cond, negative], windows, weights, batch_size=size)
-
-        return denoise_tiled
+            return lambda x, t: self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
+        weights = blend_weights(windows, h, w, device=condition.device)
+        return lambda x, t: tiled_map(functools.partial(denoise, t), [x, cond, negative], windows, weights)
 
     # ------------------------------------------------------------------ samplers
     def get_scheduler(self, sampler: str = "ddpm"):
@@ -565,7 +516,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             return bool(tiled)
         device = self._execution_device
         budget = self.memory_budget if self.memory_budget is not None else available_memory(device)
-        return _should_tile_for_memory(height, width, budget, device.type, self.unet.dtype, guided, tile_size)
+        return _should_tile_for_memory(height, width, budget, self.unet.dtype, guided, tile_size)
 
     # ------------------------------------------------------------------ attention
     def set_attention_window(self, window: int | None = DEFAULT_WINDOW) -> "DeblurDiffPipeline":
@@ -637,7 +588,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         batch = padded.shape[0]
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image")
-        guided = guidance_scale != 1.0
+        guided = is_guided(guidance_scale)
         use_tiles = self.should_tile(padded.shape[-2], padded.shape[-1], tiled, tile_size, guided=guided)
         tiling = dict(tiled=use_tiles, tile_size=tile_size, tile_stride=tile_stride)
 
@@ -665,8 +616,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
             condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows,
             negative_condition=negative_condition,
         )
-        takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-        step_kwargs = {"generator": self._device_generator(generator, device)} if takes_generator else {}
+        step_generator = self._device_generator(generator, device)  # every sampler's step takes one
         model_timesteps = timesteps.to(device)  # one copy: no host-device traffic in the loop
 
         restored = condition
@@ -675,7 +625,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 if self.interrupt:
                     break
                 eps, restored = denoise(latents, model_timesteps[i])
-                latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+                latents = scheduler.step(eps, t, latents, generator=step_generator).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "restored_latents": restored}
                     kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}

@@ -43,8 +43,6 @@ class Window:
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
     """Tile starts along ``length`` every ``stride``, the last one moved back to end at ``length``."""
-    if tile <= 0 or stride <= 0:
-        raise ValueError(f"tile and stride must be positive, got {tile} and {stride}")
     if length <= tile:
         return [0]
     starts = list(range(0, length - tile + 1, stride))
@@ -101,8 +99,6 @@ def blend_weights(
     dtype=torch.float32,
 ) -> list[torch.Tensor]:
     """Per-window weights (1, 1, h·factor, w·factor) that sum to one at every pixel."""
-    if not windows:
-        raise ValueError("no windows")
     w0 = windows[0]
     bump = gaussian_weights(w0.height * factor, w0.width * factor, sigma, device, torch.float64)
     total = torch.zeros(height * factor, width * factor, dtype=torch.float64, device=device)
@@ -128,28 +124,20 @@ def tiled_map(
     weights: Sequence[torch.Tensor],
     in_factor: int = 1,
     out_factor: int = 1,
-    batch_size: int = 1,
 ) -> tuple[torch.Tensor, ...]:
-    """Apply ``fn`` window by window (``batch_size`` at once, stacked on the batch) and blend
-    its outputs with ``weights``: inputs are sliced at ``in_factor`` × each window, outputs
-    laid out at ``out_factor``. Returns a tuple of float32 tensors, one per output."""
-    batch = inputs[0].shape[0]
-    grid_h = inputs[0].shape[-2] // in_factor
-    grid_w = inputs[0].shape[-1] // in_factor
+    """Apply ``fn`` window by window and blend its outputs with ``weights``: inputs are
+    sliced at ``in_factor`` × each window, outputs laid out at ``out_factor``. Returns a
+    tuple of float32 tensors, one per output."""
+    batch, _, height, width = inputs[0].shape
     outputs: list[torch.Tensor] | None = None
-    for start in range(0, len(windows), batch_size):
-        group = range(start, min(start + batch_size, len(windows)))
-        tiles = [torch.cat([x[(..., *windows[i].slices(in_factor))] for i in group]) for x in inputs]
-        result = fn(*tiles)
+    for win, weight in zip(windows, weights):
+        result = fn(*(x[(..., *win.slices(in_factor))].contiguous() for x in inputs))
         result = result if isinstance(result, tuple) else (result,)
         if outputs is None:
-            outputs = [
-                torch.zeros(batch, r.shape[1], grid_h * out_factor, grid_w * out_factor, device=r.device)
-                for r in result
-            ]
+            size = (height // in_factor * out_factor, width // in_factor * out_factor)
+            outputs = [torch.zeros(batch, r.shape[1], *size, device=r.device) for r in result]
         for out, r in zip(outputs, result):
-            for k, i in enumerate(group):
-                out[(..., *windows[i].slices(out_factor))] += r[k * batch : (k + 1) * batch].float() * weights[i]
+            out[(..., *win.slices(out_factor))] += r.float() * weight
     return tuple(outputs)
 
 
@@ -175,7 +163,5 @@ def vae_decode_tiled(
     decoder). Returns (B, C, 8h, 8w) float32."""
     h, w = latents.shape[-2:]
     windows = latent_windows(h, w, tile_size, tile_stride)
-    if len(windows) == 1:
-        return decode(latents).float()
     weights = blend_weights(windows, h, w, 8, device=latents.device)
     return tiled_map(decode, [latents], windows, weights, in_factor=1, out_factor=8)[0]

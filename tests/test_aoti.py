@@ -63,7 +63,7 @@ def test_eac_is_one_node_of_the_lkpn_graph(programs):
 @pytest.mark.slow
 def test_pipeline_with_exported_programs_matches_eager(programs):
     """The replaced forwards give the eager pipeline's result, with guidance (batch 2,
-    run as two batches of 1) and in tiled mode (batches of 3 tiles)."""
+    run as two batches of 1) and in tiled mode."""
     eager = tiny_pipeline().to(torch.float32)
     compiled = tiny_pipeline().to(torch.float32)
     runnable = {key: program.module() for key, program in programs.items()}
@@ -72,7 +72,6 @@ def test_pipeline_with_exported_programs_matches_eager(programs):
     for kwargs in (dict(guidance_scale=1.0), dict(guidance_scale=2.0), dict(tiled=True, tile_size=64, tile_stride=32)):
         outputs = []
         for p in (eager, compiled):
-            p.tile_batch_size = 3
             result = p(image, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
                        **kwargs)
             outputs.append(np.asarray(result.images[0], dtype=np.float64))

@@ -7,8 +7,14 @@ import torch
 
 from deblurdiff import cpu, estimates
 from deblurdiff.cpu import CPUConfig, CPUFeatures, CPUTiming, choose_cpu_config
-from deblurdiff.estimates import estimate_cpu_seconds
+from deblurdiff.estimates import SpeedModel
 from deblurdiff.loading import pick_dtype
+
+
+def estimate_cpu_seconds(width, height, steps, guidance_scale=1.0, *, config, timing=None, tiled=False):
+    """What the app estimates on this CPU: measured ``timing``, else the defaults for ``config``."""
+    speed = SpeedModel.measured_cpu(config, timing) if timing else SpeedModel.default("cpu", cpu_config=config)
+    return speed.seconds(width, height, steps, guidance_scale, tiled)
 
 
 def features(bf16: bool = False, amx: bool = False) -> CPUFeatures:
@@ -40,12 +46,14 @@ def test_prepared_pipeline_runs_winograd_within_float32_rounding():
 
     direct, fast = tiny_pipeline(), tiny_pipeline()
     cpu.prepare_cpu_pipeline(fast, CPUConfig(dtype=torch.float32, winograd=True), measure=False)
+    budget = fast.unet.conv_in._winograd_budget  # shared by the four networks
     image = torch.rand(1, 3, 256, 192, generator=torch.Generator().manual_seed(0))
     outputs = [pipe(image, num_inference_steps=2, generator=torch.Generator().manual_seed(1), output_type="np").images
                for pipe in (direct, fast)]
     assert sum(winograd_bytes(m) for m in (fast.unet, fast.controlnet, fast.lkpn, fast.vae)) > 0
     assert abs(outputs[0] - outputs[1]).max() < 1e-4
-    assert 0 < cpu.winograd_budget_bytes() <= cpu.WINOGRAD_MAX_BYTES
+    assert 0 < budget.used <= budget.max_bytes <= cpu.WINOGRAD_MAX_BYTES
+    assert fast.vae.decoder.conv_in._winograd_budget is budget
 
 
 @pytest.mark.parametrize("bf16, amx, name", [(True, False, "AVX-512 BF16"), (False, True, "AMX")])
@@ -99,9 +107,9 @@ def test_estimate_scales_with_size_steps_and_guidance():
     large = estimate_cpu_seconds(1024, 1024, 10, config=config)
     assert 4.5 * ten < large < 6 * ten
     # Tiled: each step runs the networks once per 512² tile (9 cover 1024²), more than untiled.
-    nine_tiles = estimate_cpu_seconds(1024, 1024, 10, config=config, tiles=9)
+    nine_tiles = estimate_cpu_seconds(1024, 1024, 10, config=config, tiled=True)
     assert nine_tiles > large
-    steps_only = nine_tiles - estimate_cpu_seconds(1024, 1024, 0, config=config, tiles=9)
+    steps_only = nine_tiles - estimate_cpu_seconds(1024, 1024, 0, config=config, tiled=True)
     assert steps_only == pytest.approx(9 * 10 * step)
 
 

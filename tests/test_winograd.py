@@ -18,7 +18,6 @@ from deblurdiff.ops.winograd import (
     winograd_conv2d,
     winograd_filters,
     winograd_matrices,
-    winograd_supported,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -98,13 +97,15 @@ def test_bad_arguments_are_refused():
         enable_winograd(torch.nn.Conv2d(3, 3, 3, padding=1), plan=((8, 6),))
 
 
-def test_only_plain_three_by_three_convolutions_are_supported():
-    assert winograd_supported(torch.nn.Conv2d(4, 4, 3, padding=1))
-    for conv in (torch.nn.Conv2d(4, 4, 3, padding=1, stride=2), torch.nn.Conv2d(4, 4, 1),
+def test_only_plain_three_by_three_convolutions_are_taken_over():
+    # Stride 2 is taken over too, but only ever unfolded (test_each_path_is_the_one_taken).
+    for conv in (torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Conv2d(4, 4, 3, padding=1, stride=2)):
+        assert enable_winograd(conv) == 1
+    for conv in (torch.nn.Conv2d(4, 4, 3, padding=1, stride=3), torch.nn.Conv2d(4, 4, 1),
                  torch.nn.Conv2d(4, 4, 3, padding=0), torch.nn.Conv2d(4, 4, 3, padding=1, groups=2),
                  torch.nn.Conv2d(4, 4, 3, padding=2, dilation=2),
                  torch.nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.nn.Linear(4, 4)):
-        assert not winograd_supported(conv)
+        assert enable_winograd(conv) == 0
 
 
 class Net(torch.nn.Module):

@@ -19,10 +19,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_PLAN", "WINOGRAD_TILES", "WinogradBudget", "im2col_conv2d", "enable_winograd",
-           "filter_transform_seconds", "winograd_bytes", "winograd_conv2d", "winograd_filters",
-           "winograd_matrices", "winograd_supported"]
-
 WINOGRAD_TILES = (2, 4)
 
 
@@ -45,14 +41,9 @@ def winograd_matrices(m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return tuple(torch.tensor(a, dtype=torch.float64) for a in (bt, g, at))
 
 
-def winograd_supported(conv: torch.nn.Module) -> bool:
-    """A plain 3×3 convolution with stride 1, zero padding 1, no dilation or groups."""
-    return _plain_three_by_three(conv) and conv.stride == (1, 1)
-
-
 def _plain_three_by_three(conv: torch.nn.Module) -> bool:
     """A 3×3 convolution with stride 1 or 2, zero padding 1, no dilation or groups (the
-    ones :func:`im2col_conv2d` runs)."""
+    ones :func:`im2col_conv2d` runs; Winograd's, stride 1 only)."""
     return (isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride in ((1, 1), (2, 2))
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros")
@@ -224,7 +215,7 @@ def enable_winograd(module: torch.nn.Module, plan: tuple[tuple[int, int], ...] =
     for conv in module.modules():
         if not _plain_three_by_three(conv):
             continue
-        conv._winograd_plan = plan if winograd_supported(conv) else ()
+        conv._winograd_plan = plan if conv.stride == (1, 1) else ()
         conv._im2col_max_size, conv._winograd_budget = im2col_max_size, budget
         conv._winograd_cache = {}
         conv.forward = _winograd_forward.__get__(conv)
