@@ -1,17 +1,14 @@
 """The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
 
-With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns a
-diffusers folder for the authors' ``model.pth`` (their Google Drive folder): the cached
-``<cache>/official/diffusers-<dtype>/``, else ``<cache>/official/model.pth`` (downloaded
-with gdown, resumable, when missing) verified and converted once. ``<cache>`` is
-``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
-
-Verified, since the authors publish no checksum: the size Drive announces, a zip archive
-whose every record passes its CRC-32, tensors only, the five networks, then every key and
-shape at conversion. The SHA-256 and size are recorded beside it (``model.pth.sha256``)
-and checked when it is read again; a file that fails a check is deleted, never loaded.
-``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading
-off; every failure raises :class:`WeightsUnavailableError` with the manual steps.
+With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns the
+diffusers folder ``<cache>/official/diffusers-<dtype>/`` made from the authors' ``model.pth``
+(``<cache>/official/model.pth``, downloaded from their Google Drive folder with gdown when
+missing). ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
+The authors publish no checksum: a download must pass Drive's size, every zip record's CRC-32,
+tensors only and the five networks (then every key and shape at conversion); its SHA-256 and
+size are then recorded in ``model.pth.sha256`` and checked whenever it is read again. A file
+that fails a check is deleted, never loaded. ``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or
+``HF_HUB_OFFLINE=1`` turn downloading off; every failure raises :class:`WeightsUnavailableError`.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Callable
 import torch
 
 from .parsing import dtype_name, env_flag
-from .single_file import file_sha256 as sha256_of
+from .single_file import COMPONENTS, file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
@@ -45,7 +42,6 @@ CACHE_ENV = "DEBLURDIFF_CACHE"
 NO_DOWNLOAD_ENV = "DEBLURDIFF_NO_DOWNLOAD"
 COMPLETE_MARKER = "deblurdiff_cache.json"
 DOWNLOAD_ATTEMPTS = 2
-REQUIRED_COMPONENTS = ("unet", "controlnet", "lkpn", "vae", "text_encoder")
 #: Channels per attention head in every network of the checkpoint (shapes cannot tell).
 ATTENTION_HEAD_DIM = 64
 
@@ -174,7 +170,7 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"the file is not a readable PyTorch checkpoint, or is truncated ({first})"
     parts, _ = split_checkpoint(state_dict)
-    missing = [c for c in REQUIRED_COMPONENTS if c not in parts]
+    missing = [c for c in COMPONENTS if c not in parts]
     if missing:
         return f"the file is not the DeblurDiff checkpoint (no weights for {', '.join(missing)})"
     return None
@@ -183,10 +179,6 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
 def _staging_path(checkpoint: Path) -> Path:
     """Where a download lands until it is verified (same suffix: it is read as a checkpoint)."""
     return checkpoint.with_name(f"{checkpoint.stem}.unverified{checkpoint.suffix}")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _record_path(checkpoint: Path) -> Path:
@@ -223,14 +215,15 @@ def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
 
 def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
     """Verify ``candidate``; move it to ``checkpoint`` with its record, or raise ValueError."""
-    report(f"Verifying the download ({_size(candidate.stat().st_size)}): archive CRCs, tensors, the five networks ...")
+    size = candidate.stat().st_size
+    report(f"Verifying the download ({size / 1e6:,.1f} MB): archive CRCs, tensors, the five networks ...")
     problem = verify_checkpoint_file(candidate)
     if problem:
         raise ValueError(problem)
     sha = sha256_of(candidate)
     if OFFICIAL_SHA256 and sha != OFFICIAL_SHA256:
         raise ValueError(f"its SHA-256 {sha} is not the published {OFFICIAL_SHA256}")
-    record = dict(sha256=sha, size=candidate.stat().st_size, source=OFFICIAL_FOLDER_URL, filename=OFFICIAL_FILENAME)
+    record = dict(sha256=sha, size=size, source=OFFICIAL_FOLDER_URL, filename=OFFICIAL_FILENAME)
     os.replace(candidate, checkpoint)
     _record_path(checkpoint).write_text(json.dumps(record, indent=1) + "\n")
     report(f"Verified: SHA-256 {sha} (recorded in {_record_path(checkpoint).name}).")
@@ -335,10 +328,12 @@ def official_pipeline(
         checkpoint = root / OFFICIAL_FILENAME
         if checkpoint.exists():
             if read_record(checkpoint) is None:  # placed there by hand: verify it like a download
+                staging = _staging_path(checkpoint)
+                os.replace(checkpoint, staging)
                 try:
-                    accept_in_place(checkpoint, report)
+                    accept(staging, checkpoint, report)
                 except ValueError as exc:
-                    _remove(checkpoint)
+                    _remove(staging)
                     report(f"Refused {checkpoint}: {exc}. It was deleted.")
             else:
                 problem = check_recorded(checkpoint, report)
@@ -367,13 +362,3 @@ def official_pipeline(
             raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).", cache_dir) from None
     return target
 
-
-def accept_in_place(checkpoint: Path, report=_stderr) -> None:
-    """Verify a checkpoint put into the cache by hand and record its SHA-256."""
-    staging = _staging_path(checkpoint)
-    os.replace(checkpoint, staging)
-    try:
-        accept(staging, checkpoint, report)
-    except ValueError:
-        os.replace(staging, checkpoint)
-        raise
