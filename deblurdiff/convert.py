@@ -16,13 +16,7 @@ import sys
 from pathlib import Path
 
 from .parsing import DTYPES
-from .single_file import (
-    COMPONENTS,
-    CheckpointError,
-    TokenizerUnavailableError,
-    file_sha256,
-    load_single_file_components,
-)
+from .single_file import COMPONENTS, CheckpointError, TokenizerUnavailableError, file_sha256
 
 
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -168,21 +162,18 @@ def main(argv=None) -> int:
         print(f"error: --push-to-hub needs a repo id like owner/name, got {args.push_to_hub!r}", file=sys.stderr)
         return 1
 
+    from .pipeline import DeblurDiffPipeline
+
     try:
-        components = load_single_file_components(
+        pipe = DeblurDiffPipeline.from_single_file(
             args.checkpoint, tokenizer=args.tokenizer, attention_head_dim=args.attention_head_dim,
             torch_dtype=DTYPES[args.dtype],
         )
     except (CheckpointError, TokenizerUnavailableError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from .pipeline import DeblurDiffPipeline
-
-    pipe = DeblurDiffPipeline(**components)
     pipe.save_pretrained(args.out_dir, safe_serialization=True)
-    counts = ", ".join(
-        f"{name} {sum(p.numel() for p in components[name].parameters()) / 1e6:.1f}M" for name in COMPONENTS
-    )
+    counts = ", ".join(f"{name} {getattr(pipe, name).num_parameters() / 1e6:.1f}M" for name in COMPONENTS)
     print(f"wrote {args.out_dir} ({args.dtype}): {counts}")
     if args.push_to_hub:
         card = model_card(args.push_to_hub, args.dtype, Path(args.checkpoint).name, file_sha256(args.checkpoint))

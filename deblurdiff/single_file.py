@@ -141,11 +141,9 @@ def _heads(width: int, head_dim: int, what: str) -> int:
     return width // head_dim
 
 
-def read_ldm_unet_architecture(sd: dict[str, torch.Tensor], head_dim: int) -> dict:
-    """Architecture of an LDM ``UNetModel``/``ControlNet`` state dict (no prefix) from its shapes.
-
-    Returns in/out channels, ``block_out_channels``, ``layers_per_block``, which levels have
-    attention, ``cross_attention_dim``, ``use_linear_projection`` and heads per level."""
+def unet_config_from_ldm(sd: dict[str, torch.Tensor], head_dim: int) -> dict:
+    """``UNet2DConditionModel`` keyword arguments (SD 2.1 conventions) read from the shapes of
+    an LDM ``UNetModel``/``ControlNet`` state dict (no prefix)."""
     conv_in = _get(sd, "input_blocks.0.0.weight")
     blocks = _indices(sd, "input_blocks.")
     if blocks != list(range(len(blocks))):
@@ -170,75 +168,47 @@ def read_ldm_unet_architecture(sd: dict[str, torch.Tensor], head_dim: int) -> di
              for i, (w, a) in enumerate(zip(widths, attention))]
     _heads(widths[-1], head_dim, "middle block")
     out = sd.get("out.2.weight")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     return dict(
+        sample_size=64,
         in_channels=int(conv_in.shape[1]),
         out_channels=int(out.shape[0]) if out is not None else None,
         block_out_channels=tuple(widths),
-        layers_per_block=layers,
-        attention=tuple(attention),
-        cross_attention_dim=int(sd[to_k].shape[1]),
-        use_linear_projection=sd[proj_in].ndim == 2,
-        heads=heads,
-    )
-
-
-def _down_types(arch: dict) -> tuple[str, ...]:
-    return tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in arch["attention"])
-
-
-def unet_config_from_ldm(arch: dict) -> dict:
-    """``UNet2DConditionModel`` keyword arguments (SD 2.1 conventions) for an LDM UNet architecture."""
-    down = _down_types(arch)
-    return dict(
-        sample_size=64,
-        in_channels=arch["in_channels"],
-        out_channels=arch["out_channels"],
-        block_out_channels=arch["block_out_channels"],
         down_block_types=down,
         up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
-        layers_per_block=arch["layers_per_block"],
-        attention_head_dim=list(arch["heads"]),  # diffusers reads this as heads per level
-        cross_attention_dim=arch["cross_attention_dim"],
-        use_linear_projection=arch["use_linear_projection"],
+        layers_per_block=layers,
+        attention_head_dim=heads,  # diffusers reads this as heads per level
+        cross_attention_dim=int(sd[to_k].shape[1]),
+        use_linear_projection=sd[proj_in].ndim == 2,
         flip_sin_to_cos=True,
         freq_shift=0,
     )
 
 
-def _side_config(arch: dict, head_dim: int) -> dict:
-    return dict(
-        block_out_channels=arch["block_out_channels"],
-        down_block_types=_down_types(arch),
-        layers_per_block=arch["layers_per_block"],
-        attention_head_dim=head_dim,
-        cross_attention_dim=arch["cross_attention_dim"],
-    )
+def _side_config(unet: dict, head_dim: int, **extra) -> dict:
+    """The LKPN's or the ControlNet's configuration: the levels of its UNet, and ``extra``."""
+    levels = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+    return dict({k: unet[k] for k in levels}, attention_head_dim=head_dim, **extra)
 
 
-def lkpn_config_from_ldm(arch: dict, head_dim: int) -> dict:
-    latent = arch["in_channels"] // 2
-    k2 = (arch["out_channels"] or 0) // max(latent, 1)
+def lkpn_config_from_ldm(unet: dict, head_dim: int) -> dict:
+    latent = unet["in_channels"] // 2
+    k2 = (unet["out_channels"] or 0) // max(latent, 1)
     k = int(round(k2**0.5))
-    if arch["in_channels"] % 2 or k * k != k2 or k * k * latent != arch["out_channels"] or k % 2 == 0:
+    if unet["in_channels"] % 2 or k * k != k2 or k * k * latent != unet["out_channels"] or k % 2 == 0:
         raise _ArchitectureError(
-            f"LKPN UNet with {arch['in_channels']} input and {arch['out_channels']} output channels: expected "
+            f"LKPN UNet with {unet['in_channels']} input and {unet['out_channels']} output channels: expected "
             "2·C inputs and C·k·k outputs with odd k"
         )
-    if not arch["use_linear_projection"]:
-        raise _ArchitectureError("LKPN with convolutional attention projections is not supported")
-    return dict(latent_channels=latent, kernel_size=k, **_side_config(arch, head_dim))
+    return _side_config(unet, head_dim, latent_channels=latent, kernel_size=k)
 
 
-def controlnet_config_from_ldm(arch: dict, head_dim: int, latent_channels: int = 4) -> dict:
-    hint = arch["in_channels"] - latent_channels
+def controlnet_config_from_ldm(unet: dict, head_dim: int, latent_channels: int = 4) -> dict:
+    hint = unet["in_channels"] - latent_channels
     if hint <= 0:
-        raise _ArchitectureError(f"ControlNet input has {arch['in_channels']} channels, expected {latent_channels} + hint")
-    return dict(
-        in_channels=latent_channels,
-        hint_channels=hint,
-        use_linear_projection=arch["use_linear_projection"],
-        **_side_config(arch, head_dim),
-    )
+        raise _ArchitectureError(f"ControlNet input has {unet['in_channels']} channels, expected {latent_channels} + hint")
+    return _side_config(unet, head_dim, in_channels=latent_channels, hint_channels=hint,
+                        use_linear_projection=unet["use_linear_projection"])
 
 
 def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
@@ -251,9 +221,6 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     widths = [int(_get(sd, f"encoder.down.{i}.block.0.conv2.weight").shape[0]) for i in levels]
     layers = len(_indices(sd, "encoder.down.0.block."))
     z = int(_get(sd, "encoder.conv_out.weight").shape[0]) // 2
-    embed = int(_get(sd, "quant_conv.weight").shape[0]) // 2
-    if z != embed:
-        raise _ArchitectureError(f"VAE with z_channels {z} != embed_dim {embed} is not supported")
     return vae_config(
         widths,
         layers,
@@ -274,8 +241,7 @@ def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, 
     if layers < 2:
         raise _ArchitectureError(f"the text tower has {layers} layers; the penultimate-layer encoder needs at least 2")
     heads = num_heads or _heads(width, head_dim, f"text tower ({width} wide)")
-    kwargs = dict(hidden_size=width, layers=layers - 1, heads=heads)
-    config = text_config(vocab_size=vocab, **kwargs)
+    config = text_config(hidden_size=width, layers=layers - 1, heads=heads, vocab_size=vocab)
     config.intermediate_size = int(_get(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0])
     config.max_position_embeddings = int(_get(sd, "positional_embedding").shape[0])
     return config
@@ -344,8 +310,8 @@ def convert_deblurdiff_checkpoint(
 
     from .models import LatentControlNetModel, LKPNModel
 
-    def unet_state(sd, arch):
-        return convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, unet_config_from_ldm(arch))
+    def unet_state(sd, config):
+        return convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, config)
 
     parts, unknown = split_checkpoint(state_dict)
     problems = dict(unknown=list(unknown), missing=[], mismatched=[], other=[])
@@ -360,20 +326,20 @@ def convert_deblurdiff_checkpoint(
         used = ()
         try:
             if component == "unet":
-                arch = read_ldm_unet_architecture(sd, attention_head_dim)
-                latent_channels = arch["in_channels"]
-                model_cls, config, converted = UNet2DConditionModel, unet_config_from_ldm(arch), unet_state(sd, arch)
+                config = unet_config_from_ldm(sd, attention_head_dim)
+                latent_channels = config["in_channels"]
+                model_cls, converted = UNet2DConditionModel, unet_state(sd, config)
             elif component == "lkpn":
                 inner = {k[len("unet.") :]: v for k, v in sd.items() if k.startswith("unet.")}
-                arch = read_ldm_unet_architecture(inner, attention_head_dim)
-                config = lkpn_config_from_ldm(arch, attention_head_dim)
-                model_cls, converted = LKPNModel, {"unet." + k: v for k, v in unet_state(inner, arch).items()}
+                unet = unet_config_from_ldm(inner, attention_head_dim)
+                config = lkpn_config_from_ldm(unet, attention_head_dim)
+                model_cls, converted = LKPNModel, {"unet." + k: v for k, v in unet_state(inner, unet).items()}
             elif component == "controlnet":
-                arch = read_ldm_unet_architecture(sd, attention_head_dim)
-                config = controlnet_config_from_ldm(arch, attention_head_dim, latent_channels)
+                unet = unet_config_from_ldm(sd, attention_head_dim)
+                config = controlnet_config_from_ldm(unet, attention_head_dim, latent_channels)
                 # Given the un-prefixed state dict (it starts with time_embed.*) the helper converts
                 # it as is. This ControlNet has no input_hint_block: the hint is concatenated to x_t.
-                converted = convert_controlnet_checkpoint(dict(sd), {"layers_per_block": arch["layers_per_block"]})
+                converted = convert_controlnet_checkpoint(dict(sd), {"layers_per_block": unet["layers_per_block"]})
                 model_cls = LatentControlNetModel
             elif component == "vae":
                 config = vae_config_from_ldm(sd)

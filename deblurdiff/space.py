@@ -189,7 +189,7 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
     return url
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv=None, api=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deblurdiff.space", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="create or update a ZeroGPU Gradio Space")
@@ -201,11 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("requirements", help="print the requirements.txt that deploy stages")
     r.add_argument("--platform", action="store_true",
                    help="also pin what the platform installs (gradio, spaces, huggingface_hub)")
-    return parser
-
-
-def main(argv=None, api=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "requirements":
         print(staged_requirements() + (platform_requirements() if args.platform else ""), end="")
         return 0

@@ -1,13 +1,9 @@
 """The text tokenizer DeblurDiff was trained with, shipped with the package (no download).
 
-The reference uses OpenCLIP's tokenizer: byte-level BPE over OpenAI CLIP's vocabulary
-(49,408 ids) on text cleaned with ftfy, HTML entities unescaped twice, whitespace
-collapsed, lower-cased; start token, ids, end token, cut to 77 (end kept last), padded
-with id 0. :class:`OpenCLIPTokenizer` does exactly that as a ``transformers`` tokenizer
-(saved and loaded like any component). transformers' ``CLIPTokenizer`` skips ftfy and the
-unescaping, so some prompts would get other ids. The vocabulary
-(``data/bpe_simple_vocab_16e6.txt.gz``, MIT licence, ``data/LICENSE-CLIP-vocabulary.txt``)
-is package data.
+OpenCLIP's tokenizer as a ``transformers`` tokenizer: byte-level BPE over OpenAI CLIP's
+vocabulary (package data, MIT licence) on text cleaned as the reference does (ftfy, HTML
+entities unescaped twice, whitespace collapsed, lower-cased), cut to 77 ids with the end token
+kept last, padded with id 0. transformers' ``CLIPTokenizer`` skips ftfy and the unescaping.
 """
 
 from __future__ import annotations

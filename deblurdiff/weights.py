@@ -202,9 +202,7 @@ def _remove(*paths: Path) -> None:
 
 def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
     """``None`` when a cached checkpoint matches its record (SHA-256 and size), else the reason."""
-    record = read_record(checkpoint)
-    if record is None:
-        return "it has no record of a verified download"
+    record = read_record(checkpoint) or {}
     if checkpoint.stat().st_size != record.get("size"):
         return f"its size changed since it was verified ({checkpoint.stat().st_size:,} != {record.get('size'):,} bytes)"
     report(f"Checking {checkpoint.name} against its recorded SHA-256 ...")
@@ -277,20 +275,17 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
     """Convert to a diffusers folder beside ``target``, renamed into place when complete."""
     import time
 
-    from .single_file import load_single_file_components
     from .pipeline import DeblurDiffPipeline
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
     report(f"Converting {checkpoint.name} to a diffusers folder ({dtype_name(dtype)}, once; about a minute) ...")
     start = time.perf_counter()
-    components = load_single_file_components(
+    pipe = DeblurDiffPipeline.from_single_file(
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
     )
-    pipe = DeblurDiffPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    del pipe, components
+    del pipe
     record = read_record(checkpoint) or {}
     marker = dict(source_sha256=record.get("sha256"), dtype=dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
     (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
