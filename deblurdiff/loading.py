@@ -71,7 +71,6 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     allow_download: bool | None = None,
     downloader=None,
-    cache_dir: str | os.PathLike | None = None,
 ):
     """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``.
 
@@ -90,7 +89,7 @@ def load_pipeline(
 
         try:
             model = official = official_pipeline(
-                dtype, allow_download=allow_download, downloader=downloader, tokenizer=tokenizer, cache_dir=cache_dir
+                dtype, allow_download=allow_download, downloader=downloader, tokenizer=tokenizer
             )
         except WeightsUnavailableError as exc:
             raise ModelUnavailableError(str(exc)) from None

@@ -90,8 +90,6 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         kwargs.setdefault("special_tokens_pattern", "bos_eos")
-        kwargs.setdefault("padding_side", "right")
-        kwargs.setdefault("truncation_side", "right")
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,

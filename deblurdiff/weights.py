@@ -57,29 +57,16 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+def official_dir() -> Path:
+    """``<cache>/official``: ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the HF cache."""
     from huggingface_hub import constants
 
-    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser() / "deblurdiff"
+    hf_home = Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or hf_home / "deblurdiff").expanduser() / "official"
 
 
-def official_dir(cache_dir=None) -> Path:
-    return cache_root(cache_dir) / "official"
-
-
-def download_allowed(allow_download: bool | None = None) -> bool:
-    """``allow_download`` if given, else False when ``DEBLURDIFF_NO_DOWNLOAD`` or ``HF_HUB_OFFLINE`` is set."""
-    if allow_download is not None:
-        return bool(allow_download)
-    return not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
-
-
-def manual_steps(cache_dir=None) -> str:
-    target = official_dir(cache_dir) / OFFICIAL_FILENAME
+def manual_steps() -> str:
+    target = official_dir() / OFFICIAL_FILENAME
     return (
         "To get the weights by hand:\n"
         f"  1. Open {OFFICIAL_FOLDER_URL} (the checkpoint link in the authors' README, "
@@ -90,8 +77,8 @@ def manual_steps(cache_dir=None) -> str:
     )
 
 
-def _unavailable(problem: str, cache_dir=None) -> WeightsUnavailableError:
-    return WeightsUnavailableError(f"{problem}\n{manual_steps(cache_dir)}")
+def _unavailable(problem: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{problem}\n{manual_steps()}")
 
 
 # ---------------------------------------------------------------------------- downloading
@@ -227,7 +214,7 @@ def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
     report(f"Verified: SHA-256 {sha} (recorded in {_record_path(checkpoint).name}).")
 
 
-def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, cache_dir=None) -> Path:
+def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr) -> Path:
     """Download into ``root/model.unverified.pth`` and accept it (``DOWNLOAD_ATTEMPTS`` tries)."""
     downloader = downloader or gdown_download
     checkpoint = root / OFFICIAL_FILENAME
@@ -248,7 +235,7 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             except Exception as exc:  # network, Drive, disk: every failure becomes a message
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     _remove(staging)
-                raise _unavailable(describe_download_error(exc), cache_dir) from None
+                raise _unavailable(describe_download_error(exc)) from None
         try:
             accept(staging, checkpoint, report)
             return checkpoint
@@ -258,13 +245,13 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             _remove(staging)
         except OSError as exc:
             _remove(staging)
-            raise _unavailable(describe_download_error(exc), cache_dir) from None
-    raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.", cache_dir)
+            raise _unavailable(describe_download_error(exc)) from None
+    raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.")
 
 
 # ---------------------------------------------------------------------------- converting
-def converted_dir(dtype: torch.dtype, cache_dir=None) -> Path:
-    return official_dir(cache_dir) / f"diffusers-{dtype_name(dtype)}"
+def converted_dir(dtype: torch.dtype) -> Path:
+    return official_dir() / f"diffusers-{dtype_name(dtype)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -300,7 +287,6 @@ def official_pipeline(
     allow_download: bool | None = None,
     downloader: Downloader | None = None,
     tokenizer=None,
-    cache_dir: str | os.PathLike | None = None,
     report: Callable[[str], None] = _stderr,
 ) -> Path:
     """The official checkpoint's diffusers folder in ``dtype``, fetched and converted once;
@@ -309,14 +295,14 @@ def official_pipeline(
 
     from .single_file import CheckpointError
 
-    target = converted_dir(dtype, cache_dir)
+    target = converted_dir(dtype)
     if is_complete(target):
         return target
-    root = official_dir(cache_dir)
+    root = official_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unavailable(f"The cache folder {root} cannot be created: {exc}.", cache_dir) from None
+        raise _unavailable(f"The cache folder {root} cannot be created: {exc}.") from None
     with FileLock(str(root / ".lock")):  # two starts at once: the second waits for the first
         if is_complete(target):
             return target
@@ -336,24 +322,25 @@ def official_pipeline(
                     report(f"Refused the cached {checkpoint.name}: {problem}. It was deleted.")
                     _remove(checkpoint, _record_path(checkpoint))
         if not checkpoint.exists():
-            if not download_allowed(allow_download):
+            if allow_download is None:
+                allow_download = not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
+            if not allow_download:
                 raise _unavailable(
                     "No DeblurDiff weights are configured (`--model` or `DEBLURDIFF_MODEL`), and downloading the "
                     f"authors' checkpoint is turned off (--no-download, {NO_DOWNLOAD_ENV}=1 or HF_HUB_OFFLINE=1) "
-                    f"while it is not in the cache ({root}).",
-                    cache_dir,
+                    f"while it is not in the cache ({root})."
                 )
-            fetch_checkpoint(root, downloader, report, cache_dir)
+            fetch_checkpoint(root, downloader, report)
         try:
             convert_checkpoint(checkpoint, target, dtype, tokenizer=tokenizer, report=report)
         except CheckpointError as exc:
             _remove(checkpoint, _record_path(checkpoint), target.with_name(target.name + ".partial"))
-            raise _unavailable(f"The downloaded file is not the DeblurDiff checkpoint; it was deleted.\n{exc}", cache_dir) from None
+            raise _unavailable(f"The downloaded file is not the DeblurDiff checkpoint; it was deleted.\n{exc}") from None
         except OSError as exc:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}", cache_dir) from None
+            raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}") from None
         except MemoryError:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).", cache_dir) from None
+            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).") from None
     return target
 
