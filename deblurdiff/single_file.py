@@ -46,10 +46,11 @@ class CheckpointError(ValueError):
         self.missing_keys = sorted(missing)
         self.mismatched_keys = sorted(mismatched)  # (key, checkpoint shape, expected shape)
         self.other = list(other)
+        shapes = [f"{k}: checkpoint {tuple(a)}, expected {tuple(b)}" for k, a, b in self.mismatched_keys]
         sections = (
             ("unknown keys", self.unknown_keys),
             ("missing keys (diffusers names)", self.missing_keys),
-            ("mis-shaped keys", [f"{k}: checkpoint {tuple(a)}, expected {tuple(b)}" for k, a, b in self.mismatched_keys]),
+            ("mis-shaped keys", shapes),
             ("other problems", self.other),
         )
         lines = ["The checkpoint does not match the DeblurDiff architecture:"]
@@ -258,7 +259,8 @@ def _prefix(component: str, state_dict: dict) -> str:
     return next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), prefixes[0])
 
 
-def _load(model_cls, config, converted: dict, sd: dict, prefix: str, used, problems: dict, component: str, dtype):
+def _load(model_cls, config, converted: dict, sd: dict, prefix: str, used, problems: dict, component: str,
+          dtype: torch.dtype):
     """Instantiate (empty weights) and load ``converted`` strictly; record every problem in
     ``problems`` instead of raising. ``sd`` is the checkpoint part it was converted from, and
     ``used`` the keys of ``sd`` consumed although no converted tensor is one of theirs."""
@@ -339,11 +341,13 @@ def convert_deblurdiff_checkpoint(
                 config = controlnet_config_from_ldm(unet, attention_head_dim, latent_channels)
                 # Given the un-prefixed state dict (it starts with time_embed.*) the helper converts
                 # it as is. This ControlNet has no input_hint_block: the hint is concatenated to x_t.
-                converted = convert_controlnet_checkpoint(dict(sd), {"layers_per_block": unet["layers_per_block"]})
+                layers = {"layers_per_block": unet["layers_per_block"]}
+                converted = convert_controlnet_checkpoint(dict(sd), layers)
                 model_cls = LatentControlNetModel
             elif component == "vae":
                 config = vae_config_from_ldm(sd)
-                converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in sd.items()}, config)
+                ldm = {"first_stage_model." + k: v for k, v in sd.items()}
+                converted = convert_ldm_vae_checkpoint(ldm, config)
                 model_cls = AutoencoderKL
             else:
                 converted, config, used = _text_state(sd, attention_head_dim, text_num_heads)
@@ -354,7 +358,8 @@ def convert_deblurdiff_checkpoint(
             problems["other"].append(f"{component}: {exc}")
             continue
         converted = {k: v for k, v in converted.items() if v is not None}  # the helpers .get() absent keys
-        model = _load(model_cls, config, converted, sd, prefix, used, problems, component, torch_dtype or torch.float32)
+        dtype = torch_dtype or torch.float32
+        model = _load(model_cls, config, converted, sd, prefix, used, problems, component, dtype)
         if model is not None:
             components[component] = model
     if any(problems.values()):
@@ -383,7 +388,8 @@ def _text_state(sd, head_dim: int, num_heads: int | None):
     converted = convert_open_clip_checkpoint(SimpleNamespace(config=config), kept, prefix="model.")
     # transformers >= 5 has no "text_model." level; the fused q/k/v projections become copies.
     converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    split = {k for k in kept if re.fullmatch(r"model\.transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)", k)}
+    fused = re.compile(r"model\.transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)")
+    split = {k for k in kept if fused.fullmatch(k)}
     return converted, config, {"model." + k for k in ignored} | split
 
 
@@ -456,7 +462,8 @@ def load_tokenizer(tokenizer=None):
         if _usable(tok):
             return tok
         errors.append("no vocabulary found" + (f" in subfolder {kwargs['subfolder']!r}" if kwargs else ""))
-    raise TokenizerUnavailableError(f"Could not load a CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n{hint}")
+    reasons = "; ".join(dict.fromkeys(errors))
+    raise TokenizerUnavailableError(f"Could not load a CLIP tokenizer from {source!r} ({reasons}).\n{hint}")
 
 
 def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 64, torch_dtype=None) -> dict:

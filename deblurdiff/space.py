@@ -184,7 +184,8 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
         try:
             api.request_space_hardware(repo_id, ZEROGPU["hardware"])
         except Exception as error:  # ZeroGPU needs a PRO account or an organisation
-            out(f"warning: could not switch the Space to ZeroGPU ({describe_hub_error(error)}); choose it in the Space's settings")
+            out(f"warning: could not switch the Space to ZeroGPU ({describe_hub_error(error)}); "
+                "choose it in the Space's settings")
     out(url)
     return url
 

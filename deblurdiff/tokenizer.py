@@ -127,7 +127,8 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
             if word in (START_OF_TEXT, END_OF_TEXT):
                 tokens.append(word)
                 continue
-            tokens += [t.value for t in self._bpe.tokenize("".join(self.byte_encoder[b] for b in word.encode("utf-8")))]
+            chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            tokens += [t.value for t in self._bpe.tokenize(chars)]
         return tokens
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
