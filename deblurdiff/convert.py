@@ -16,13 +16,7 @@ import sys
 from pathlib import Path
 
 from .parsing import DTYPES
-from .single_file import (
-    COMPONENTS,
-    CheckpointError,
-    TokenizerUnavailableError,
-    file_sha256,
-    load_single_file_components,
-)
+from .single_file import COMPONENTS, CheckpointError, TokenizerUnavailableError, file_sha256
 
 
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -105,6 +99,22 @@ sharp.save("sharp.png")
 """
 
 
+def describe_hub_error(error: Exception) -> str:
+    """What a Hub client error means, in one line, and what to do about it."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    if isinstance(error, LocalTokenNotFoundError) or status == 401:
+        return "not logged in to the Hugging Face Hub (or the token is invalid): run `hf auth login` or set HF_TOKEN"
+    if status == 403:
+        return f"the token may not write to this repo (it needs write access to the owner's repositories): {error}"
+    if isinstance(error, RepositoryNotFoundError):
+        return f"the repo was not found or is not accessible with this token: {error}"
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hub answered with an error: {error}"
+    return f"{type(error).__name__}: {error}"
+
+
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, card: str, private: bool = False, api=None) -> str:
     """Create ``repo_id`` (a model repo; kept if it exists) and upload ``folder`` with ``card``
     as its README.md. Returns the repo's URL; raises :class:`HubPushError`."""
@@ -120,15 +130,9 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, card: str, private: 
             commit_message="DeblurDiff pipeline converted from the authors' checkpoint",
         )
     except Exception as exc:  # authentication, permissions, network: say which, and how to retry
-        text = f"{type(exc).__name__}: {exc}"
-        status = getattr(getattr(exc, "response", None), "status_code", None)
-        if status in (401, 403) or "token" in text.lower() or "LocalTokenNotFound" in text:
-            hint = "log in with `hf auth login` (or set HF_TOKEN) with a token that can write to that repo"
-        else:
-            hint = "check the network connection"
         raise HubPushError(
-            f"Could not upload to {repo_id}: {text.splitlines()[0]}\nThe converted folder is kept in {folder}: "
-            f"{hint}, then upload it with `hf upload {repo_id} {folder}`."
+            f"Could not upload to {repo_id}: {describe_hub_error(exc).splitlines()[0]}\nThe converted folder is "
+            f"kept in {folder}: once that is fixed, upload it with `hf upload {repo_id} {folder}`."
         ) from None
     return str(url)
 
@@ -158,21 +162,18 @@ def main(argv=None) -> int:
         print(f"error: --push-to-hub needs a repo id like owner/name, got {args.push_to_hub!r}", file=sys.stderr)
         return 1
 
+    from .pipeline import DeblurDiffPipeline
+
     try:
-        components = load_single_file_components(
+        pipe = DeblurDiffPipeline.from_single_file(
             args.checkpoint, tokenizer=args.tokenizer, attention_head_dim=args.attention_head_dim,
             torch_dtype=DTYPES[args.dtype],
         )
     except (CheckpointError, TokenizerUnavailableError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    from .pipeline import DeblurDiffPipeline
-
-    pipe = DeblurDiffPipeline(**components)
     pipe.save_pretrained(args.out_dir, safe_serialization=True)
-    counts = ", ".join(
-        f"{name} {sum(p.numel() for p in components[name].parameters()) / 1e6:.1f}M" for name in COMPONENTS
-    )
+    counts = ", ".join(f"{name} {getattr(pipe, name).num_parameters() / 1e6:.1f}M" for name in COMPONENTS)
     print(f"wrote {args.out_dir} ({args.dtype}): {counts}")
     if args.push_to_hub:
         card = model_card(args.push_to_hub, args.dtype, Path(args.checkpoint).name, file_sha256(args.checkpoint))

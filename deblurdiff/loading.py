@@ -37,19 +37,17 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
+    from .cpu import choose_cpu_config
+
     if requested and requested != "auto":
         dtype = parse_dtype(requested)
         if device.type == "cpu" and dtype == torch.bfloat16:
-            from .cpu import choose_cpu_config
-
             choose_cpu_config(dtype="bf16")  # raises, saying why, where bf16 is not native
         return dtype
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    from .cpu import choose_cpu_config
-
     # bfloat16 only where the CPU computes it natively (AVX-512 BF16 or AMX); else float32.
     return choose_cpu_config().dtype
 
@@ -73,7 +71,6 @@ def load_pipeline(
     dtype: str | torch.dtype | None = None,
     allow_download: bool | None = None,
     downloader=None,
-    cache_dir: str | os.PathLike | None = None,
 ):
     """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``.
 
@@ -92,7 +89,7 @@ def load_pipeline(
 
         try:
             model = official = official_pipeline(
-                dtype, allow_download=allow_download, downloader=downloader, tokenizer=tokenizer, cache_dir=cache_dir
+                dtype, allow_download=allow_download, downloader=downloader, tokenizer=tokenizer
             )
         except WeightsUnavailableError as exc:
             raise ModelUnavailableError(str(exc)) from None
@@ -103,7 +100,6 @@ def load_pipeline(
             from .models.configs import build_components
 
             pipe = DeblurDiffPipeline(**build_components("tiny"))
-            pipe.untrained = True
         elif model.lower().endswith(SINGLE_FILE_SUFFIXES):
             if not Path(model).is_file():
                 raise ModelUnavailableError(f"Checkpoint file not found: {model}. {describe_missing_model()}")
@@ -125,7 +121,7 @@ def load_pipeline(
             ) from None
         raise ModelUnavailableError(f"Could not load DeblurDiff weights from {model!r}: {exc}") from exc
 
-    pipe.untrained = getattr(pipe, "untrained", False)
+    pipe.untrained = model == RANDOM_TINY
     # Cast only what is not in ``dtype`` yet (casting loaded models makes diffusers warn).
     if any(m.dtype != dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module)):
         pipe.to(dtype=dtype)

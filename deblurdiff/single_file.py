@@ -46,25 +46,19 @@ class CheckpointError(ValueError):
         self.missing_keys = sorted(missing)
         self.mismatched_keys = sorted(mismatched)  # (key, checkpoint shape, expected shape)
         self.other = list(other)
-        lines = ["The checkpoint does not match the DeblurDiff architecture:"]
-        for title, items in (
+        shapes = [f"{k}: checkpoint {tuple(a)}, expected {tuple(b)}" for k, a, b in self.mismatched_keys]
+        sections = (
             ("unknown keys", self.unknown_keys),
             ("missing keys (diffusers names)", self.missing_keys),
-        ):
+            ("mis-shaped keys", shapes),
+            ("other problems", self.other),
+        )
+        lines = ["The checkpoint does not match the DeblurDiff architecture:"]
+        for title, items in sections:
             if items:
                 lines.append(f"  {len(items)} {title}:")
-                lines += [f"    {k}" for k in items]
-        if self.mismatched_keys:
-            lines.append(f"  {len(self.mismatched_keys)} mis-shaped keys:")
-            lines += [f"    {k}: checkpoint {tuple(a)}, expected {tuple(b)}" for k, a, b in self.mismatched_keys]
-        if self.other:
-            lines.append(f"  {len(self.other)} other problems:")
-            lines += [f"    {m}" for m in self.other]
+                lines += [f"    {item}" for item in items]
         super().__init__("\n".join(lines))
-
-    @property
-    def empty(self) -> bool:
-        return not (self.unknown_keys or self.missing_keys or self.mismatched_keys or self.other)
 
 
 class _ArchitectureError(Exception):
@@ -148,11 +142,9 @@ def _heads(width: int, head_dim: int, what: str) -> int:
     return width // head_dim
 
 
-def read_ldm_unet_architecture(sd: dict[str, torch.Tensor], head_dim: int) -> dict:
-    """Architecture of an LDM ``UNetModel``/``ControlNet`` state dict (no prefix) from its shapes.
-
-    Returns in/out channels, ``block_out_channels``, ``layers_per_block``, which levels have
-    attention, ``cross_attention_dim``, ``use_linear_projection`` and heads per level."""
+def unet_config_from_ldm(sd: dict[str, torch.Tensor], head_dim: int) -> dict:
+    """``UNet2DConditionModel`` keyword arguments (SD 2.1 conventions) read from the shapes of
+    an LDM ``UNetModel``/``ControlNet`` state dict (no prefix)."""
     conv_in = _get(sd, "input_blocks.0.0.weight")
     blocks = _indices(sd, "input_blocks.")
     if blocks != list(range(len(blocks))):
@@ -168,90 +160,56 @@ def read_ldm_unet_architecture(sd: dict[str, torch.Tensor], head_dim: int) -> di
     first = [1 + level * (layers + 1) for level in range(levels)]
     widths = [int(_get(sd, f"input_blocks.{i}.0.out_layers.3.weight").shape[0]) for i in first]
     attention = [f"input_blocks.{i}.1.proj_in.weight" in sd for i in first]
-    emb = _get(sd, f"input_blocks.{first[0]}.0.emb_layers.1.weight")
-    if emb.shape[0] != widths[0]:
-        raise _ArchitectureError("scale-shift normalisation (use_scale_shift_norm) is not supported")
     transformer_keys = [k for k in sd if ".transformer_blocks." in k]
     if not transformer_keys:
         raise _ArchitectureError("no attention layers (transformer_blocks) found")
-    depth = max(int(k.split(".transformer_blocks.")[1].split(".")[0]) for k in transformer_keys) + 1
-    if depth != 1:
-        raise _ArchitectureError(f"transformer depth {depth} is not supported (DeblurDiff uses 1)")
     to_k = next(k for k in transformer_keys if k.endswith("attn2.to_k.weight"))
     proj_in = next(k for k in sd if k.endswith(".proj_in.weight") and ".1.proj_in." in k)
     heads = [_heads(w, head_dim, f"level {i} ({w} channels)") if a else max(w // head_dim, 1)
              for i, (w, a) in enumerate(zip(widths, attention))]
     _heads(widths[-1], head_dim, "middle block")
     out = sd.get("out.2.weight")
+    down = tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     return dict(
+        sample_size=64,
         in_channels=int(conv_in.shape[1]),
         out_channels=int(out.shape[0]) if out is not None else None,
         block_out_channels=tuple(widths),
-        layers_per_block=layers,
-        attention=tuple(attention),
-        cross_attention_dim=int(sd[to_k].shape[1]),
-        use_linear_projection=sd[proj_in].ndim == 2,
-        heads=heads,
-    )
-
-
-def _down_types(arch: dict) -> tuple[str, ...]:
-    return tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in arch["attention"])
-
-
-def unet_config_from_ldm(arch: dict) -> dict:
-    """``UNet2DConditionModel`` keyword arguments (SD 2.1 conventions) for an LDM UNet architecture."""
-    down = _down_types(arch)
-    return dict(
-        sample_size=64,
-        in_channels=arch["in_channels"],
-        out_channels=arch["out_channels"],
-        block_out_channels=arch["block_out_channels"],
         down_block_types=down,
         up_block_types=tuple(t.replace("Down", "Up") for t in reversed(down)),
-        layers_per_block=arch["layers_per_block"],
-        attention_head_dim=list(arch["heads"]),  # diffusers reads this as heads per level
-        cross_attention_dim=arch["cross_attention_dim"],
-        use_linear_projection=arch["use_linear_projection"],
+        layers_per_block=layers,
+        attention_head_dim=heads,  # diffusers reads this as heads per level
+        cross_attention_dim=int(sd[to_k].shape[1]),
+        use_linear_projection=sd[proj_in].ndim == 2,
         flip_sin_to_cos=True,
         freq_shift=0,
     )
 
 
-def _side_config(arch: dict, head_dim: int) -> dict:
-    return dict(
-        block_out_channels=arch["block_out_channels"],
-        down_block_types=_down_types(arch),
-        layers_per_block=arch["layers_per_block"],
-        attention_head_dim=head_dim,
-        cross_attention_dim=arch["cross_attention_dim"],
-    )
+def _side_config(unet: dict, head_dim: int, **extra) -> dict:
+    """The LKPN's or the ControlNet's configuration: the levels of its UNet, and ``extra``."""
+    levels = ("block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim")
+    return dict({k: unet[k] for k in levels}, attention_head_dim=head_dim, **extra)
 
 
-def lkpn_config_from_ldm(arch: dict, head_dim: int) -> dict:
-    latent = arch["in_channels"] // 2
-    k2 = (arch["out_channels"] or 0) // max(latent, 1)
+def lkpn_config_from_ldm(unet: dict, head_dim: int) -> dict:
+    latent = unet["in_channels"] // 2
+    k2 = (unet["out_channels"] or 0) // max(latent, 1)
     k = int(round(k2**0.5))
-    if arch["in_channels"] % 2 or k * k != k2 or k * k * latent != arch["out_channels"] or k % 2 == 0:
+    if unet["in_channels"] % 2 or k * k != k2 or k * k * latent != unet["out_channels"] or k % 2 == 0:
         raise _ArchitectureError(
-            f"LKPN UNet with {arch['in_channels']} input and {arch['out_channels']} output channels: expected "
+            f"LKPN UNet with {unet['in_channels']} input and {unet['out_channels']} output channels: expected "
             "2·C inputs and C·k·k outputs with odd k"
         )
-    if not arch["use_linear_projection"]:
-        raise _ArchitectureError("LKPN with convolutional attention projections is not supported")
-    return dict(latent_channels=latent, kernel_size=k, **_side_config(arch, head_dim))
+    return _side_config(unet, head_dim, latent_channels=latent, kernel_size=k)
 
 
-def controlnet_config_from_ldm(arch: dict, head_dim: int, latent_channels: int = 4) -> dict:
-    hint = arch["in_channels"] - latent_channels
+def controlnet_config_from_ldm(unet: dict, head_dim: int, latent_channels: int = 4) -> dict:
+    hint = unet["in_channels"] - latent_channels
     if hint <= 0:
-        raise _ArchitectureError(f"ControlNet input has {arch['in_channels']} channels, expected {latent_channels} + hint")
-    return dict(
-        in_channels=latent_channels,
-        hint_channels=hint,
-        use_linear_projection=arch["use_linear_projection"],
-        **_side_config(arch, head_dim),
-    )
+        raise _ArchitectureError(f"ControlNet input has {unet['in_channels']} channels, expected {latent_channels} + hint")
+    return _side_config(unet, head_dim, in_channels=latent_channels, hint_channels=hint,
+                        use_linear_projection=unet["use_linear_projection"])
 
 
 def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
@@ -264,9 +222,6 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     widths = [int(_get(sd, f"encoder.down.{i}.block.0.conv2.weight").shape[0]) for i in levels]
     layers = len(_indices(sd, "encoder.down.0.block."))
     z = int(_get(sd, "encoder.conv_out.weight").shape[0]) // 2
-    embed = int(_get(sd, "quant_conv.weight").shape[0]) // 2
-    if z != embed:
-        raise _ArchitectureError(f"VAE with z_channels {z} != embed_dim {embed} is not supported")
     return vae_config(
         widths,
         layers,
@@ -287,8 +242,7 @@ def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, 
     if layers < 2:
         raise _ArchitectureError(f"the text tower has {layers} layers; the penultimate-layer encoder needs at least 2")
     heads = num_heads or _heads(width, head_dim, f"text tower ({width} wide)")
-    kwargs = dict(hidden_size=width, layers=layers - 1, heads=heads)
-    config = text_config(vocab_size=vocab, **kwargs)
+    config = text_config(hidden_size=width, layers=layers - 1, heads=heads, vocab_size=vocab)
     config.intermediate_size = int(_get(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0])
     config.max_position_embeddings = int(_get(sd, "positional_embedding").shape[0])
     return config
@@ -299,93 +253,37 @@ def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
 
 
-class _Tracker:
-    """Which checkpoint tensors ended up in a converted state dict.
-
-    diffusers' helpers pass tensors through or take views of them (never copies, except
-    for the text tower's fused q/k/v, handled by the caller), so a converted tensor's
-    base object identifies the checkpoint key it came from."""
-
-    def __init__(self, source: dict[str, torch.Tensor], names: dict[str, str]):
-        self.origin: dict[int, list[str]] = defaultdict(list)
-        for key, value in source.items():
-            self.origin[id(_root(value))].append(names[key])
-        self.consumed: set[str] = set()
-
-    def source_of(self, tensor: torch.Tensor) -> str | None:
-        keys = self.origin.get(id(_root(tensor)))
-        return keys[0] if keys else None
-
-    def mark(self, converted: dict[str, torch.Tensor]) -> None:
-        for value in converted.values():
-            self.consumed.update(self.origin.get(id(_root(value)), ()))
+def _prefix(component: str, state_dict: dict) -> str:
+    """The checkpoint's own prefix for ``component``, else the official one (for messages)."""
+    prefixes = [p for p, c in PREFIXES.items() if c == component]
+    return next((p for p in prefixes if any(k.startswith(p) for k in state_dict)), prefixes[0])
 
 
-def _independent(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy tensors that share a base tensor with another key, so each key is traceable."""
-    counts = defaultdict(int)
-    for v in sd.values():
-        counts[id(_root(v))] += 1
-    return {k: (v.clone() if counts[id(_root(v))] > 1 else v) for k, v in sd.items()}
-
-
-def _convert_unet_like(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
-
-    return convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, config)
-
-
-def _convert_controlnet(sd: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
-
-    # Given the un-prefixed state dict (it starts with time_embed.*) the helper converts it
-    # as is. This ControlNet has no input_hint_block: the hint is concatenated to x_t.
-    return convert_controlnet_checkpoint(dict(sd), {"layers_per_block": layers_per_block})
-
-
-def _convert_vae(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
-    return convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in sd.items()}, config)
-
-
-def _convert_text(sd: dict[str, torch.Tensor], text_model) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-
-    # The helper's prefix is "model." here, so its SD 2 ignore list (the 24th layer under
-    # "cond_stage_model.model.") does not apply: the unused layers are dropped by the caller.
-    kept = {"model." + k: v for k, v in sd.items()}
-    return convert_open_clip_checkpoint(text_model, kept, prefix="model.")
-
-
-def _load(model_cls, config, converted: dict, tracker: _Tracker, component: str, problems: SimpleNamespace, dtype, build):
-    """Instantiate (empty weights) and load strictly; record every problem instead of raising."""
+def _load(model_cls, config, converted: dict, sd: dict, prefix: str, used, problems: dict, component: str,
+          dtype: torch.dtype):
+    """Instantiate (empty weights) and load ``converted`` strictly; record every problem in
+    ``problems`` instead of raising. ``sd`` is the checkpoint part it was converted from, and
+    ``used`` the keys of ``sd`` consumed although no converted tensor is one of theirs."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        model = build(model_cls, config)
+        model = model_cls(**config) if isinstance(config, dict) else model_cls(config)
     expected = model.state_dict()
-
-    def name(key):
-        src = tracker.source_of(converted[key])
-        return f"{src} (-> {component}.{key})" if src else f"{component}.{key}"
-
-    ok = True
-    for key in sorted(set(converted) - set(expected)):
-        src = tracker.source_of(converted[key])
-        if src:  # reported with the checkpoint's other unused keys
-            tracker.consumed.discard(src)
-        else:
-            problems.unknown.append(f"{component}.{key}")
-        ok = False
-    for key in sorted(set(expected) - set(converted)):
-        problems.missing.append(f"{component}.{key}")
-        ok = False
-    for key in sorted(set(expected) & set(converted)):
-        if tuple(converted[key].shape) != tuple(expected[key].shape):
-            problems.mismatched.append((name(key), tuple(converted[key].shape), tuple(expected[key].shape)))
-            ok = False
-    if not ok:
+    # diffusers' helpers pass tensors through or take views of them (never copies, except
+    # for the text tower's fused q/k/v, in ``used``), so a converted tensor's base object
+    # names the checkpoint key it came from.
+    source = {id(_root(v)): prefix + k for k, v in sd.items()}
+    loaded = {id(_root(converted[k])) for k in expected if k in converted}
+    problems["unknown"] += [prefix + k for k, v in sd.items() if id(_root(v)) not in loaded and k not in used]
+    problems["unknown"] += [f"{component}.{k}" for k, v in converted.items()
+                            if k not in expected and id(_root(v)) not in source]
+    problems["missing"] += [f"{component}.{k}" for k in sorted(set(expected) - set(converted))]
+    mismatched = [k for k in sorted(set(expected) & set(converted)) if converted[k].shape != expected[k].shape]
+    for key in mismatched:
+        src = source.get(id(_root(converted[key])))
+        name = f"{src} (-> {component}.{key})" if src else f"{component}.{key}"
+        problems["mismatched"].append((name, tuple(converted[key].shape), tuple(expected[key].shape)))
+    if mismatched or set(expected) ^ set(converted):
         return None
     state = {k: converted[k].to(dtype=dtype if expected[k].is_floating_point() else expected[k].dtype).contiguous()
              for k in expected}
@@ -404,110 +302,95 @@ def convert_deblurdiff_checkpoint(
     attention_head_dim`` heads unless ``text_num_heads`` is given. Raises one
     :class:`CheckpointError` listing every unknown, missing or mis-shaped key."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        LDM_UNET_KEY,
+        convert_controlnet_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
     from transformers import CLIPTextModel
 
     from .models import LatentControlNetModel, LKPNModel
 
-    dtype = torch_dtype or torch.float32
+    def unet_state(sd, config):
+        return convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, config)
+
     parts, unknown = split_checkpoint(state_dict)
-    problems = SimpleNamespace(unknown=list(unknown), missing=[], mismatched=[], other=[])
-    prefix_of = {}
-    for prefix, component in PREFIXES.items():
-        prefix_of.setdefault(component, prefix)
-    # Keep the checkpoint's own prefix in messages.
-    for key in state_dict:
-        for prefix, component in PREFIXES.items():
-            if key.startswith(prefix):
-                prefix_of[component] = prefix
-                break
-    for component in COMPONENTS:
-        if component not in parts:
-            problems.other.append(f"no {component} weights (keys starting with {prefix_of[component]!r})")
-
-    def by_kwargs(cls, cfg):
-        return cls(**cfg)
-
+    problems = dict(unknown=list(unknown), missing=[], mismatched=[], other=[])
     components: dict = {}
-    unet_arch = None
+    latent_channels = 4
     for component in ("unet", "lkpn", "controlnet", "vae", "text_encoder"):
+        prefix = _prefix(component, state_dict)
         sd = parts.get(component)
         if not sd:
+            problems["other"].append(f"no {component} weights (keys starting with {prefix!r})")
             continue
-        sd = _independent(sd)
-        prefix = prefix_of[component]
-        names = {k: prefix + k for k in sd}
-        tracker = _Tracker(sd, names)
+        used = ()
         try:
             if component == "unet":
-                unet_arch = arch = read_ldm_unet_architecture(sd, attention_head_dim)
-                config = unet_config_from_ldm(arch)
-                converted = _convert_unet_like(sd, config)
-                cls, build = UNet2DConditionModel, by_kwargs
+                config = unet_config_from_ldm(sd, attention_head_dim)
+                latent_channels = config["in_channels"]
+                model_cls, converted = UNet2DConditionModel, unet_state(sd, config)
             elif component == "lkpn":
                 inner = {k[len("unet.") :]: v for k, v in sd.items() if k.startswith("unet.")}
-                arch = read_ldm_unet_architecture(inner, attention_head_dim)
-                config = lkpn_config_from_ldm(arch, attention_head_dim)
-                unet_config = unet_config_from_ldm(arch)
-                converted = {"unet." + k: v for k, v in _convert_unet_like(inner, unet_config).items()}
-                cls, build = LKPNModel, by_kwargs
+                unet = unet_config_from_ldm(inner, attention_head_dim)
+                config = lkpn_config_from_ldm(unet, attention_head_dim)
+                model_cls, converted = LKPNModel, {"unet." + k: v for k, v in unet_state(inner, unet).items()}
             elif component == "controlnet":
-                arch = read_ldm_unet_architecture(sd, attention_head_dim)
-                latent = unet_arch["in_channels"] if unet_arch else 4
-                config = controlnet_config_from_ldm(arch, attention_head_dim, latent)
-                converted = _convert_controlnet(sd, arch["layers_per_block"])
-                cls, build = LatentControlNetModel, by_kwargs
+                unet = unet_config_from_ldm(sd, attention_head_dim)
+                config = controlnet_config_from_ldm(unet, attention_head_dim, latent_channels)
+                # Given the un-prefixed state dict (it starts with time_embed.*) the helper converts
+                # it as is. This ControlNet has no input_hint_block: the hint is concatenated to x_t.
+                layers = {"layers_per_block": unet["layers_per_block"]}
+                converted = convert_controlnet_checkpoint(dict(sd), layers)
+                model_cls = LatentControlNetModel
             elif component == "vae":
                 config = vae_config_from_ldm(sd)
-                converted = _convert_vae(sd, config)
-                cls, build = AutoencoderKL, by_kwargs
+                ldm = {"first_stage_model." + k: v for k, v in sd.items()}
+                converted = convert_ldm_vae_checkpoint(ldm, config)
+                model_cls = AutoencoderKL
             else:
-                converted, config = _text_state(sd, tracker, attention_head_dim, text_num_heads)
-                cls, build = CLIPTextModel, lambda c, cfg: c(cfg)
+                converted, config, used = _text_state(sd, attention_head_dim, text_num_heads)
+                model_cls = CLIPTextModel
         except _ArchitectureError as exc:
             if exc.missing:
-                problems.missing.append(prefix + exc.missing)
-            problems.other.append(f"{component}: {exc}")
+                problems["missing"].append(prefix + exc.missing)
+            problems["other"].append(f"{component}: {exc}")
             continue
         converted = {k: v for k, v in converted.items() if v is not None}  # the helpers .get() absent keys
-        tracker.mark(converted)
-        model = _load(cls, config, converted, tracker, component, problems, dtype, build)
-        problems.unknown += sorted(set(names.values()) - tracker.consumed)
+        dtype = torch_dtype or torch.float32
+        model = _load(model_cls, config, converted, sd, prefix, used, problems, component, dtype)
         if model is not None:
             components[component] = model
-
-    error = CheckpointError(problems.unknown, problems.missing, problems.mismatched, problems.other)
-    if not error.empty:
-        raise error
+    if any(problems.values()):
+        raise CheckpointError(**problems)
     return {name: components[name] for name in COMPONENTS}
 
 
-def _text_state(sd, tracker: _Tracker, head_dim: int, num_heads: int | None):
-    """Converted text-encoder state and config; marks the keys deliberately left out."""
-    from accelerate import init_empty_weights
-    from transformers import CLIPTextModel
+def _text_state(sd, head_dim: int, num_heads: int | None):
+    """Converted text-encoder state, its config, and the keys of ``sd`` deliberately left out
+    or split into copies."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     if not any(k.startswith("model.") for k in sd):
         raise _ArchitectureError("no OpenCLIP text model (keys starting with 'clip.model.')", missing="model.token_embedding.weight")
     text = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
     config = text_config_from_open_clip(text, head_dim, num_heads)
     last = config.num_hidden_layers  # index of the layer the penultimate output skips
-    ignored = [
+    ignored = {
         k for k in text
         if k in _CLIP_IGNORED or k.startswith(_CLIP_IGNORED_PREFIXES) or k.startswith(f"transformer.resblocks.{last}.")
-    ]
-    tracker.consumed.update(tracker.source_of(text[k]) for k in ignored)
-    used = {k: v for k, v in text.items() if k not in ignored}
-    with init_empty_weights():
-        probe = CLIPTextModel(config)
-    converted = _convert_text(used, probe)
-    # The fused q/k/v projections are split into copies: account for them by name.
-    for key in used:
-        m = re.fullmatch(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
-        if m and f"text_model.encoder.layers.{m.group(1)}.self_attn.q_proj.{m.group(2)}" in converted:
-            tracker.consumed.add(tracker.source_of(used[key]))
-    if not any(k.startswith("text_model.") for k in probe.state_dict()):  # transformers >= 5 flattens it
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    return converted, config
+    }
+    kept = {"model." + k: v for k, v in text.items() if k not in ignored}
+    # The helper's prefix is "model." here, so its SD 2 ignore list (the 24th layer under
+    # "cond_stage_model.model.") does not apply: the unused layers are left out above. It
+    # reads only the hidden size from the model it is given.
+    converted = convert_open_clip_checkpoint(SimpleNamespace(config=config), kept, prefix="model.")
+    # transformers >= 5 has no "text_model." level; the fused q/k/v projections become copies.
+    converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    fused = re.compile(r"model\.transformer\.resblocks\.\d+\.attn\.in_proj_(weight|bias)")
+    split = {k for k in kept if fused.fullmatch(k)}
+    return converted, config, {"model." + k for k in ignored} | split
 
 
 # ---------------------------------------------------------------------------- tokenizer and files
@@ -542,10 +425,10 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 def load_tokenizer(tokenizer=None):
     """``tokenizer`` itself if it is an object; with none, the packaged OpenCLIP tokenizer;
     else loaded from a folder (an OpenCLIPTokenizer's, a CLIPTokenizer's, or a pipeline's
-    ``tokenizer`` subfolder) or a Hub repo id (the local cache first, then the Hub)."""
+    ``tokenizer`` subfolder) or a Hub repo id (from the Hub when it answers, else the cache)."""
     from transformers import CLIPTokenizer
 
-    from .tokenizer import VOCAB_FILE, OpenCLIPTokenizer, is_open_clip_tokenizer_folder
+    from .tokenizer import VOCAB_FILE, OpenCLIPTokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
@@ -553,40 +436,34 @@ def load_tokenizer(tokenizer=None):
         return OpenCLIPTokenizer()
     source = os.fspath(tokenizer)
     path = Path(source).expanduser()
-    if not path.exists() and (os.sep in source or source.startswith((".", "~"))):
-        raise TokenizerUnavailableError(
-            f"Tokenizer folder not found: {source}. Leave `--tokenizer` out to use the tokenizer shipped with "
-            "the package, or pass a folder holding a saved tokenizer (or vocab.json and merges.txt)."
-        )
-    if path.is_dir() and is_open_clip_tokenizer_folder(path):
-        sub = path if (path / VOCAB_FILE).is_file() else path / "tokenizer"
-        return OpenCLIPTokenizer.from_pretrained(str(sub))
-    source = str(path) if path.exists() else source
-    if path.is_dir() and not (path / "vocab.json").exists() and (path / "tokenizer").is_dir():
-        subfolders = ["tokenizer"]
-    else:
-        subfolders = [None, "tokenizer"]
-    modes = [True] if path.exists() else [True, False]  # local files only, then the Hub
-    errors = []
-    for local_only in modes:
-        if not local_only and not _hub_reachable():
-            errors.append("the Hugging Face Hub cannot be reached")
-            break
-        for sub in subfolders:
-            kwargs = dict(local_files_only=local_only, **({"subfolder": sub} if sub else {}))
-            try:
-                tok = CLIPTokenizer.from_pretrained(source, **kwargs)
-            except Exception as exc:  # missing files, bad repo id, network
-                errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                continue
-            if _usable(tok):
-                return tok
-            errors.append(f"no vocabulary found{f' in subfolder {sub!r}' if sub else ''}")
-    raise TokenizerUnavailableError(
-        f"Could not load a CLIP tokenizer from {source!r} ({'; '.join(dict.fromkeys(errors))}).\n"
+    hint = (
         "Leave `--tokenizer` out to use the OpenCLIP tokenizer shipped with the package, or pass a folder "
         "with a saved tokenizer (or vocab.json and merges.txt), or a Hub repo id when online."
     )
+    if not path.exists() and (os.sep in source or source.startswith((".", "~"))):
+        raise TokenizerUnavailableError(f"Tokenizer folder not found: {source}. {hint}")
+    errors = []
+    if path.exists():
+        own = any((path / name).is_file() for name in (VOCAB_FILE, "vocab.json", "tokenizer.json"))
+        folder = path if own else path / "tokenizer"
+        if (folder / VOCAB_FILE).is_file():
+            return OpenCLIPTokenizer.from_pretrained(str(folder))
+        attempts, local_only = [(str(folder), {})], True
+    else:  # a Hub repo id: the tokenizer at its top or in a pipeline's subfolder
+        attempts, local_only = [(source, {}), (source, {"subfolder": "tokenizer"})], not _hub_reachable()
+        if local_only:
+            errors.append("the Hugging Face Hub cannot be reached")
+    for name, kwargs in attempts:
+        try:
+            tok = CLIPTokenizer.from_pretrained(name, local_files_only=local_only, **kwargs)
+        except Exception as exc:  # missing files, bad repo id, network
+            errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            continue
+        if _usable(tok):
+            return tok
+        errors.append("no vocabulary found" + (f" in subfolder {kwargs['subfolder']!r}" if kwargs else ""))
+    reasons = "; ".join(dict.fromkeys(errors))
+    raise TokenizerUnavailableError(f"Could not load a CLIP tokenizer from {source!r} ({reasons}).\n{hint}")
 
 
 def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 64, torch_dtype=None) -> dict:
@@ -603,10 +480,7 @@ def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    import hashlib
+    from huggingface_hub.utils.sha import sha_fileobj
 
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return sha_fileobj(f, chunk_size=1 << 24).hex()

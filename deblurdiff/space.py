@@ -20,9 +20,6 @@ import tempfile
 from pathlib import Path
 
 
-__all__ = ["ZEROGPU", "SPACE_PYTHON", "SPACE_TORCH", "PLATFORM_PACKAGES", "space_files", "space_requirements",
-           "staged_requirements", "platform_requirements", "space_readme", "deploy", "main"]
-
 #: What ZeroGPU supports, from the Hub documentation (spaces-zerogpu.md), as of August 2026.
 ZEROGPU = {
     "source": "https://huggingface.co/docs/hub/spaces-zerogpu",
@@ -55,8 +52,6 @@ _TOP_DIRS = ("deblurdiff", "examples")
 _EXTRA_FILES = ("docs/screenshot.png",)
 _SKIP_DIRS = {"__pycache__", "train", ".pytest_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
-
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class DeployError(Exception):
@@ -149,27 +144,14 @@ def stage(directory: Path, root: Path = ROOT) -> list[str]:
 # The Hub ---------------------------------------------------------------------------
 
 
-def _describe(error: Exception) -> str:
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
-
-    status = getattr(getattr(error, "response", None), "status_code", None)
-    if isinstance(error, LocalTokenNotFoundError) or status == 401:
-        return "not logged in to the Hugging Face Hub (or the token is invalid): run `hf auth login`, set HF_TOKEN or pass --token"
-    if status == 403:
-        return f"the token may not write to this Space (it needs write access to the owner's repositories): {error}"
-    if isinstance(error, RepositoryNotFoundError):
-        return f"the Space was not found or is not accessible with this token: {error}"
-    if isinstance(error, HfHubHTTPError):
-        return f"the Hub answered with an error: {error}"
-    return f"{type(error).__name__}: {error}"
-
-
 def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,
            hardware: bool = True, api=None, root: Path = ROOT, out=print) -> str:
     """Create or update the Space ``repo_id``; returns its address."""
-    from .loading import MODEL_ENV  # torch comes with it: `requirements` must run without
+    # torch comes with these: `requirements` must run without it.
+    from .convert import HUB_REPO_ID, describe_hub_error
+    from .loading import MODEL_ENV
 
-    if not _REPO_ID.match(repo_id or ""):
+    if not HUB_REPO_ID.fullmatch(repo_id or ""):
         raise DeployError(f"the Space must be given as owner/name, got {repo_id!r}")
     if model is not None and not model.strip():
         raise DeployError("--model is empty")
@@ -197,17 +179,18 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
     except DeployError:
         raise
     except Exception as error:  # the Hub client's errors, network errors, ...
-        raise DeployError(_describe(error)) from error
+        raise DeployError(describe_hub_error(error)) from error
     if hardware:
         try:
             api.request_space_hardware(repo_id, ZEROGPU["hardware"])
         except Exception as error:  # ZeroGPU needs a PRO account or an organisation
-            out(f"warning: could not switch the Space to ZeroGPU ({_describe(error)}); choose it in the Space's settings")
+            out(f"warning: could not switch the Space to ZeroGPU ({describe_hub_error(error)}); "
+                "choose it in the Space's settings")
     out(url)
     return url
 
 
-def build_parser() -> argparse.ArgumentParser:
+def main(argv=None, api=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deblurdiff.space", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("deploy", help="create or update a ZeroGPU Gradio Space")
@@ -219,11 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("requirements", help="print the requirements.txt that deploy stages")
     r.add_argument("--platform", action="store_true",
                    help="also pin what the platform installs (gradio, spaces, huggingface_hub)")
-    return parser
-
-
-def main(argv=None, api=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "requirements":
         print(staged_requirements() + (platform_requirements() if args.platform else ""), end="")
         return 0

@@ -1,13 +1,9 @@
 """The text tokenizer DeblurDiff was trained with, shipped with the package (no download).
 
-The reference uses OpenCLIP's tokenizer: byte-level BPE over OpenAI CLIP's vocabulary
-(49,408 ids) on text cleaned with ftfy, HTML entities unescaped twice, whitespace
-collapsed, lower-cased; start token, ids, end token, cut to 77 (end kept last), padded
-with id 0. :class:`OpenCLIPTokenizer` does exactly that as a ``transformers`` tokenizer
-(saved and loaded like any component). transformers' ``CLIPTokenizer`` skips ftfy and the
-unescaping, so some prompts would get other ids. The vocabulary
-(``data/bpe_simple_vocab_16e6.txt.gz``, MIT licence, ``data/LICENSE-CLIP-vocabulary.txt``)
-is package data.
+OpenCLIP's tokenizer as a ``transformers`` tokenizer: byte-level BPE over OpenAI CLIP's
+vocabulary (package data, MIT licence) on text cleaned as the reference does (ftfy, HTML
+entities unescaped twice, whitespace collapsed, lower-cased), cut to 77 ids with the end token
+kept last, padded with id 0. transformers' ``CLIPTokenizer`` skips ftfy and the unescaping.
 """
 
 from __future__ import annotations
@@ -20,10 +16,13 @@ from functools import lru_cache
 from pathlib import Path
 
 import regex
+from tokenizers.models import BPE
 
 # Imported under this name on purpose: diffusers finds how to save and load a pipeline
 # component by looking the base class up by name in the component's module.
 from transformers import PreTrainedTokenizer
+# GPT-2's byte table, which CLIP uses too: its order is the order of the first 256 ids.
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / VOCAB_FILE
@@ -42,19 +41,6 @@ _WORDS = regex.compile(
 _WHITESPACE = regex.compile(r"\s+")
 
 
-@lru_cache(maxsize=1)
-def byte_alphabet() -> dict[int, str]:
-    """Byte -> printable character. Printable Latin-1 bytes stand for themselves; the other
-    68 bytes (control characters, space, ...) take the code points from 256 on, in order.
-    The table's order (printable bytes first) is the order of the first 256 token ids."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in table)
-    for offset, b in enumerate(extra):
-        table[b] = chr(256 + offset)
-    return table  # insertion order is the id order
-
-
 def clean_text(text: str) -> str:
     """The reference's text cleaning: ftfy, HTML entities unescaped twice, whitespace runs
     collapsed to one space, trimmed, lower-cased."""
@@ -65,15 +51,15 @@ def clean_text(text: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _read_vocabulary(path: str) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+def _read_vocabulary(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
     if len(merges) != NUM_MERGES or any(len(m) != 2 for m in merges):
         raise ValueError(f"{path} is not the CLIP BPE vocabulary ({NUM_MERGES} merges expected)")
-    symbols = list(byte_alphabet().values())
+    symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [START_OF_TEXT, END_OF_TEXT]
-    return {t: i for i, t in enumerate(tokens)}, {m: i for i, m in enumerate(merges)}
+    return {t: i for i, t in enumerate(tokens)}, merges
 
 
 class OpenCLIPTokenizer(PreTrainedTokenizer):
@@ -97,14 +83,13 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
         **kwargs,
     ):
         self.vocab_file = str(vocab_file or DEFAULT_VOCAB_PATH)
-        self.encoder, self.bpe_ranks = _read_vocabulary(self.vocab_file)
+        self.encoder, merges = _read_vocabulary(self.vocab_file)
+        # The merge loop of CLIP's BPE (with an end-of-word mark), from the tokenizers library.
+        self._bpe = BPE(self.encoder, merges, end_of_word_suffix=END_OF_WORD, continuing_subword_prefix="")
         self.decoder = {i: t for t, i in self.encoder.items()}
-        self.byte_encoder = byte_alphabet()
+        self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
-        self._bpe_cache: dict[str, list[str]] = {}
         kwargs.setdefault("special_tokens_pattern", "bos_eos")
-        kwargs.setdefault("padding_side", "right")
-        kwargs.setdefault("truncation_side", "right")
         super().__init__(
             bos_token=bos_token,
             eos_token=eos_token,
@@ -134,76 +119,31 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
         return (str(target),)
 
     # ------------------------------------------------------------------ encoding
-    def bpe(self, word: str) -> list[str]:
-        """Merge the characters of one pre-token, lowest-ranked pair first, every occurrence
-        from left to right, until no known pair is left."""
-        if word in (START_OF_TEXT, END_OF_TEXT):
-            return [word]
-        cached = self._bpe_cache.get(word)
-        if cached is not None:
-            return cached
-        parts = list(word[:-1]) + [word[-1] + END_OF_WORD]
-        while len(parts) > 1:
-            ranked = [(self.bpe_ranks.get(pair, len(self.bpe_ranks)), pair) for pair in zip(parts, parts[1:])]
-            rank, (first, second) = min(ranked, key=lambda item: item[0])
-            if rank == len(self.bpe_ranks):
-                break
-            merged, i = [], 0
-            while i < len(parts):
-                if i + 1 < len(parts) and parts[i] == first and parts[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        if len(self._bpe_cache) < 50_000:
-            self._bpe_cache[word] = parts
-        return parts
-
     def tokenize(self, text: str, **kwargs) -> list[str]:
         """Clean as the reference does, split into words (the special tokens are words too,
-        in any case), map bytes to characters and apply BPE."""
+        in any case), map bytes to characters and apply BPE (lowest-ranked merge first)."""
         tokens = []
         for word in _WORDS.findall(clean_text(text)):
             if word in (START_OF_TEXT, END_OF_TEXT):
                 tokens.append(word)
                 continue
-            tokens += self.bpe("".join(self.byte_encoder[b] for b in word.encode("utf-8")))
+            chars = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            tokens += [t.value for t in self._bpe.tokenize(chars)]
         return tokens
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.tokenize(text)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        data = bytearray(self.byte_decoder[c] for c in "".join(tokens) if c in self.byte_decoder)
+        # The special tokens are words of their own (their characters stand for themselves).
+        text = "".join(t + END_OF_WORD if t in (START_OF_TEXT, END_OF_TEXT) else t for t in tokens)
+        data = bytearray(self.byte_decoder[c] for c in text if c in self.byte_decoder)
         return data.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
 
     def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        if isinstance(token_ids, int):
-            token_ids = [token_ids]
-        token_ids = [int(i) for i in token_ids]
+        ids = [token_ids] if isinstance(token_ids, int) else [int(i) for i in token_ids]
         if skip_special_tokens:
             # The pad id 0 is also the text token "!": drop what follows the end token instead.
-            bos, eos = self.bos_token_id, self.eos_token_id
-            token_ids = token_ids[: token_ids.index(eos)] if eos in token_ids else token_ids
-            token_ids = [i for i in token_ids if i not in (bos, eos)]
-        tokens = [self.decoder[i] for i in token_ids]
-        pieces, text = [], []
-        for token in tokens:  # special tokens are not byte-encoded text
-            if token in (START_OF_TEXT, END_OF_TEXT):
-                if text:
-                    pieces.append(self.convert_tokens_to_string(text))
-                    text = []
-                pieces.append(token)
-            else:
-                text.append(token)
-        if text:
-            pieces.append(self.convert_tokens_to_string(text))
-        return " ".join(p for p in pieces if p)
-
-
-def is_open_clip_tokenizer_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` (or its ``tokenizer`` subfolder) was written by :class:`OpenCLIPTokenizer`."""
-    path = Path(path)
-    return (path / VOCAB_FILE).is_file() or (path / "tokenizer" / VOCAB_FILE).is_file()
+            ids = ids[: ids.index(self.eos_token_id)] if self.eos_token_id in ids else ids
+            ids = [i for i in ids if i != self.bos_token_id]
+        return super()._decode(ids, **kwargs)

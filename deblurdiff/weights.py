@@ -1,17 +1,14 @@
 """The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
 
-With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns a
-diffusers folder for the authors' ``model.pth`` (their Google Drive folder): the cached
-``<cache>/official/diffusers-<dtype>/``, else ``<cache>/official/model.pth`` (downloaded
-with gdown, resumable, when missing) verified and converted once. ``<cache>`` is
-``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
-
-Verified, since the authors publish no checksum: the size Drive announces, a zip archive
-whose every record passes its CRC-32, tensors only, the five networks, then every key and
-shape at conversion. The SHA-256 and size are recorded beside it (``model.pth.sha256``)
-and checked when it is read again; a file that fails a check is deleted, never loaded.
-``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or ``HF_HUB_OFFLINE=1`` turn downloading
-off; every failure raises :class:`WeightsUnavailableError` with the manual steps.
+With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns the
+diffusers folder ``<cache>/official/diffusers-<dtype>/`` made from the authors' ``model.pth``
+(``<cache>/official/model.pth``, downloaded from their Google Drive folder with gdown when
+missing). ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
+The authors publish no checksum: a download must pass Drive's size, every zip record's CRC-32,
+tensors only and the five networks (then every key and shape at conversion); its SHA-256 and
+size are then recorded in ``model.pth.sha256`` and checked whenever it is read again. A file
+that fails a check is deleted, never loaded. ``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or
+``HF_HUB_OFFLINE=1`` turn downloading off; every failure raises :class:`WeightsUnavailableError`.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Callable
 import torch
 
 from .parsing import dtype_name, env_flag
-from .single_file import file_sha256 as sha256_of
+from .single_file import COMPONENTS, file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
@@ -45,7 +42,6 @@ CACHE_ENV = "DEBLURDIFF_CACHE"
 NO_DOWNLOAD_ENV = "DEBLURDIFF_NO_DOWNLOAD"
 COMPLETE_MARKER = "deblurdiff_cache.json"
 DOWNLOAD_ATTEMPTS = 2
-REQUIRED_COMPONENTS = ("unet", "controlnet", "lkpn", "vae", "text_encoder")
 #: Channels per attention head in every network of the checkpoint (shapes cannot tell).
 ATTENTION_HEAD_DIM = 64
 
@@ -61,29 +57,16 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
+def official_dir() -> Path:
+    """``<cache>/official``: ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the HF cache."""
     from huggingface_hub import constants
 
-    return Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser() / "deblurdiff"
+    hf_home = Path(os.environ.get("HF_HOME") or constants.HF_HOME).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or hf_home / "deblurdiff").expanduser() / "official"
 
 
-def official_dir(cache_dir=None) -> Path:
-    return cache_root(cache_dir) / "official"
-
-
-def download_allowed(allow_download: bool | None = None) -> bool:
-    """``allow_download`` if given, else False when ``DEBLURDIFF_NO_DOWNLOAD`` or ``HF_HUB_OFFLINE`` is set."""
-    if allow_download is not None:
-        return bool(allow_download)
-    return not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
-
-
-def manual_steps(cache_dir=None) -> str:
-    target = official_dir(cache_dir) / OFFICIAL_FILENAME
+def manual_steps() -> str:
+    target = official_dir() / OFFICIAL_FILENAME
     return (
         "To get the weights by hand:\n"
         f"  1. Open {OFFICIAL_FOLDER_URL} (the checkpoint link in the authors' README, "
@@ -94,8 +77,8 @@ def manual_steps(cache_dir=None) -> str:
     )
 
 
-def _unavailable(problem: str, cache_dir=None) -> WeightsUnavailableError:
-    return WeightsUnavailableError(f"{problem}\n{manual_steps(cache_dir)}")
+def _unavailable(problem: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(f"{problem}\n{manual_steps()}")
 
 
 # ---------------------------------------------------------------------------- downloading
@@ -174,7 +157,7 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return f"the file is not a readable PyTorch checkpoint, or is truncated ({first})"
     parts, _ = split_checkpoint(state_dict)
-    missing = [c for c in REQUIRED_COMPONENTS if c not in parts]
+    missing = [c for c in COMPONENTS if c not in parts]
     if missing:
         return f"the file is not the DeblurDiff checkpoint (no weights for {', '.join(missing)})"
     return None
@@ -183,10 +166,6 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
 def _staging_path(checkpoint: Path) -> Path:
     """Where a download lands until it is verified (same suffix: it is read as a checkpoint)."""
     return checkpoint.with_name(f"{checkpoint.stem}.unverified{checkpoint.suffix}")
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _record_path(checkpoint: Path) -> Path:
@@ -210,9 +189,7 @@ def _remove(*paths: Path) -> None:
 
 def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
     """``None`` when a cached checkpoint matches its record (SHA-256 and size), else the reason."""
-    record = read_record(checkpoint)
-    if record is None:
-        return "it has no record of a verified download"
+    record = read_record(checkpoint) or {}
     if checkpoint.stat().st_size != record.get("size"):
         return f"its size changed since it was verified ({checkpoint.stat().st_size:,} != {record.get('size'):,} bytes)"
     report(f"Checking {checkpoint.name} against its recorded SHA-256 ...")
@@ -223,20 +200,21 @@ def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
 
 def accept(candidate: Path, checkpoint: Path, report=_stderr) -> None:
     """Verify ``candidate``; move it to ``checkpoint`` with its record, or raise ValueError."""
-    report(f"Verifying the download ({_size(candidate.stat().st_size)}): archive CRCs, tensors, the five networks ...")
+    size = candidate.stat().st_size
+    report(f"Verifying the download ({size / 1e6:,.1f} MB): archive CRCs, tensors, the five networks ...")
     problem = verify_checkpoint_file(candidate)
     if problem:
         raise ValueError(problem)
     sha = sha256_of(candidate)
     if OFFICIAL_SHA256 and sha != OFFICIAL_SHA256:
         raise ValueError(f"its SHA-256 {sha} is not the published {OFFICIAL_SHA256}")
-    record = dict(sha256=sha, size=candidate.stat().st_size, source=OFFICIAL_FOLDER_URL, filename=OFFICIAL_FILENAME)
+    record = dict(sha256=sha, size=size, source=OFFICIAL_FOLDER_URL, filename=OFFICIAL_FILENAME)
     os.replace(candidate, checkpoint)
     _record_path(checkpoint).write_text(json.dumps(record, indent=1) + "\n")
     report(f"Verified: SHA-256 {sha} (recorded in {_record_path(checkpoint).name}).")
 
 
-def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, cache_dir=None) -> Path:
+def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr) -> Path:
     """Download into ``root/model.unverified.pth`` and accept it (``DOWNLOAD_ATTEMPTS`` tries)."""
     downloader = downloader or gdown_download
     checkpoint = root / OFFICIAL_FILENAME
@@ -257,7 +235,7 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             except Exception as exc:  # network, Drive, disk: every failure becomes a message
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
                     _remove(staging)
-                raise _unavailable(describe_download_error(exc), cache_dir) from None
+                raise _unavailable(describe_download_error(exc)) from None
         try:
             accept(staging, checkpoint, report)
             return checkpoint
@@ -267,13 +245,13 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr, 
             _remove(staging)
         except OSError as exc:
             _remove(staging)
-            raise _unavailable(describe_download_error(exc), cache_dir) from None
-    raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.", cache_dir)
+            raise _unavailable(describe_download_error(exc)) from None
+    raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.")
 
 
 # ---------------------------------------------------------------------------- converting
-def converted_dir(dtype: torch.dtype, cache_dir=None) -> Path:
-    return official_dir(cache_dir) / f"diffusers-{dtype_name(dtype)}"
+def converted_dir(dtype: torch.dtype) -> Path:
+    return official_dir() / f"diffusers-{dtype_name(dtype)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -284,20 +262,17 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
     """Convert to a diffusers folder beside ``target``, renamed into place when complete."""
     import time
 
-    from .single_file import load_single_file_components
     from .pipeline import DeblurDiffPipeline
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
     report(f"Converting {checkpoint.name} to a diffusers folder ({dtype_name(dtype)}, once; about a minute) ...")
     start = time.perf_counter()
-    components = load_single_file_components(
+    pipe = DeblurDiffPipeline.from_single_file(
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
     )
-    pipe = DeblurDiffPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(staging, safe_serialization=True)
-    del pipe, components
+    del pipe
     record = read_record(checkpoint) or {}
     marker = dict(source_sha256=record.get("sha256"), dtype=dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
     (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
@@ -312,7 +287,6 @@ def official_pipeline(
     allow_download: bool | None = None,
     downloader: Downloader | None = None,
     tokenizer=None,
-    cache_dir: str | os.PathLike | None = None,
     report: Callable[[str], None] = _stderr,
 ) -> Path:
     """The official checkpoint's diffusers folder in ``dtype``, fetched and converted once;
@@ -321,24 +295,26 @@ def official_pipeline(
 
     from .single_file import CheckpointError
 
-    target = converted_dir(dtype, cache_dir)
+    target = converted_dir(dtype)
     if is_complete(target):
         return target
-    root = official_dir(cache_dir)
+    root = official_dir()
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unavailable(f"The cache folder {root} cannot be created: {exc}.", cache_dir) from None
+        raise _unavailable(f"The cache folder {root} cannot be created: {exc}.") from None
     with FileLock(str(root / ".lock")):  # two starts at once: the second waits for the first
         if is_complete(target):
             return target
         checkpoint = root / OFFICIAL_FILENAME
         if checkpoint.exists():
             if read_record(checkpoint) is None:  # placed there by hand: verify it like a download
+                staging = _staging_path(checkpoint)
+                os.replace(checkpoint, staging)
                 try:
-                    accept_in_place(checkpoint, report)
+                    accept(staging, checkpoint, report)
                 except ValueError as exc:
-                    _remove(checkpoint)
+                    _remove(staging)
                     report(f"Refused {checkpoint}: {exc}. It was deleted.")
             else:
                 problem = check_recorded(checkpoint, report)
@@ -346,34 +322,25 @@ def official_pipeline(
                     report(f"Refused the cached {checkpoint.name}: {problem}. It was deleted.")
                     _remove(checkpoint, _record_path(checkpoint))
         if not checkpoint.exists():
-            if not download_allowed(allow_download):
+            if allow_download is None:
+                allow_download = not any(env_flag(name, False) for name in (NO_DOWNLOAD_ENV, "HF_HUB_OFFLINE"))
+            if not allow_download:
                 raise _unavailable(
                     "No DeblurDiff weights are configured (`--model` or `DEBLURDIFF_MODEL`), and downloading the "
                     f"authors' checkpoint is turned off (--no-download, {NO_DOWNLOAD_ENV}=1 or HF_HUB_OFFLINE=1) "
-                    f"while it is not in the cache ({root}).",
-                    cache_dir,
+                    f"while it is not in the cache ({root})."
                 )
-            fetch_checkpoint(root, downloader, report, cache_dir)
+            fetch_checkpoint(root, downloader, report)
         try:
             convert_checkpoint(checkpoint, target, dtype, tokenizer=tokenizer, report=report)
         except CheckpointError as exc:
             _remove(checkpoint, _record_path(checkpoint), target.with_name(target.name + ".partial"))
-            raise _unavailable(f"The downloaded file is not the DeblurDiff checkpoint; it was deleted.\n{exc}", cache_dir) from None
+            raise _unavailable(f"The downloaded file is not the DeblurDiff checkpoint; it was deleted.\n{exc}") from None
         except OSError as exc:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}", cache_dir) from None
+            raise _unavailable(f"Could not write the converted weights: {describe_download_error(exc)}") from None
         except MemoryError:
             _remove(target.with_name(target.name + ".partial"))
-            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).", cache_dir) from None
+            raise _unavailable("Not enough memory to convert the checkpoint (up to about 5 GB of free RAM are needed once).") from None
     return target
 
-
-def accept_in_place(checkpoint: Path, report=_stderr) -> None:
-    """Verify a checkpoint put into the cache by hand and record its SHA-256."""
-    staging = _staging_path(checkpoint)
-    os.replace(checkpoint, staging)
-    try:
-        accept(staging, checkpoint, report)
-    except ValueError:
-        os.replace(staging, checkpoint)
-        raise
