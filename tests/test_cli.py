@@ -195,13 +195,6 @@ def test_batches_group_images_of_the_same_padded_size():
     assert [[j.index for j in b] for b in cli.batches(jobs, 1)] == [[4], [0], [2], [3], [1]]
 
 
-def test_exit_status_of_several_ranks():
-    assert cli.combined_exit_status([0, 0]) == cli.EXIT_OK
-    assert cli.combined_exit_status([0, 1]) == cli.EXIT_SOME_FAILED
-    assert cli.combined_exit_status([1, 130]) == cli.EXIT_INTERRUPTED
-    assert cli.combined_exit_status([130, 2, 1]) == cli.EXIT_USAGE
-
-
 @pytest.mark.parametrize("value", ["0", "x", "1000"])
 def test_invalid_batch_size_exits_2(photos, tmp_path, capsys, value):
     assert main([str(photos), "-o", str(tmp_path / "out"), "--batch-size", value, "--dev-random-weights"]) == cli.EXIT_USAGE
@@ -225,11 +218,17 @@ def test_batched_results_equal_unbatched_ones(tmp_path, capsys):
         assert (one != four).mean() < 0.01
 
 
-def test_a_failing_batch_is_retried_one_image_at_a_time(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def three_squares(tmp_path):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(3):
         noise_image(folder / f"p{i}.png", (64, 64), seed=i)
+    return folder
+
+
+def test_a_failing_batch_is_retried_one_image_at_a_time(three_squares, tmp_path, capsys, monkeypatch):
+    folder = three_squares
     real = cli.restore_batch
 
     def fails_for_batches_and_for_p1(pipe, images, options, **kwargs):
@@ -247,11 +246,8 @@ def test_a_failing_batch_is_retried_one_image_at_a_time(tmp_path, capsys, monkey
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p0_UNTRAINED.png", "p2_UNTRAINED.png"]
 
 
-def test_an_output_that_cannot_be_written_is_reported_and_the_others_go_on(tmp_path, capsys, monkeypatch):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for i in range(2):
-        noise_image(folder / f"p{i}.png", (64, 64), seed=i)
+def test_an_output_that_cannot_be_written_is_reported_and_the_others_go_on(three_squares, tmp_path, capsys, monkeypatch):
+    folder = three_squares
     real = cli.save_atomically
 
     def disk_full_for_p0(image, target, pnginfo):
@@ -263,4 +259,4 @@ def test_an_output_that_cannot_be_written_is_reported_and_the_others_go_on(tmp_p
     assert main([str(folder), "-o", str(tmp_path / "out"), "--steps", "1", "--dev-random-weights", "-q"]) == cli.EXIT_SOME_FAILED
     err = capsys.readouterr().err
     assert "could not write" in err and "No space left on device" in err and "1 input(s) failed" in err
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["p1_UNTRAINED.png"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["p1_UNTRAINED.png", "p2_UNTRAINED.png"]
