@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+from PIL import Image
+
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
 from .parsing import DTYPES
@@ -33,6 +35,7 @@ from .service import (
     restore_batch,
     safe_stem,
 )
+from .tiling import padded
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -52,16 +55,10 @@ IMAGE_EXTENSIONS = frozenset(
 # ------------------------------------------------------------------------------ inputs and outputs
 
 
-@dataclass
-class InputItem:
-    path: Path
-    display: str
-
-
-def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[str]]:
+def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Files named directly plus images found recursively in folders (sorted, no duplicates),
     and a message for each argument that does not exist or holds no image."""
-    items: dict[Path, InputItem] = {}
+    items: dict[Path, Path] = {}
     problems: list[str] = []
     for arg in arguments:
         path = Path(arg)
@@ -76,9 +73,9 @@ def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[str]
             if not found:
                 problems.append(f"no images found in the folder {arg!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
             for p in found:
-                items.setdefault(p.resolve(), InputItem(p, str(p)))
+                items.setdefault(p.resolve(), p)
         elif path.exists():
-            items.setdefault(path.resolve(), InputItem(path, arg))
+            items.setdefault(path.resolve(), path)
         else:
             problems.append(f"{arg!r} does not exist")
     return list(items.values()), problems
@@ -90,22 +87,22 @@ def _casefolded(paths) -> set[str]:
 
 
 def plan_outputs(
-    items: Sequence[InputItem],
+    items: Sequence[Path],
     out_dir: Path,
     *,
     suffix: str = "",
     overwrite: bool = False,
-    keep: Callable[[InputItem, Path], bool] | None = None,
+    keep: Callable[[Path, Path], bool] | None = None,
 ) -> list[Path]:
     """One ``OUT_DIR/<name>.png`` per input: unique, inside ``out_dir``, never an input file.
     An existing file gets a ``-1``, ``-2``… name beside it unless ``overwrite``, or unless
-    ``keep(item, path)`` says it is this input's result already."""
+    ``keep(input, path)`` says it is this input's result already."""
     out_root = out_dir.resolve()
-    inputs = _casefolded(item.path for item in items)
+    inputs = _casefolded(items)
     taken: set[str] = set()
     outputs = []
     for item in items:
-        stem = safe_stem(item.path.name) + suffix
+        stem = safe_stem(item.name) + suffix
         for n in itertools.count():
             candidate = out_root / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
             clash = (
@@ -149,8 +146,6 @@ def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
 
 def stored_key(path: Path) -> str | None:
     """The resume key recorded in a PNG written by this command (from its header), else None."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.info.get(RESUME_KEY_FIELD) or None
@@ -160,8 +155,6 @@ def stored_key(path: Path) -> str | None:
 
 def is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole image file: every chunk there, checksums right."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.verify()
@@ -189,39 +182,25 @@ def remove_stale_temporaries(out_dir: Path, targets: Sequence[Path]) -> None:
                 path.unlink(missing_ok=True)
 
 
-def _padded_of(image) -> tuple[int, int]:
-    from .tiling import padded
-
-    width, height = image.size
-    return padded(height), padded(width)
-
-
 def padded_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) padded to multiples of 64, from the file's header; None if unreadable."""
-    import warnings
-
-    from PIL import Image
-
+    """(height, width) as loaded, padded to multiples of 64, from the file's header; None if unreadable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                return _padded_of(image)
-    except Exception:
+        (width, height), _ = image_io.read_header(path)
+    except InvalidInputError:
         return None
+    return padded(height), padded(width)
 
 
 @dataclass
 class Job:
-    index: int
-    item: InputItem
+    path: Path
     target: Path
     size: tuple[int, int] | None  # padded (height, width) from the header
 
 
 def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
     """Jobs of the same padded size, ``batch_size`` at a time (input order within a size)."""
-    ordered = sorted(jobs, key=lambda j: (j.size or (0, 0), j.index))
+    ordered = sorted(jobs, key=lambda j: j.size or (0, 0))
     out = []
     for _, group in itertools.groupby(ordered, key=lambda j: j.size or (0, 0)):
         group = list(group)
@@ -373,9 +352,9 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         except OSError:  # unreadable: it fails, and is reported, when it is loaded
             return None
 
-    def ours(item: InputItem, path: Path) -> bool:
+    def ours(source: Path, path: Path) -> bool:
         key = stored_key(path)
-        return key is not None and key == key_of(item.path)
+        return key is not None and key == key_of(source)
 
     # Rank 0 plans the outputs, finds those done by an earlier run and splits the rest.
     plan = None
@@ -386,8 +365,8 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
                 items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite, keep=ours
             )
             pending = [
-                Job(i, item, target, padded_size(item.path))
-                for i, (item, target) in enumerate(zip(items, outputs))
+                Job(item, target, padded_size(item))
+                for item, target in zip(items, outputs)
                 if args.overwrite or not target.exists() or not is_complete(target)
             ]
             remove_stale_temporaries(out_dir, [job.target for job in pending])
@@ -426,19 +405,19 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     if not images_bar.disable:
         poller.start()
 
-    input_paths = _casefolded(item.path for item in items)
+    input_paths = _casefolded(items)
     counts = {"written": 0, "failed": 0}
 
     def failed(job: Job, kind: str, detail: str) -> None:
-        say(f"{kind} {job.item.display}: {detail}")
+        say(f"{kind} {job.path}: {detail}")
         counts["failed"] += 1
         processes.finished()
 
     def finish(job: Job, result) -> None:
-        key = key_of(job.item.path)
-        extra = {"source": job.item.path.name, "resume_key": key}
+        key = key_of(job.path)
+        extra = {"source": job.path.name, "resume_key": key}
         info = png_metadata(result, model=model_name, untrained=untrained, extra=extra)
-        message = f"{job.item.display} → {job.target} ({result.seconds:.1f} s)"
+        message = f"{job.path} → {job.target} ({result.seconds:.1f} s)"
         try:
             if result.lkpn_image is not None:  # written first: a complete output implies its companion
                 lkpn_target = job.target.with_name(f"{job.target.stem}_lkpn.png")
@@ -485,14 +464,15 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             by_size: dict = {}
             for job in batch:
                 try:
-                    loaded = image_io.load_image_with_notes(job.item.path)
+                    loaded = image_io.load_image_with_notes(job.path)
                 except InvalidInputError as exc:
                     failed(job, "skipped", str(exc))
                     continue
                 for note in loaded.notes:
-                    say(f"{job.item.display}: {note}")
-                # Grouped again by the decoded size: the header's can differ (orientation, upscaling).
-                by_size.setdefault(_padded_of(loaded.image), []).append((job, loaded.image))
+                    say(f"{job.path}: {note}")
+                # Grouped again by the decoded size, in case the header's differs.
+                image = loaded.image
+                by_size.setdefault((padded(image.height), padded(image.width)), []).append((job, image))
             for group in by_size.values():
                 run_together(group)
         reports = processes.gather(dict(rank=processes.rank, device=str(pipe.device), **counts))

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from deblurdiff import cli
-from deblurdiff.cli import InputItem, main, plan_outputs, safe_stem
+from deblurdiff.cli import main, plan_outputs, safe_stem
 from deblurdiff.loading import MODEL_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,7 +60,7 @@ def test_folders_yield_heic_and_avif_photos(tmp_path):
     for name in ("IMG_0001.HEIC", "b.avif", "c.heif", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     items, problems = cli.collect_inputs([str(tmp_path)])
-    assert sorted(item.path.name for item in items) == ["IMG_0001.HEIC", "b.avif", "c.heif"] and not problems
+    assert sorted(item.name for item in items) == ["IMG_0001.HEIC", "b.avif", "c.heif"] and not problems
 
 
 def test_all_good_inputs_exit_zero_and_keep_existing_outputs(photos, tmp_path, capsys):
@@ -118,8 +118,7 @@ def test_planned_outputs_are_unique_inside_out_dir_and_never_inputs(tmp_path):
     inputs = [folder / "x.png", folder / "x.jpg", folder / "X.tif", folder / "..png", folder / "a b?c.jpeg"]
     for p in inputs:
         p.write_bytes(b"")
-    items = [InputItem(p, str(p)) for p in inputs]
-    outputs = plan_outputs(items, folder)  # writing next to the inputs: never onto them
+    outputs = plan_outputs(inputs, folder)  # writing next to the inputs: never onto them
     names = [p.name for p in outputs]
     assert names == ["x-1.png", "x-2.png", "X-3.png", "png.png", "a_b_c.png"]
     assert all(p.parent == folder.resolve() for p in outputs)
@@ -190,9 +189,9 @@ def test_an_output_is_never_half_written(tmp_path):
 
 
 def test_batches_group_images_of_the_same_padded_size():
-    jobs = [cli.Job(i, None, None, size) for i, size in enumerate([(64, 64), (128, 64), (64, 64), (64, 64), None])]
-    assert [[j.index for j in b] for b in cli.batches(jobs, 2)] == [[4], [0, 2], [3], [1]]
-    assert [[j.index for j in b] for b in cli.batches(jobs, 1)] == [[4], [0], [2], [3], [1]]
+    jobs = [cli.Job(i, None, size) for i, size in enumerate([(64, 64), (128, 64), (64, 64), (64, 64), None])]
+    assert [[j.path for j in b] for b in cli.batches(jobs, 2)] == [[4], [0, 2], [3], [1]]
+    assert [[j.path for j in b] for b in cli.batches(jobs, 1)] == [[4], [0], [2], [3], [1]]
 
 
 @pytest.mark.parametrize("value", ["0", "x", "1000"])
