@@ -461,7 +461,7 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
 
     try:
         for batch in batches(mine, batch_size):
-            by_size: dict = {}
+            group = []
             for job in batch:
                 try:
                     loaded = image_io.load_image_with_notes(job.path)
@@ -470,10 +470,8 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
                     continue
                 for note in loaded.notes:
                     say(f"{job.path}: {note}")
-                # Grouped again by the decoded size, in case the header's differs.
-                image = loaded.image
-                by_size.setdefault((padded(image.height), padded(image.width)), []).append((job, image))
-            for group in by_size.values():
+                group.append((job, loaded.image))
+            if group:  # should a decoded size differ from its header's, the batch fails and is run one by one
                 run_together(group)
         reports = processes.gather(dict(rank=processes.rank, device=str(pipe.device), **counts))
     except KeyboardInterrupt:

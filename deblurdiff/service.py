@@ -69,11 +69,11 @@ def _to_number(value, label: str, hint: str, whole: bool) -> float | int:
 
 def in_range(value, label: str, low, high, *, whole: bool = True) -> float | int:
     """``value`` as a number from ``low`` to ``high`` (a whole one unless ``whole=False``)."""
-    hint = f"a whole number from {low} to {high}" if whole else f"from {low:g} to {high:g}"
+    show = str if whole else (lambda x: f"{x:g}")
+    hint = f"{'a whole number ' if whole else ''}from {show(low)} to {show(high)}"
     number = _to_number(value, label, hint, whole)
     if not low <= number <= high:
-        shown = number if whole else f"{number:g}"
-        raise InvalidInputError(f"{label} must be between {low:g} and {high:g}; got {shown}.")
+        raise InvalidInputError(f"{label} must be between {show(low)} and {show(high)}; got {show(number)}.")
     return number
 
 
