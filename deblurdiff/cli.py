@@ -164,7 +164,11 @@ def is_complete(path: Path) -> bool:
 
 
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written.
+    Temporaries that a killed run left for ``target`` are removed first."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.name[len(target.name) + 2 : -4].isdigit():  # a process id: not another target's
+            stale.unlink(missing_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
@@ -172,14 +176,6 @@ def save_atomically(image, target: Path, pnginfo) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-
-
-def remove_stale_temporaries(out_dir: Path, targets: Sequence[Path]) -> None:
-    """Temporary files left by a killed run for the outputs about to be computed."""
-    for target in targets:
-        for path in out_dir.glob(f".{target.name}.*.tmp"):
-            if path.name[len(target.name) + 2 : -4].isdigit():  # the process id of save_atomically
-                path.unlink(missing_ok=True)
 
 
 def padded_size(path: Path) -> tuple[int, int] | None:
@@ -253,7 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"images of the same padded size run through the model B at a time, 1-{MAX_BATCH_SIZE} (default 1)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
-
 
 
 def _error(message: str) -> None:
@@ -367,9 +362,8 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             pending = [
                 Job(item, target, padded_size(item))
                 for item, target in zip(items, outputs)
-                if args.overwrite or not target.exists() or not is_complete(target)
+                if args.overwrite or not is_complete(target)
             ]
-            remove_stale_temporaries(out_dir, [job.target for job in pending])
         except OSError as exc:
             _error(f"cannot use the output folder {str(out_dir)!r}: {exc}")
         else:

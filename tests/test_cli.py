@@ -183,9 +183,9 @@ def test_an_output_is_never_half_written(tmp_path):
         cli.save_atomically(Failing(), target, None)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / f".{target.name}.123.tmp").write_bytes(b"left by a killed run")
-    (tmp_path / ".other.png.123.tmp").write_bytes(b"not ours to remove")
-    cli.remove_stale_temporaries(tmp_path, [target])
-    assert [p.name for p in tmp_path.iterdir()] == [".other.png.123.tmp"]
+    (tmp_path / ".x.png.png.123.tmp").write_bytes(b"another output's, not ours to remove")
+    cli.save_atomically(Image.new("RGB", (8, 8)), target, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".x.png.png.123.tmp", "x.png"]
 
 
 def test_batches_group_images_of_the_same_padded_size():
