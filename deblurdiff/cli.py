@@ -1,14 +1,8 @@
-"""Command line: deblur image files and folders.
+"""Command line: deblur image files and folders (``python -m deblurdiff --help``).
 
-    python -m deblurdiff INPUT... -o OUT_DIR [options]
-
-Each input (folders are searched recursively) is written to ``OUT_DIR/<name>.png``;
-inputs are never overwritten, existing outputs kept unless ``--overwrite``. Unreadable
-inputs are reported and skipped (exit status 1); missing weights or invalid options exit
-with 2. Outputs are written under a temporary name, renamed when complete and keyed on
-their input's bytes and settings, so rerunning a command computes only what is missing.
-Under ``torchrun`` or ``accelerate launch`` each process takes a share of the images
-(:mod:`deblurdiff.distributed`).
+Outputs are written under a temporary name, renamed when complete and keyed on their input's
+bytes and settings, so rerunning a command computes only what is missing. Under ``torchrun``
+or ``accelerate launch`` each process takes a share of the images (:mod:`deblurdiff.distributed`).
 """
 
 from __future__ import annotations
@@ -23,6 +17,8 @@ import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
+
+from PIL import Image
 
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
@@ -39,12 +35,15 @@ from .service import (
     restore_batch,
     safe_stem,
 )
+from .tiling import padded
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 MAX_BATCH_SIZE = 256
+#: PNG text field holding :func:`resume_key`.
+RESUME_KEY_FIELD = "deblurdiff:resume_key"
 
 #: File name extensions picked up when a folder is given (explicit files are always tried).
 IMAGE_EXTENSIONS = frozenset(
@@ -56,25 +55,11 @@ IMAGE_EXTENSIONS = frozenset(
 # ------------------------------------------------------------------------------ inputs and outputs
 
 
-@dataclass
-class InputItem:
-    path: Path
-    display: str
-
-
-def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[tuple[str, str]]]:
+def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Files named directly plus images found recursively in folders (sorted, no duplicates),
-    and ``(argument, message)`` for arguments that do not exist."""
-    items: list[InputItem] = []
-    problems: list[tuple[str, str]] = []
-    seen: set[Path] = set()
-
-    def add(path: Path, display: str):
-        key = path.resolve()
-        if key not in seen:
-            seen.add(key)
-            items.append(InputItem(path, display))
-
+    and a message for each argument that does not exist or holds no image."""
+    items: dict[Path, Path] = {}
+    problems: list[str] = []
     for arg in arguments:
         path = Path(arg)
         if path.is_dir():
@@ -86,57 +71,56 @@ def collect_inputs(arguments: Sequence[str]) -> tuple[list[InputItem], list[tupl
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not found:
-                problems.append((arg, f"no images found in the folder {arg!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"))
+                problems.append(f"no images found in the folder {arg!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
             for p in found:
-                add(p, str(p))
+                items.setdefault(p.resolve(), p)
         elif path.exists():
-            add(path, arg)
+            items.setdefault(path.resolve(), path)
         else:
-            problems.append((arg, f"{arg!r} does not exist"))
-    return items, problems
+            problems.append(f"{arg!r} does not exist")
+    return list(items.values()), problems
+
+
+def _casefolded(paths) -> set[str]:
+    """Resolved paths without case: on case-insensitive file systems X.png is x.png."""
+    return {str(Path(p).resolve()).casefold() for p in paths}
 
 
 def plan_outputs(
-    items: Sequence[InputItem],
+    items: Sequence[Path],
     out_dir: Path,
     *,
     suffix: str = "",
     overwrite: bool = False,
-    keep: Callable[[InputItem, Path], bool] | None = None,
+    keep: Callable[[Path, Path], bool] | None = None,
 ) -> list[Path]:
     """One ``OUT_DIR/<name>.png`` per input: unique, inside ``out_dir``, never an input file.
     An existing file gets a ``-1``, ``-2``… name beside it unless ``overwrite``, or unless
-    ``keep(item, path)`` says it is this input's result already."""
+    ``keep(input, path)`` says it is this input's result already."""
     out_root = out_dir.resolve()
-    # Compared without case: on case-insensitive file systems X.png is x.png.
-    inputs = {str(item.path.resolve()).casefold() for item in items}
+    inputs = _casefolded(items)
     taken: set[str] = set()
     outputs = []
     for item in items:
-        stem = safe_stem(item.path.name) + suffix
-        n = 0
-        while True:
-            name = f"{stem}.png" if n == 0 else f"{stem}-{n}.png"
-            candidate = out_root / name
-            key = name.casefold()  # case-insensitive file systems
+        stem = safe_stem(item.name) + suffix
+        for n in itertools.count():
+            candidate = out_root / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
             clash = (
-                key in taken
+                candidate.name.casefold() in taken
                 or str(candidate.resolve()).casefold() in inputs
                 or (candidate.exists() and not overwrite and not (keep is not None and keep(item, candidate)))
             )
             if not clash and candidate.resolve().parent == out_root:
                 break
-            n += 1
-        taken.add(key)
+        taken.add(candidate.name.casefold())
         outputs.append(candidate)
     return outputs
 
 
 def check_out_dir(out_dir: Path, arguments: Sequence[str]) -> str | None:
     """A message when ``out_dir`` cannot be used, else None."""
-    resolved = out_dir.resolve()
     for arg in arguments:
-        if Path(arg).exists() and Path(arg).resolve() == resolved:
+        if Path(arg).exists() and Path(arg).resolve() == out_dir.resolve():
             kind = "folder" if Path(arg).is_dir() else "file"
             return (
                 f"The output folder {str(out_dir)!r} is the input {kind} {arg!r} itself; "
@@ -145,10 +129,6 @@ def check_out_dir(out_dir: Path, arguments: Sequence[str]) -> str | None:
     if out_dir.exists() and not out_dir.is_dir():
         return f"The output path {str(out_dir)!r} exists and is not a folder."
     return None
-
-
-#: PNG text field holding :func:`resume_key`.
-RESUME_KEY_FIELD = "deblurdiff:resume_key"
 
 
 def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
@@ -166,8 +146,6 @@ def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
 
 def stored_key(path: Path) -> str | None:
     """The resume key recorded in a PNG written by this command (from its header), else None."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             return image.info.get(RESUME_KEY_FIELD) or None
@@ -177,8 +155,6 @@ def stored_key(path: Path) -> str | None:
 
 def is_complete(path: Path) -> bool:
     """Whether ``path`` is a whole image file: every chunk there, checksums right."""
-    from PIL import Image
-
     try:
         with Image.open(path) as image:
             image.verify()
@@ -187,13 +163,13 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def temporary_name(target: Path) -> Path:
-    return target.with_name(f".{target.name}.{os.getpid()}.tmp")
-
-
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
-    temporary = temporary_name(target)
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written.
+    Temporaries that a killed run left for ``target`` are removed first."""
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):
+        if stale.name[len(target.name) + 2 : -4].isdigit():  # a process id: not another target's
+            stale.unlink(missing_ok=True)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
         os.replace(temporary, target)
@@ -202,63 +178,30 @@ def save_atomically(image, target: Path, pnginfo) -> None:
         raise
 
 
-def remove_stale_temporaries(out_dir: Path, targets: Sequence[Path]) -> None:
-    """Temporary files left by a killed run for the outputs about to be computed."""
-    prefixes = {f".{t.name}." for t in targets}
-    for path in out_dir.iterdir():
-        name = path.name
-        if name.startswith(".") and name.endswith(".tmp") and name[: name.rfind(".", 0, -4) + 1] in prefixes:
-            path.unlink(missing_ok=True)
-
-
 def padded_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) padded to multiples of 64, from the file's header; None if unreadable."""
-    import warnings
-
-    from PIL import Image
-
+    """(height, width) as loaded, padded to multiples of 64, from the file's header; None if unreadable."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as image:
-                return _padded_of(image)
-    except Exception:
+        (width, height), _ = image_io.read_header(path)
+    except InvalidInputError:
         return None
-
-
-def _padded_of(image) -> tuple[int, int]:
-    from .tiling import padded
-
-    width, height = image.size
     return padded(height), padded(width)
 
 
 @dataclass
 class Job:
-    index: int
-    item: InputItem
+    path: Path
     target: Path
     size: tuple[int, int] | None  # padded (height, width) from the header
 
 
 def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
     """Jobs of the same padded size, ``batch_size`` at a time (input order within a size)."""
-    ordered = sorted(jobs, key=lambda j: (j.size or (0, 0), j.index))
+    ordered = sorted(jobs, key=lambda j: j.size or (0, 0))
     out = []
     for _, group in itertools.groupby(ordered, key=lambda j: j.size or (0, 0)):
         group = list(group)
         out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return out
-
-
-def combined_exit_status(statuses: Sequence[int]) -> int:
-    """The exit status of several ranks: unusable options, then interrupted, then failures."""
-    for status in (EXIT_USAGE, EXIT_INTERRUPTED, EXIT_SOME_FAILED):
-        if status in statuses:
-            return status
-    return EXIT_OK
-
-
 # ------------------------------------------------------------------------------ the command
 
 
@@ -312,36 +255,15 @@ def _error(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
 
 
-def _parse_batch_size(value) -> int:
-    try:
-        size = int(str(value).strip())
-    except ValueError:
-        raise InvalidInputError(f"The batch size must be a whole number; got {value!r}.") from None
-    if not 1 <= size <= MAX_BATCH_SIZE:
-        raise InvalidInputError(f"The batch size must be between 1 and {MAX_BATCH_SIZE}; got {size}.")
-    return size
-
-
-@dataclass
-class _Inputs:
-    """What rank 0 found, sent to every rank."""
-    problem: str | None
-    items: list
-    missing: list
-    seed: int
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-
+    args = build_parser().parse_args(argv)
     try:
         options = make_options(
             steps=args.steps, seed=args.seed, guidance_scale=args.guidance, prompt=args.prompt,
             negative_prompt=args.negative_prompt, color_fix=args.color_fix, tiling=args.tiled,
             sampler=args.sampler, return_lkpn_image=args.save_lkpn,
         )
-        batch_size = _parse_batch_size(args.batch_size)
+        batch_size = service.in_range(args.batch_size, "The batch size", 1, MAX_BATCH_SIZE)
     except InvalidInputError as exc:
         _error(str(exc))
         return EXIT_USAGE
@@ -358,8 +280,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args, options, batch_size: int, processes: distributed.Processes) -> int:
+    from tqdm.auto import tqdm
+
     main_rank = processes.is_main
     prefix = f"[rank {processes.rank}] " if processes.distributed else ""
+
+    def say(message: str) -> None:
+        """Rank 0 writes above its progress bars; the other ranks say who they are."""
+        if main_rank:
+            tqdm.write(message, file=sys.stderr)
+        else:
+            print(prefix + message, file=sys.stderr, flush=True)
 
     # Rank 0 reads the inputs and draws the seed; every rank works from its view.
     out_dir = Path(args.output_dir)
@@ -367,29 +298,26 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     if main_rank:
         problem = check_out_dir(out_dir, args.inputs)
         items, missing = collect_inputs(args.inputs) if problem is None else ([], [])
-        found = _Inputs(problem, items, missing, options.seed)
-    found = processes.broadcast(found)
-    options = replace(options, seed=found.seed)
-    items, missing = found.items, found.missing
-    if main_rank:
-        for _, message in missing:
+        for message in missing:
             _error(message)
-        if found.problem:
-            _error(found.problem)
-        elif not items:
-            _error("nothing to do: no input images")
-    if found.problem or not items:
+        if problem or not items:
+            _error(problem or "nothing to do: no input images")
+            items = []
+        found = (items, len(missing), options.seed)
+    items, missing, seed = processes.broadcast(found)
+    if not items:
         return EXIT_USAGE
+    options = replace(options, seed=seed)
 
     from .loading import MODEL_ENV, RANDOM_TINY, ModelUnavailableError, load_pipeline
     from .weights import OFFICIAL_LABEL
 
-    model = RANDOM_TINY if args.dev_random_weights else args.model
     pipe, setup_error = None, None
     try:
         pipe = load_pipeline(
-            model, tokenizer=args.tokenizer, device=distributed.process_device(args.device, processes),
-            dtype=args.dtype, allow_download=False if args.no_download else None,
+            RANDOM_TINY if args.dev_random_weights else args.model, tokenizer=args.tokenizer,
+            device=distributed.process_device(args.device, processes), dtype=args.dtype,
+            allow_download=False if args.no_download else None,
         )
     except ModelUnavailableError as exc:
         setup_error = str(exc)
@@ -402,28 +330,26 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         return EXIT_USAGE
     untrained = is_untrained(pipe)
     if untrained and main_rank:
-        print(f"WARNING: {UNTRAINED_WARNING}", file=sys.stderr)
+        say(f"WARNING: {UNTRAINED_WARNING}")
     if pipe.device.type == "cpu":
         from .cpu import choose_cpu_config, prepare_cpu_pipeline
 
         config = choose_cpu_config(dtype=pipe.unet.dtype)
         if main_rank:
-            print(f"CPU configuration: {config.describe()}", file=sys.stderr)
-        progress = (lambda message: print(message, file=sys.stderr)) if main_rank else (lambda message: None)
-        prepare_cpu_pipeline(pipe, config, progress=progress, measure=False)
+            say(f"CPU configuration: {config.describe()}")
+        prepare_cpu_pipeline(pipe, config, progress=say if main_rank else lambda message: None, measure=False)
 
     model_name = RANDOM_TINY if untrained else (args.model or os.environ.get(MODEL_ENV) or OFFICIAL_LABEL)
-    seed_given = args.seed is not None
 
     def key_of(path: Path) -> str | None:
         try:
-            return resume_key(path, options, model=model_name, seed_given=seed_given)
+            return resume_key(path, options, model=model_name, seed_given=args.seed is not None)
         except OSError:  # unreadable: it fails, and is reported, when it is loaded
             return None
 
-    def ours(item: InputItem, path: Path) -> bool:
+    def ours(source: Path, path: Path) -> bool:
         key = stored_key(path)
-        return key is not None and key == key_of(item.path)
+        return key is not None and key == key_of(source)
 
     # Rank 0 plans the outputs, finds those done by an earlier run and splits the rest.
     plan = None
@@ -434,69 +360,58 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
                 items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite, keep=ours
             )
             pending = [
-                Job(i, item, target, padded_size(item.path))
-                for i, (item, target) in enumerate(zip(items, outputs))
-                if args.overwrite or not target.exists() or not is_complete(target)
+                Job(item, target, padded_size(item))
+                for item, target in zip(items, outputs)
+                if args.overwrite or not is_complete(target)
             ]
-            remove_stale_temporaries(out_dir, [job.target for job in pending])
         except OSError as exc:
-            plan = (f"cannot use the output folder {str(out_dir)!r}: {exc}", 0, [])
+            _error(f"cannot use the output folder {str(out_dir)!r}: {exc}")
         else:
             costs = [job.size[0] * job.size[1] if job.size else 0 for job in pending]
-            shards = distributed.shard(costs, processes.world_size)
-            plan = (None, len(items) - len(pending), [[pending[i] for i in s] for s in shards])
-    plan_error, done_before, shards = processes.broadcast(plan)
-    if plan_error:
-        if main_rank:
-            _error(plan_error)
+            plan = (len(items) - len(pending), distributed.shard(costs, processes.world_size), pending)
+    plan = processes.broadcast(plan)
+    if plan is None:
         return EXIT_USAGE
-    mine = shards[processes.rank]
-    total = sum(len(s) for s in shards)
+    done_before, shards, pending = plan
+    mine = [pending[i] for i in shards[processes.rank]]
     if main_rank:
         where = f" on {processes.world_size} processes" if processes.distributed else f", device {pipe.device}"
-        print(
+        say(
             f"{len(items)} image(s), {options.steps} steps, seed {options.seed}, guidance {options.guidance_scale:g}, "
-            f"batch size {batch_size}{where} → {out_dir}",
-            file=sys.stderr,
+            f"batch size {batch_size}{where} → {out_dir}"
         )
         if done_before:
-            print(f"{done_before} image(s) already done by an earlier run with these settings: kept.", file=sys.stderr)
+            say(f"{done_before} image(s) already done by an earlier run with these settings: kept.")
 
-    from tqdm.auto import tqdm
-
+    # Rank 0 shows one bar for all ranks, from their shared count of finished images.
     show_bars = main_rank and not args.quiet
-    images_bar = tqdm(total=total, unit="image", disable=not show_bars or total < 2, position=0)
-    bar_lock = threading.Lock()
+    images_bar = tqdm(total=len(pending), unit="image", disable=not show_bars or len(pending) < 2, position=0)
+    stop_polling = threading.Event()
 
     def refresh_bar():
-        with bar_lock:
-            images_bar.update(processes.finished_overall() - images_bar.n)
+        images_bar.update(processes.finished_overall() - images_bar.n)
 
-    def say(message: str) -> None:
-        if main_rank:
-            images_bar.write(message, file=sys.stderr)
-        else:
-            print(prefix + message, file=sys.stderr, flush=True)
+    def poll():
+        while not stop_polling.wait(0.5):
+            refresh_bar()
 
-    stop_polling = threading.Event()
-    poller = None
-    if main_rank and processes.distributed and not images_bar.disable:
-
-        def poll():
-            while not stop_polling.wait(0.5):
-                refresh_bar()
-
-        poller = threading.Thread(target=poll, daemon=True)
+    poller = threading.Thread(target=poll, daemon=True)
+    if not images_bar.disable:
         poller.start()
 
-    input_paths = {str(i.path.resolve()).casefold() for i in items}
+    input_paths = _casefolded(items)
     counts = {"written": 0, "failed": 0}
 
+    def failed(job: Job, kind: str, detail: str) -> None:
+        say(f"{kind} {job.path}: {detail}")
+        counts["failed"] += 1
+        processes.finished()
+
     def finish(job: Job, result) -> None:
-        key = key_of(job.item.path)
-        extra = {"source": job.item.path.name, **({"resume_key": key} if key else {})}
+        key = key_of(job.path)
+        extra = {"source": job.path.name, "resume_key": key}
         info = png_metadata(result, model=model_name, untrained=untrained, extra=extra)
-        message = f"{job.item.display} → {job.target} ({result.seconds:.1f} s)"
+        message = f"{job.path} → {job.target} ({result.seconds:.1f} s)"
         try:
             if result.lkpn_image is not None:  # written first: a complete output implies its companion
                 lkpn_target = job.target.with_name(f"{job.target.stem}_lkpn.png")
@@ -510,92 +425,70 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             failed(job, "failed", f"could not write {job.target}: {exc}")
             return
         counts["written"] += 1
-        if untrained:
-            message += f" [{UNTRAINED_LABEL}]"
-        say(message)
-
-    def failed(job: Job, kind: str, detail: str) -> None:
-        say(f"{kind} {job.item.display}: {detail}")
-        counts["failed"] += 1
+        say(message + (f" [{UNTRAINED_LABEL}]" if untrained else ""))
+        processes.finished()
 
     def run_together(group: list[tuple[Job, object]]) -> None:
-        steps_bar = tqdm(total=options.steps, unit="step", leave=False, disable=not show_bars, position=1 if total > 1 else 0)
-
-        def on_step(done, steps, bar=steps_bar):
-            bar.update(done - bar.n)
-
+        steps_bar = tqdm(
+            total=options.steps, unit="step", leave=False, disable=not show_bars, position=1 if len(pending) > 1 else 0
+        )
         try:
-            results = restore_batch(pipe, [image for _, image in group], options, on_step=on_step)
+            results = restore_batch(pipe, [image for _, image in group], options,
+                                    on_step=lambda done, steps: steps_bar.update(done - steps_bar.n))
         except Exception as exc:  # out of memory and the like: report, go on with the next image
-            results, error = None, exc
+            results = None
+            if isinstance(exc, InvalidInputError):
+                kind, detail = "skipped", str(exc)
+            else:
+                kind, detail = "failed", f"{type(exc).__name__}: {exc}"
         finally:
             steps_bar.close()
-        if results is None:
-            if len(group) > 1:
-                say(f"a batch of {len(group)} failed ({type(error).__name__}: {error}); running its images one at a time")
-                for pair in group:
-                    run_together([pair])
-                return
-            job = group[0][0]
-            kind = "skipped" if isinstance(error, InvalidInputError) else "failed"
-            detail = str(error) if isinstance(error, InvalidInputError) else f"{type(error).__name__}: {error}"
-            failed(job, kind, detail)
-            processes.finished()
-            return
-        for (job, _), result in zip(group, results):
-            finish(job, result)
-            processes.finished()
+        if results is not None:
+            for (job, _), result in zip(group, results):
+                finish(job, result)
+        elif len(group) > 1:
+            say(f"a batch of {len(group)} failed ({detail}); running its images one at a time")
+            for pair in group:
+                run_together([pair])
+        else:
+            failed(group[0][0], kind, detail)
 
     try:
         for batch in batches(mine, batch_size):
-            loaded = []
+            group = []
             for job in batch:
                 try:
-                    image = image_io.load_image_with_notes(job.item.path)
+                    loaded = image_io.load_image_with_notes(job.path)
                 except InvalidInputError as exc:
                     failed(job, "skipped", str(exc))
-                    processes.finished()
                     continue
-                for note in image.notes:
-                    say(f"{job.item.display}: {note}")
-                loaded.append((job, image.image))
-            # The header's size can differ from the decoded one (orientation, upscaling).
-            by_size: dict = {}
-            for job, image in loaded:
-                by_size.setdefault(_padded_of(image), []).append((job, image))
-            for group in by_size.values():
+                for note in loaded.notes:
+                    say(f"{job.path}: {note}")
+                group.append((job, loaded.image))
+            if group:  # should a decoded size differ from its header's, the batch fails and is run one by one
                 run_together(group)
-            if main_rank:
-                refresh_bar()
+        reports = processes.gather(dict(rank=processes.rank, device=str(pipe.device), **counts))
     except KeyboardInterrupt:
-        stop_polling.set()
-        images_bar.close()
+        reports = None
+    stop_polling.set()
+    if not images_bar.disable:
+        poller.join()
+        refresh_bar()
+    images_bar.close()
+    if reports is None:
         _error(f"{prefix}interrupted; {counts['written']} image(s) written")
         return EXIT_INTERRUPTED
 
-    status = EXIT_SOME_FAILED if counts["failed"] else EXIT_OK
-    report = dict(rank=processes.rank, device=str(pipe.device), status=status, **counts)
-    reports = processes.gather(report)
-    stop_polling.set()
-    if poller is not None:
-        poller.join()
-    if main_rank:
-        refresh_bar()
-    images_bar.close()
-
     written = sum(r["written"] for r in reports)
-    failures = sum(r["failed"] for r in reports) + len(missing)
-    status = combined_exit_status([r["status"] for r in reports] + ([EXIT_SOME_FAILED] if missing else []))
+    failures = sum(r["failed"] for r in reports) + missing
     if main_rank:
         if processes.distributed:
             for r in reports:
-                print(f"rank {r['rank']} ({r['device']}): {r['written']} written, {r['failed']} failed", file=sys.stderr)
+                say(f"rank {r['rank']} ({r['device']}): {r['written']} written, {r['failed']} failed")
         kept = f" ({done_before} kept from an earlier run)" if done_before else ""
-        if failures:
-            print(f"{written} image(s) written to {out_dir}{kept}; {failures} input(s) failed (see above).", file=sys.stderr)
-        else:
-            print(f"{written} image(s) written to {out_dir}{kept}.", file=sys.stderr)
-    return status
+        failed_part = f"; {failures} input(s) failed (see above)" if failures else ""
+        say(f"{written} image(s) written to {out_dir}{kept}{failed_part}.")
+    return EXIT_SOME_FAILED if failures else EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,10 +1,7 @@
 """Several processes, one device each, started by ``torchrun`` or ``accelerate launch``.
 
-:func:`start` joins the process group through accelerate's ``PartialState`` (gloo on CPUs,
-NCCL on GPUs) and returns :class:`Processes` with the few collective steps the command
-line needs (broadcast rank 0's plan, gather counts, a shared finished-images counter). A
-plain ``python -m`` run is a group of one and touches no process group. :func:`shard`
-splits work by cost: deterministic, balanced, every item exactly once.
+:func:`start` joins the group through accelerate's ``PartialState`` (gloo on CPUs, NCCL on
+GPUs); a plain ``python -m`` run is a group of one and touches no process group.
 """
 
 from __future__ import annotations
@@ -23,21 +20,18 @@ _COUNTER_KEY = "deblurdiff/images-finished"
 
 def launched_world_size(environ=os.environ) -> int:
     """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
-    try:
-        return max(1, int(environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
+    return max(1, int(environ.get("WORLD_SIZE", "1")))
 
 
 @dataclass
 class Processes:
-    """This process's place in the group (a group of one by default)."""
+    """This process's place in the group (a group of one by default), with the few collective
+    steps the command line needs."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    backend: str | None = None
-    _store: Any = field(default=None, repr=False)
+    _store: Any = field(default=None, repr=False)  # a shared counter that needs no collective call
     _local_count: int = 0
 
     @property
@@ -67,7 +61,7 @@ class Processes:
     def finished(self, n: int = 1) -> None:
         """Count ``n`` images finished by this rank (written or failed)."""
         self._local_count += n
-        if self._store is not None and n:
+        if self._store is not None:
             self._store.add(_COUNTER_KEY, n)
 
     def finished_overall(self) -> int:
@@ -78,10 +72,9 @@ class Processes:
 
     def close(self) -> None:
         if self.distributed:
-            import torch.distributed as dist
+            from accelerate import PartialState
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            PartialState().destroy_process_group()
 
 
 def uses_cuda(device: str) -> bool:
@@ -95,26 +88,18 @@ def uses_cuda(device: str) -> bool:
 
 def start(device: str = "auto") -> Processes:
     """Join the launcher's process group (a group of one without a launcher)."""
-    world_size = launched_world_size()
-    if world_size == 1:
+    if launched_world_size() == 1:
         return Processes()
     from accelerate import PartialState
 
     state = PartialState(cpu=not uses_cuda(device), timeout=GROUP_TIMEOUT)
-    store = None
-    try:  # the rendezvous store: a counter that needs no collective call
-        import torch.distributed.distributed_c10d as c10d
+    try:  # the rendezvous store
+        from torch.distributed.distributed_c10d import _get_default_store
 
-        store = c10d._get_default_store()
+        store = _get_default_store()
     except Exception:  # an older or other backend: rank 0 then counts its own images only
         store = None
-    return Processes(
-        rank=state.process_index,
-        world_size=state.num_processes,
-        local_rank=state.local_process_index,
-        backend=str(state.backend),
-        _store=store,
-    )
+    return Processes(state.process_index, state.num_processes, state.local_process_index, store)
 
 
 def process_device(device: str, processes: Processes) -> str:
@@ -130,8 +115,6 @@ def shard(costs: Sequence[float], world_size: int) -> list[list[int]]:
     cost: the most costly item first, each to the rank with the least cost so far (the
     lowest rank on ties). Deterministic; every item is in exactly one shard, each shard
     in increasing index order."""
-    if world_size < 1:
-        raise ValueError(f"world_size must be at least 1, got {world_size}")
     loads = [0.0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):

@@ -1,9 +1,7 @@
 """Restore one image with given options: the step the web app and the command line share.
 
-:func:`make_options` turns user input (form, command line or API; numbers may be strings)
-into validated :class:`RestoreOptions` or an :class:`InvalidInputError` for the user;
-:func:`restore` / :func:`restore_batch` run the pipeline; :func:`png_metadata` records
-how an output was made.
+:func:`make_options` turns user input (form, command line or API; numbers may be text) into
+:class:`RestoreOptions` or an :class:`InvalidInputError` that says what was wrong.
 """
 
 from __future__ import annotations
@@ -45,49 +43,45 @@ UNTRAINED_WARNING = (
 _MAX_STEM_CHARS = 100
 
 
-def _to_number(value, label: str, hint: str) -> float | int:
-    """A user-supplied number: int, float, numpy scalar or numeric string (as web forms send)."""
-    if isinstance(value, (bool, np.bool_)):
-        raise InvalidInputError(f"{label} must be a number ({hint}), not {value!r}.")
-    if isinstance(value, (str, bytes)):
-        text = (value.decode("utf-8", "replace") if isinstance(value, bytes) else value).strip()
-        if not text:
+def _to_number(value, label: str, hint: str, whole: bool) -> float | int:
+    """A user-supplied number: int, float, numpy scalar or numeric text (as web forms send)."""
+    number = value
+    if isinstance(value, str):
+        if not value.strip():
             raise InvalidInputError(f"{label} is empty. Please enter a number ({hint}).")
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        raise InvalidInputError(f"{label} must be a number ({hint}); got {value!r}.")
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    raise InvalidInputError(f"{label} must be a number ({hint}); got a value of type '{type(value).__name__}'.")
-
-
-def _to_whole(value, label: str, hint: str) -> int:
-    number = _to_number(value, label, hint)
-    if isinstance(number, float):
-        if not math.isfinite(number):
-            raise InvalidInputError(f"{label} must be a finite whole number ({hint}); got {number}.")
-        if not number.is_integer():
-            raise InvalidInputError(f"{label} must be a whole number ({hint}); got {number:g}.")
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidInputError(f"{label} must be a number ({hint}); got {value!r}.") from None
+    if isinstance(number, (bool, np.bool_)):
+        raise InvalidInputError(f"{label} must be a number ({hint}), not {value!r}.")
+    if not isinstance(number, numbers.Real):
+        raise InvalidInputError(f"{label} must be a number ({hint}); got a value of type '{type(value).__name__}'.")
+    if not math.isfinite(number):
+        kind = "whole number" if whole else "number"
+        raise InvalidInputError(f"{label} must be a finite {kind} ({hint}); got {number}.")
+    if not whole:
+        return float(number)
+    if not float(number).is_integer():
+        raise InvalidInputError(f"{label} must be a whole number ({hint}); got {number:g}.")
     return int(number)
 
 
-def validate_steps(value) -> int:
-    steps = _to_whole(value, "The number of steps", f"a whole number from {MIN_STEPS} to {MAX_STEPS}")
-    if not MIN_STEPS <= steps <= MAX_STEPS:
-        raise InvalidInputError(f"The number of steps must be between {MIN_STEPS} and {MAX_STEPS}; got {steps}.")
-    return steps
+def in_range(value, label: str, low, high, *, whole: bool = True) -> float | int:
+    """``value`` as a number from ``low`` to ``high`` (a whole one unless ``whole=False``)."""
+    show = str if whole else (lambda x: f"{x:g}")
+    hint = f"{'a whole number ' if whole else ''}from {show(low)} to {show(high)}"
+    number = _to_number(value, label, hint, whole)
+    if not low <= number <= high:
+        raise InvalidInputError(f"{label} must be between {show(low)} and {show(high)}; got {show(number)}.")
+    return number
 
 
 def validate_seed(value) -> int:
     """A whole number in [MIN_SEED, MAX_SEED]; None, "" or RANDOM_SEED draw one at random."""
     hint = f"a whole number from {MIN_SEED} to {MAX_SEED}, or {RANDOM_SEED} for a random seed"
     random = value is None or (isinstance(value, str) and not value.strip())
-    seed = RANDOM_SEED if random else _to_whole(value, "The seed", hint)
+    seed = RANDOM_SEED if random else _to_number(value, "The seed", hint, whole=True)
     if seed == RANDOM_SEED:
         return secrets.randbelow(MAX_SEED + 1)
     if not MIN_SEED <= seed <= MAX_SEED:
@@ -95,34 +89,19 @@ def validate_seed(value) -> int:
     return seed
 
 
-def validate_guidance(value) -> float:
-    hint = f"from {MIN_GUIDANCE:g} to {MAX_GUIDANCE:g}"
-    scale = float(_to_number(value, "The guidance scale", hint))
-    if not math.isfinite(scale):
-        raise InvalidInputError(f"The guidance scale must be a finite number ({hint}); got {scale}.")
-    if not MIN_GUIDANCE <= scale <= MAX_GUIDANCE:
-        raise InvalidInputError(f"The guidance scale must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g}; got {scale:g}.")
-    return scale
+def _flag(value, default: bool | None, error: str) -> bool:
+    """A user-supplied switch: a boolean or its word ("true", "off", ...); ``default`` for None."""
+    flag = default if value is None else parse_flag(value)
+    if flag is None:
+        raise InvalidInputError(f"{error}; got {value!r}.")
+    return flag
 
 
 def parse_tiling(value) -> bool | None:
     """``"auto"`` → None (the pipeline decides), ``"on"`` → True, ``"off"`` → False."""
-    if value is None or value is True or value is False:
-        return value
-    if str(value).strip().lower() in ("auto", ""):
+    if value is None or str(value).strip().lower() in ("auto", ""):
         return None
-    flag = parse_flag(str(value))
-    if flag is None:
-        raise InvalidInputError(f"Tiling must be one of {', '.join(TILING_CHOICES)}; got {value!r}.")
-    return flag
-
-
-def validate_flag(value, label: str, default: bool) -> bool:
-    """A user-supplied switch (``None``: ``default``)."""
-    flag = default if value is None else parse_flag(value)
-    if flag is None:
-        raise InvalidInputError(f"{label} must be true or false; got {value!r}.")
-    return flag
+    return _flag(value, None, f"Tiling must be one of {', '.join(TILING_CHOICES)}")
 
 
 def validate_prompt(value, label: str, default: str | None) -> str | None:
@@ -203,17 +182,17 @@ def make_options(
 ) -> RestoreOptions:
     """Validate user input; ``seed=None`` or ``randomize_seed`` draws a random seed.
     Flags may be booleans or their words (``"true"``, ``"off"``, …). Raises InvalidInputError."""
-    randomize = validate_flag(randomize_seed, "Randomize seed", False)
+    randomize = _flag(randomize_seed, False, "Randomize seed must be true or false")
     return RestoreOptions(
-        steps=validate_steps(steps),
+        steps=in_range(steps, "The number of steps", MIN_STEPS, MAX_STEPS),
         seed=validate_seed(None if randomize else seed),
-        guidance_scale=validate_guidance(guidance_scale),
+        guidance_scale=in_range(guidance_scale, "The guidance scale", MIN_GUIDANCE, MAX_GUIDANCE, whole=False),
         prompt=validate_prompt(prompt, "prompt", ""),
         negative_prompt=validate_prompt(negative_prompt, "negative prompt", None),
-        color_fix=validate_flag(color_fix, "Colour fix", True),
+        color_fix=_flag(color_fix, True, "Colour fix must be true or false"),
         tiled=parse_tiling(tiling),
         sampler=validate_sampler(sampler),
-        return_lkpn_image=validate_flag(return_lkpn_image, "Show the LKPN view", False),
+        return_lkpn_image=_flag(return_lkpn_image, False, "Show the LKPN view must be true or false"),
     )
 
 
@@ -238,17 +217,8 @@ class DeblurResult:
         return self.options.guidance_scale
 
 
-def restore(
-    pipe,
-    image,
-    options: RestoreOptions,
-    *,
-    on_step: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> DeblurResult:
-    """Run ``pipe`` on one RGB PIL image; ``on_step(done, total)`` after every step, and
-    ``should_stop()`` stops it after the current one (``interrupted=True``). The initial
-    noise comes from a CPU generator: a seed starts from the same noise on every device."""
+def restore(pipe, image, options: RestoreOptions, *, on_step=None, should_stop=None) -> DeblurResult:
+    """:func:`restore_batch` for one RGB PIL image."""
     return restore_batch(pipe, [image], options, on_step=on_step, should_stop=should_stop)[0]
 
 
@@ -260,10 +230,11 @@ def restore_batch(
     on_step: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> list[DeblurResult]:
-    """:func:`restore` for several RGB PIL images that pad to the same size, in one
-    pipeline call: each image has its own generator seeded with ``options.seed``, so each
-    result is the one :func:`restore` gives (within float rounding). ``seconds`` is the
-    call's time shared equally."""
+    """Run ``pipe`` on RGB PIL images that pad to the same size, in one call; ``on_step(done,
+    total)`` after every step, and ``should_stop()`` stops it after the current one
+    (``interrupted=True``). Each image's initial noise comes from its own CPU generator seeded
+    with ``options.seed``: the same noise on every device, and the result one image alone gives
+    (within float rounding). ``seconds`` is the call's time shared equally."""
     interrupted = False
     total = options.steps
 
@@ -299,19 +270,12 @@ def png_metadata(result: DeblurResult, *, model: str | None, untrained: bool, ex
 
     from . import __version__
 
-    options = asdict(result.options)
-    options.pop("return_lkpn_image")
-    fields = {"Software": f"deblurdiff {__version__}"}
-    for key, value in options.items():
-        if value is not None and value != "":
-            fields[f"deblurdiff:{key}"] = f"{value:g}" if isinstance(value, float) else str(value)
-    if model:
-        fields["deblurdiff:model"] = str(model)
-    if untrained:
-        fields["deblurdiff:warning"] = UNTRAINED_WARNING
-    for key, value in (extra or {}).items():
-        fields[f"deblurdiff:{key}"] = str(value)
+    fields = asdict(result.options)
+    fields.pop("return_lkpn_image")
+    fields.update(model=model, warning=UNTRAINED_WARNING if untrained else None, **(extra or {}))
     info = PngImagePlugin.PngInfo()
+    info.add_text("Software", f"deblurdiff {__version__}")
     for key, value in fields.items():
-        info.add_text(key, value)
+        if value is not None and value != "":
+            info.add_text(f"deblurdiff:{key}", f"{value:g}" if isinstance(value, float) else str(value))
     return info
