@@ -1,4 +1,4 @@
-"""EAC in plain PyTorch: the readable reference and the fast path.
+"""EAC in plain PyTorch: blocked in-place multiply-adds with a hand-written backward.
 
 See :mod:`deblurdiff.ops.eac` for the operator and the dispatch between backends.
 
@@ -12,32 +12,12 @@ Python loops (which depend on the concrete sizes).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .eac_shapes import common_dtype, eac_geometry
 
-__all__ = ["eac_reference", "eac_torch"]
+__all__ = ["eac_torch"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
-    """Readable ground truth: a sum of shifted copies of ``x``, one per kernel tap.
-
-    Works in any dtype (use float64 for gradcheck) and supports autograd.
-    """
-    G, k = eac_geometry(x, kernels, groups)
-    x, kernels = common_dtype(x, kernels)
-    B, C, H, W = x.shape
-    p = k // 2
-    padded = F.pad(x, (p, p, p, p))
-    # (B, G, k, k, H, W) -> one weight plane per channel: (B, C, k, k, H, W).
-    weights = kernels.reshape(B, G, k, k, H, W).repeat_interleave(C // G, dim=1)
-    out = torch.zeros_like(x)
-    for i in range(k):
-        for j in range(k):
-            out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
-    return out + x if residual else out
 
 
 # The fast PyTorch path ----------------------------------------------------------------
@@ -79,13 +59,6 @@ def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
     xp = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=dtype, device=x.device)
     xp[:, :, p : p + H, p : p + W] = x
     return xp
-
-
-def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
-    """View (P, n, k, k, rows, W) of a padded slab (P, n, rows + k - 1, W + k - 1):
-    element [..., i, j, h, w] is xb[..., h + i, w + j]."""
-    s0, s1, s2, s3 = xb.stride()
-    return xb.as_strided((xb.shape[0], xb.shape[1], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
 
 
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
@@ -160,7 +133,10 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
             # All k*k taps in one op per channel: grad (broadcast over the taps) times
             # a strided view of the k x k windows of x.
             gb = g[planes, :, None, None, h0:h1]  # (P', n, 1, 1, rows, W)
-            windows = _windows(xp[planes, :, h0 : h1 + 2 * p], k, rows, W)  # (P', n, k, k, rows, W)
+            # (P', n, k, k, rows, W) view of the slab: [..., i, j, h, w] is xb[..., h + i, w + j].
+            xb = xp[planes, :, h0 : h1 + 2 * p]
+            s0, s1, s2, s3 = xb.stride()
+            windows = xb.as_strided((*xb.shape[:2], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
             dst = grad_k[planes, :, h0:h1].unflatten(1, (k, k))  # (P', k, k, rows, W)
             if n == 1:
                 torch.mul(gb[:, 0], windows[:, 0], out=dst)
@@ -197,19 +173,11 @@ def _grad_kernels_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor,
     return _backward_taps(grad, x, kernels, groups, k, residual, need_x=False, need_k=True)[1]
 
 
-@_forward_op.register_fake
-def _(x, kernels, groups, k, residual):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_grad_x_op.register_fake
-def _(grad, x, kernels, groups, k, residual):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_grad_kernels_op.register_fake
-def _(grad, x, kernels, groups, k, residual):
-    return torch.empty_like(kernels, memory_format=torch.contiguous_format)
+# Fake implementations: the outputs' shapes, for tracing.
+_forward_op.register_fake(lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
+_grad_x_op.register_fake(lambda grad, x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
+_grad_kernels_op.register_fake(
+    lambda grad, x, kernels, *_: torch.empty_like(kernels, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):
