@@ -30,27 +30,19 @@ _HALF = (torch.float16, torch.bfloat16)
 _BLOCK = 1 << 17
 
 
-def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
-    """(plane slice, first row, end row) blocks of at most ``limit`` output elements
-    (or one row of one plane, if that is larger)."""
+def _blocks(planes: int, n: int, H: int, W: int, device: torch.device) -> list:
+    """(plane slice, first row, end row) blocks of the (planes, n, H, W) output, each of at
+    most ``_BLOCK`` elements per thread (or one row of one plane, if that is larger). On
+    other devices than the CPU the whole tensor is one block (fewest kernel launches)."""
+    if device.type != "cpu":
+        return [(slice(None), 0, H)]
+    limit = _BLOCK * max(1, torch.get_num_threads())
     plane = n * H * W
     if plane > limit:
         rows = max(1, limit // (n * W))
         return [(slice(q, q + 1), h0, min(H, h0 + rows)) for q in range(planes) for h0 in range(0, H, rows)]
     step = max(1, limit // plane)
     return [(slice(q, q + step), 0, H) for q in range(0, planes, step)]
-
-
-def _run_blocks(work, planes: int, n: int, H: int, W: int, device: torch.device) -> None:
-    """``work(block)`` for every block of the (planes, n, H, W) output.
-
-    On other devices than the CPU the whole tensor is one block (fewest kernel launches).
-    """
-    if device.type != "cpu":
-        work((slice(None), 0, H))
-        return
-    for block in _blocks(planes, n, H, W, _BLOCK * max(1, torch.get_num_threads())):
-        work(block)
 
 
 def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
@@ -76,8 +68,7 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
         out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
     acc = out.view(P, n, H, W)
 
-    def work(block):
-        planes, h0, h1 = block
+    for planes, h0, h1 in _blocks(P, n, H, W, x.device):
         rows = h1 - h0
         a = acc[planes, :, h0:h1]
         kb = kv[planes, :, h0:h1]
@@ -85,8 +76,6 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
         for t in range(k * k):
             i, j = divmod(t, k)
             a.addcmul_(xb[:, :, i : i + rows, j : j + W], kb[:, t : t + 1])
-
-    _run_blocks(work, P, n, H, W, x.device)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -114,8 +103,7 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
         xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
         grad_k = torch.empty((P, k * k, H, W), dtype=kernels.dtype, device=x.device)
 
-    def work(block):
-        planes, h0, h1 = block
+    for planes, h0, h1 in _blocks(P, n, H, W, x.device):
         rows = h1 - h0
         if need_x:
             lo, hi = max(0, h0 - p), min(H, h1 + p)  # the rows of grad and kernels read
@@ -147,8 +135,6 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
                     acc.addcmul_(gb[:, c], windows[:, c])
                 if acc is not dst:
                     dst.copy_(acc)
-
-    _run_blocks(work, P, n, H, W, x.device)
     grad_x = gx.view(B, C, H, W).to(x.dtype) if need_x else None
     return grad_x, (grad_k.view(B, G * k * k, H, W) if need_k else None)
 
