@@ -1,12 +1,7 @@
-"""EAC in plain PyTorch: blocked in-place multiply-adds with a hand-written backward.
-
-See :mod:`deblurdiff.ops.eac` for the operator and the dispatch between backends.
-
-The fast path is registered as the custom operators ``deblurdiff::eac_torch_forward``,
-``deblurdiff::eac_torch_grad_x`` and ``deblurdiff::eac_torch_grad_kernels`` (with
-fake implementations and an autograd formula): ``torch.export`` and ``torch.compile``
-then keep EAC as one opaque node, whatever the shapes, instead of tracing the blocked
-Python loops (which depend on the concrete sizes).
+"""EAC in plain PyTorch (:mod:`deblurdiff.ops.eac`): blocked in-place multiply-adds with
+a hand-written backward, as custom operators (``deblurdiff::eac_torch_*``, with fake
+implementations and an autograd formula), so that ``torch.export`` and ``torch.compile``
+keep EAC as one opaque node instead of tracing loops that depend on the concrete sizes.
 """
 
 from __future__ import annotations

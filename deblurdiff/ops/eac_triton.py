@@ -3,20 +3,18 @@
 EAC is bandwidth bound (each per-pixel kernel value is used once), so every kernel
 streams the kernels once, coalesced along W, and keeps the shifted re-reads of the small
 ``x`` (or ``grad_out``) tile in cache. A program owns a BLOCK_H x BLOCK_W tile of one
-(b, c) plane (forward, grad_x) or (b, g) plane (grad_kernels) and unrolls the k*k taps.
-Loads are in the input dtype, arithmetic in float32; explicit strides (no copies); the
-residual is fused.
+(b, c) plane (forward, and grad_x: the same sweep transposed) or (b, g) plane
+(grad_kernels) and unrolls the k*k taps. Loads are in the input dtype, arithmetic in
+float32; explicit strides (no copies); the residual is fused.
 
 The launches are ``torch.library.triton_op`` custom operators with an autograd formula:
 ``torch.export`` keeps them as nodes and Inductor compiles them into its graph. With
 symbolic sizes the 8 x 64 tiles are used for every size (they change the work split,
 not the arithmetic).
 
-Triton vectorises loads along W only where it knows row starts are aligned, which a
-width of 8 mod 16 (the project's dynamic ``W = 8 * s``) is not: the launcher passes
-``ALIGN = 8`` when it can prove the widths and strides multiples of 8 (:func:`alignment`)
-and the kernels round down to multiples of ALIGN, which changes no value.
-``tests/test_triton_compile.py`` checks the load widths for sm_90, sm_100 and sm_120.
+Rows of 8 mod 16 elements (the dynamic ``W = 8 * s``) get vectorised loads through
+:func:`alignment`; ``tests/test_triton_compile.py`` checks the load widths for sm_90,
+sm_100 and sm_120.
 
 Importing this module imports triton; under ``TRITON_INTERPRET=1`` the kernels also run
 on CPU tensors (the tests use that).
