@@ -7,10 +7,9 @@ latent height and width dynamic (``8 * Dim``, up to :data:`MAX_LATENT_SIDE`, eve
 input scaled by its level). The batch is static (1, and 2 for guidance); larger batches
 run in chunks, which is exact. EAC exports as one custom-operator node.
 
-Export runs with ``backed_size_oblivious`` and a large example input
-(:data:`EXAMPLE_LATENT`), so that the program is not specialised on "one attention
-window". The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call
-signature and refuses arguments and sizes outside the compiled range with a clear message.
+Export runs with ``backed_size_oblivious`` and a large example input (:data:`EXAMPLE_LATENT`).
+The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call signature and
+refuses arguments and sizes outside the compiled range with a clear message.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx.experimental._config as fx_config
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
@@ -227,11 +227,7 @@ class CompiledNetwork:
             [sample, t, encoder_hidden_states, tuple(down_block_additional_residuals), mid_block_additional_residual],
             sample.shape[0],
         )
-        if not return_dict:
-            return (eps,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=eps)
+        return UNet2DConditionOutput(sample=eps) if return_dict else (eps,)
 
 
 def apply_compiled(pipe, compiled: dict, apply: Callable | None = None, max_side: int = MAX_LATENT_SIDE):

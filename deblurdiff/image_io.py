@@ -74,10 +74,6 @@ class LoadedImage:
     source_format: str | None = None
 
     @property
-    def upscaled(self) -> bool:
-        return self.image.size != self.original_size
-
-    @property
     def size(self) -> tuple[int, int]:
         return self.image.size
 

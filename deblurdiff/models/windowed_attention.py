@@ -16,6 +16,7 @@ from __future__ import annotations
 import types
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 DEFAULT_WINDOW = 64
@@ -111,11 +112,7 @@ def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwa
         total = out.new_zeros(b, c_out, h * w).index_add(2, pixels, out).view(b, c_out, h, w)
         count = out.new_zeros(h * w).index_add(0, pixels, out.new_ones(n * kh * kw)).view(h, w)
     result = total / count
-    if not return_dict:
-        return (result,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=result)
+    return Transformer2DModelOutput(sample=result) if return_dict else (result,)
 
 
 def _set_window(module: nn.Module, window: int | None) -> None:
