@@ -1,6 +1,7 @@
-"""What the benchmarks compare the package's paths against: the usual PyTorch
-formulations of EAC (``bench_eac.py``; ``tests/test_eac.py`` checks them against
-``eac_reference``) and plain convolutions in place of Winograd ones (``bench_model.py``)."""
+"""What the tests and benchmarks compare the package's paths against: the readable EAC
+(:func:`eac_reference`, the ground truth of ``tests/test_eac.py`` and of the parity fixtures),
+the usual PyTorch formulations of EAC (``bench_eac.py``) and plain convolutions in place of
+Winograd ones (``bench_model.py``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,23 @@ import torch
 import torch.nn.functional as F
 
 from deblurdiff.ops.eac_shapes import common_dtype, eac_geometry
+
+
+def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
+    """Readable ground truth: a sum of shifted copies of ``x``, one per kernel tap (any
+    dtype, float64 for gradcheck; autograd)."""
+    G, k = eac_geometry(x, kernels, groups)
+    x, kernels = common_dtype(x, kernels)
+    B, C, H, W = x.shape
+    p = k // 2
+    padded = F.pad(x, (p, p, p, p))
+    # (B, G, k, k, H, W) -> one weight plane per channel: (B, C, k, k, H, W).
+    weights = kernels.reshape(B, G, k, k, H, W).repeat_interleave(C // G, dim=1)
+    out = torch.zeros_like(x)
+    for i in range(k):
+        for j in range(k):
+            out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
+    return out + x if residual else out
 
 
 def eac_unfold(x, kernels, residual: bool = False, groups: int | None = None):

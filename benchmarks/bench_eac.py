@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff.ops.eac import eac_reference, eac_torch  # noqa: E402
+from deblurdiff.ops.eac import eac_torch  # noqa: E402
 from deblurdiff.parsing import DTYPES, parse_dtype  # noqa: E402
-from baselines import eac_shifted, eac_unfold  # noqa: E402
+from baselines import eac_reference, eac_shifted, eac_unfold  # noqa: E402
 
 
 def _paths(device: torch.device) -> dict:

@@ -8,7 +8,7 @@ is timed as the median of ``--repeats`` calls after a warm-up call.
 With ``--reference DIR`` (a checkout of the authors' repository, kkkls/DeblurDiff,
 which needs ``einops``, ``omegaconf`` and ``ftfy``) the reference's ``ControlLDM`` is
 built at full size with random weights (its CUDA EAC kernel replaced by
-``deblurdiff.ops.eac_reference``, its VAE and text tower at a small size since a model
+``eac_reference`` (benchmarks/baselines.py), its VAE and text tower at a small size since a model
 call does not use them), timed in its own configuration (float32, eager), and our
 networks are converted from the same weights, so that the outputs can be compared too.
 The reference runs in a child process of its own, as a user would run it

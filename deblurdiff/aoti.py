@@ -7,10 +7,9 @@ latent height and width dynamic (``8 * Dim``, up to :data:`MAX_LATENT_SIDE`, eve
 input scaled by its level). The batch is static (1, and 2 for guidance); larger batches
 run in chunks, which is exact. EAC exports as one custom-operator node.
 
-Export runs with ``backed_size_oblivious`` and a large example input
-(:data:`EXAMPLE_LATENT`), so that the program is not specialised on "one attention
-window". The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call
-signature and refuses arguments and sizes outside the compiled range with a clear message.
+Export runs with ``backed_size_oblivious`` and a large example input (:data:`EXAMPLE_LATENT`).
+The replaced ``forward`` (:class:`CompiledNetwork`) keeps the pipeline's call signature and
+refuses arguments and sizes outside the compiled range with a clear message.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx.experimental._config as fx_config
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
@@ -119,15 +119,13 @@ def _dynamic_shapes(args: tuple, height: int, width: int, h: Dim, w: Dim):
     """Height and width of every 4-D input as a multiple of the latent's (``h``, ``w``
     count latent sides in units of :data:`LATENT_MULTIPLE`), everything else static."""
 
-    def side(size: int, full: int, root: Dim, name: str):
-        if full % size or (LATENT_MULTIPLE * size) % full:
-            raise ValueError(f"cannot express a {name} of {size} at a latent {name} of {full} as a multiple of it")
+    def side(size: int, full: int, root: Dim):
         factor = LATENT_MULTIPLE * size // full  # sides per unit of `root`
         return root if factor == 1 else factor * root
 
     def spec(x):
         if torch.is_tensor(x) and x.ndim == 4:
-            return {2: side(x.shape[2], height, h, "height"), 3: side(x.shape[3], width, w, "width")}
+            return {2: side(x.shape[2], height, h), 3: side(x.shape[3], width, w)}
         return None
 
     return tuple(pytree.tree_map(spec, arg) if isinstance(arg, (tuple, list)) else spec(arg) for arg in args)
@@ -229,11 +227,7 @@ class CompiledNetwork:
             [sample, t, encoder_hidden_states, tuple(down_block_additional_residuals), mid_block_additional_residual],
             sample.shape[0],
         )
-        if not return_dict:
-            return (eps,)
-        from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
-        return UNet2DConditionOutput(sample=eps)
+        return UNet2DConditionOutput(sample=eps) if return_dict else (eps,)
 
 
 def apply_compiled(pipe, compiled: dict, apply: Callable | None = None, max_side: int = MAX_LATENT_SIDE):

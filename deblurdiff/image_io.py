@@ -74,10 +74,6 @@ class LoadedImage:
     source_format: str | None = None
 
     @property
-    def upscaled(self) -> bool:
-        return self.image.size != self.original_size
-
-    @property
     def size(self) -> tuple[int, int]:
         return self.image.size
 
@@ -102,41 +98,6 @@ def _too_large(size, max_pixels: int, name: str) -> InvalidInputError:
         f"{name} is too large: {_dims(size)} pixels ({w * h / 1e6:.3g} megapixels), but the limit is "
         f"{_limit_text(max_pixels)}. Please downscale it (for example to {_dims(smaller)}) and try again."
     )
-
-
-def _bomb(exc: BaseException, max_pixels: int, name: str) -> InvalidInputError:
-    claimed = re.search(r"\((\d+) pixels\)", str(exc))
-    claimed = f" ({int(claimed[1]):,} pixels)" if claimed else ""
-    return InvalidInputError(
-        f"{name} declares an enormous image size{claimed} and was refused without being decoded: files "
-        f"like this can exhaust the server's memory (a 'decompression bomb'). The limit is "
-        f"{_limit_text(max_pixels)}; if it is a genuine photo, please downscale it and try again."
-    )
-
-
-def _unreadable(name: str, exc: OSError) -> InvalidInputError:
-    reason = {
-        FileNotFoundError: "was not found. Please check that the path is correct and the file exists",
-        IsADirectoryError: "is a folder, not an image file. Please choose an image file",
-        PermissionError: "cannot be read (permission denied). Please check its permissions",
-    }.get(type(exc)) or f"could not be read ({getattr(exc, 'strerror', None) or exc})"
-    return InvalidInputError(f"{name} {reason}.")
-
-
-def _not_an_image(name: str) -> InvalidInputError:
-    return InvalidInputError(
-        f"{name} is not an image that can be read: the format is not recognised or the file is damaged. "
-        f"Please upload a photo in {SUPPORTED_FORMATS} format."
-    )
-
-
-def _damaged(exc: BaseException, name: str) -> InvalidInputError:
-    detail = str(exc).strip() or type(exc).__name__
-    if isinstance(exc, EOFError) or "truncated" in detail.lower() or "end of file" in detail.lower():
-        what = "is truncated (the file is incomplete, for example because a download or upload was interrupted)"
-    else:
-        what = "is damaged and could not be decoded"
-    return InvalidInputError(f"{name} {what}. Please re-save or re-upload the original image. (Details: {detail})")
 
 
 def _empty(name: str) -> InvalidInputError:
@@ -197,15 +158,35 @@ def _user_errors(name: str, max_pixels: int):
     except InvalidInputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise _bomb(exc, max_pixels, name) from None
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        claimed = f" ({int(claimed[1]):,} pixels)" if claimed else ""
+        raise InvalidInputError(
+            f"{name} declares an enormous image size{claimed} and was refused without being decoded: files "
+            f"like this can exhaust the server's memory (a 'decompression bomb'). The limit is "
+            f"{_limit_text(max_pixels)}; if it is a genuine photo, please downscale it and try again."
+        ) from None
     except UnidentifiedImageError:
-        raise _not_an_image(name) from None
+        raise InvalidInputError(
+            f"{name} is not an image that can be read: the format is not recognised or the file is damaged. "
+            f"Please upload a photo in {SUPPORTED_FORMATS} format."
+        ) from None
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise _unreadable(name, exc) from None
+        reason = {
+            FileNotFoundError: "was not found. Please check that the path is correct and the file exists",
+            IsADirectoryError: "is a folder, not an image file. Please choose an image file",
+            PermissionError: "cannot be read (permission denied). Please check its permissions",
+        }[type(exc)]
+        raise InvalidInputError(f"{name} {reason}.") from None
     except MemoryError:
         raise InvalidInputError(f"{name} is too large to open. The limit is {_limit_text(max_pixels)}.") from None
     except Exception as exc:  # decoders raise many exception types on bad data
-        raise _damaged(exc, name) from None
+        detail = str(exc).strip() or type(exc).__name__
+        if isinstance(exc, EOFError) or "truncated" in detail.lower() or "end of file" in detail.lower():
+            what = "is truncated (the file is incomplete, for example because a download or upload was interrupted)"
+        else:
+            what = "is damaged and could not be decoded"
+        raise InvalidInputError(f"{name} {what}. Please re-save or re-upload the original image. "
+                                f"(Details: {detail})") from None
 
 
 def _decode(source: Any, max_pixels: int, notes: list[str]) -> tuple[Image.Image, str | None]:

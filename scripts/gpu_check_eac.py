@@ -30,7 +30,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from deblurdiff.ops import eac  # noqa: E402
-from deblurdiff.ops.eac import eac_reference, eac_torch  # noqa: E402
+from deblurdiff.ops.eac import eac_torch  # noqa: E402
+from baselines import eac_reference  # noqa: E402
 from deblurdiff.parsing import parse_dtype  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}

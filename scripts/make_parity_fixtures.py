@@ -36,7 +36,7 @@ its state dict is saved in the official layout (prefixes ``unet.``, ``controlnet
   (``end_to_end_vae.safetensors``), the rest is ``checkpoint.safetensors``.
 
 Substitutions that let the reference run on a CPU: ``cupy`` is stubbed (never called);
-the CUDA EAC kernel is replaced by ``deblurdiff.ops.eac_reference``, which is first
+the CUDA EAC kernel is replaced by ``eac_reference`` (benchmarks/baselines.py), which is first
 checked against a literal transcription of that kernel's index arithmetic; the LKPN's
 hard-coded UNet is shrunk.
 """
@@ -56,8 +56,9 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from deblurdiff.ops import eac_reference  # noqa: E402
+from baselines import eac_reference  # noqa: E402
 
 SEED = 0
 HEAD_DIM = 16

@@ -28,10 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # when started as a script
     sys.path.insert(0, str(ROOT))
 
-from deblurdiff.ops import eac, eac_reference  # noqa: E402
+from deblurdiff.ops import eac  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import baselines  # noqa: E402  (the benchmarks' baselines)
+from baselines import eac_reference  # noqa: E402
 
 eac_module = importlib.import_module("deblurdiff.ops.eac")  # the module (``ops.eac`` is the function)
 eac_pytorch = importlib.import_module("deblurdiff.ops.eac_pytorch")
@@ -300,7 +301,7 @@ def test_dispatch_on_cpu(monkeypatch):
     # Forcing Triton is honoured: on CPU tensors (no interpreter) it fails instead of
     # silently falling back; an explicit argument wins over the variable.
     monkeypatch.setenv(eac_module.BACKEND_ENV, "triton")
-    module = eac_module._triton_module()
+    module = eac_module._triton_module()[0]
     if module is None or not module.INTERPRETED:
         with pytest.raises((ValueError, RuntimeError), match="triton"):
             eac(x, kernels)
@@ -324,7 +325,7 @@ def test_backward_runs_only_the_needed_gradient_operators():
 
 def test_triton_backend_refuses_cpu_tensors():
     x, kernels, _ = make_inputs(1, 4, 4, 5, 6, 7, torch.float32)
-    module = eac_module._triton_module()
+    module = eac_module._triton_module()[0]
     if module is not None and module.INTERPRETED:
         pytest.skip("the Triton interpreter runs on CPU tensors")
     with pytest.raises((ValueError, RuntimeError), match="triton"):
@@ -339,7 +340,7 @@ def test_works_without_triton():
         "import importlib; m = importlib.import_module('deblurdiff.ops.eac')\n"
         "x = torch.randn(1, 4, 5, 6, requires_grad=True); k = torch.randn(1, 100, 5, 6)\n"
         "eac(x, k, residual=True).sum().backward()\n"
-        "assert m._triton_module() is None and x.grad.shape == x.shape\n"
+        "assert m._triton_module()[0] is None and x.grad.shape == x.shape\n"
         "try:\n    eac(x, k, backend='triton')\nexcept RuntimeError as e:\n    assert 'triton' in str(e)\n"
         "else:\n    raise SystemExit('no error')\n"
         "print('ok')\n"

@@ -14,10 +14,15 @@ from deblurdiff.models import LatentControlNetModel, LKPNModel
 from deblurdiff.models.configs import build_components
 from deblurdiff.models.windowed_attention import (
     _set_window,
+    _window_index,
     attention_windows,
     enable_windowed_attention,
-    window_starts,
 )
+
+
+def window_starts(side: int, k: int) -> list[int]:
+    """The first pixel of each window the package places along one dimension."""
+    return _window_index(side, k, torch.device("cpu"))[:, 0].tolist()
 
 
 def expected_starts(side: int, k: int) -> list[int]:

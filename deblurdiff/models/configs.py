@@ -18,39 +18,32 @@ from .controlnet import LatentControlNetModel
 from .lkpn import LKPNModel
 from .windowed_attention import enable_windowed_attention
 
-LATENT_SCALE = 0.18215
 TEXT_CONTEXT_LENGTH = 77
 
 # The reference's spaced DDPM sampler: 1000 steps, linear in sqrt(beta), eps prediction,
-# "fixed small" posterior variance, no clipping, timesteps spread like IDDPM's respacing.
+# "fixed small" posterior variance (DDPMScheduler's defaults), no clipping, timesteps
+# spread like IDDPM's respacing.
 SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
     beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    variance_type="fixed_small",
     clip_sample=False,
     timestep_spacing="linspace",
 )
 
-_CROSS = ("CrossAttnDownBlock2D",)
-_UP_CROSS = ("CrossAttnUpBlock2D",)
-
 
 def _levels(block_out_channels, attention_levels):
     n = len(block_out_channels)
-    down = _CROSS * attention_levels + ("DownBlock2D",) * (n - attention_levels)
-    up = ("UpBlock2D",) * (n - attention_levels) + _UP_CROSS * attention_levels
+    down = ("CrossAttnDownBlock2D",) * attention_levels + ("DownBlock2D",) * (n - attention_levels)
+    up = ("UpBlock2D",) * (n - attention_levels) + ("CrossAttnUpBlock2D",) * attention_levels
     return down, up
 
 
 def unet_config(block_out_channels, layers_per_block, head_dim, cross_attention_dim, attention_levels):
+    """SD 2.1's layout (with diffusers' defaults: 4 latent channels, flip_sin_to_cos, no frequency shift)."""
     down, up = _levels(block_out_channels, attention_levels)
     return dict(
         sample_size=64,
-        in_channels=4,
-        out_channels=4,
         block_out_channels=tuple(block_out_channels),
         down_block_types=down,
         up_block_types=up,
@@ -58,8 +51,6 @@ def unet_config(block_out_channels, layers_per_block, head_dim, cross_attention_
         attention_head_dim=[max(c // head_dim, 1) for c in block_out_channels],  # heads per level
         cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,
-        flip_sin_to_cos=True,
-        freq_shift=0,
     )
 
 
@@ -76,6 +67,7 @@ def side_network_config(block_out_channels, layers_per_block, head_dim, cross_at
 
 
 def vae_config(block_out_channels, layers_per_block, in_channels=3, out_channels=3, latent_channels=4):
+    """SD's VAE (diffusers' default ``scaling_factor`` 0.18215 is SD's)."""
     n = len(block_out_channels)
     return dict(
         in_channels=in_channels,
@@ -86,7 +78,6 @@ def vae_config(block_out_channels, layers_per_block, in_channels=3, out_channels
         up_block_types=("UpDecoderBlock2D",) * n,
         layers_per_block=layers_per_block,
         sample_size=512,
-        scaling_factor=LATENT_SCALE,
     )
 
 
@@ -99,7 +90,6 @@ def text_config(hidden_size, layers, heads, vocab_size=49408):
         num_attention_heads=heads,
         max_position_embeddings=TEXT_CONTEXT_LENGTH,
         hidden_act="gelu",
-        layer_norm_eps=1e-5,
         projection_dim=hidden_size // 2 if hidden_size < 1024 else 512,
         pad_token_id=0,
         # Start/end of text are the vocabulary's last two ids (49406/49407 in OpenCLIP's).
@@ -145,13 +135,8 @@ def make_test_tokenizer(directory: str | Path | None = None) -> CLIPTokenizer:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     chars = "abcdefghijklmnopqrstuvwxyz0123456789,.-'"
-    vocab = {"!": 0}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    vocab["<|startoftext|>"] = 49406
-    vocab["<|endoftext|>"] = 49407
+    tokens = ["!", *chars, *(c + "</w>" for c in chars)]
+    vocab = {token: i for i, token in enumerate(tokens)} | {"<|startoftext|>": 49406, "<|endoftext|>": 49407}
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\n")
     return CLIPTokenizer(

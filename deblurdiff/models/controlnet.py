@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.controlnets.controlnet import zero_module
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_down_block
@@ -20,11 +21,8 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2DCrossAttn, get_d
 from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
-def zero_module(module: nn.Module) -> nn.Module:
-    """Zero every parameter of ``module`` (in place, without recording gradients)."""
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
+#: The SD 2.1 encoder's blocks: cross-attention at the first three levels.
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 
 
 class LatentControlNetModel(ModelMixin, ConfigMixin):
@@ -41,12 +39,7 @@ class LatentControlNetModel(ModelMixin, ConfigMixin):
         in_channels: int = 4,
         hint_channels: int = 8,
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
-        down_block_types: tuple[str, ...] = (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
+        down_block_types: tuple[str, ...] = SD_DOWN_BLOCKS,
         layers_per_block: int = 2,
         attention_head_dim: int = 64,
         cross_attention_dim: int = 1024,

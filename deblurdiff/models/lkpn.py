@@ -15,7 +15,7 @@ from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 from ..ops import eac
-from .controlnet import zero_module
+from .controlnet import SD_DOWN_BLOCKS, zero_module
 from .windowed_attention import DEFAULT_WINDOW, enable_windowed_attention
 
 
@@ -34,12 +34,7 @@ class LKPNModel(ModelMixin, ConfigMixin):
         latent_channels: int = 4,
         kernel_size: int = 5,
         block_out_channels: tuple[int, ...] = (128, 256, 512, 512),
-        down_block_types: tuple[str, ...] = (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
+        down_block_types: tuple[str, ...] = SD_DOWN_BLOCKS,
         layers_per_block: int = 2,
         attention_head_dim: int = 64,
         cross_attention_dim: int = 1024,
@@ -60,8 +55,6 @@ class LKPNModel(ModelMixin, ConfigMixin):
             cross_attention_dim=cross_attention_dim,
             use_linear_projection=True,
             norm_num_groups=norm_num_groups,
-            flip_sin_to_cos=True,
-            freq_shift=0,
         )
         enable_windowed_attention(self, attention_window)
 

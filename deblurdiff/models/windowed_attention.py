@@ -13,35 +13,16 @@ instance (state-dict keys untouched); a map that fits one window runs the origin
 
 from __future__ import annotations
 
-import math
 import types
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 DEFAULT_WINDOW = 64
 
-__all__ = ["DEFAULT_WINDOW", "attention_windows", "enable_windowed_attention",
-           "ensure_attention_layout", "has_attention_layout", "window_starts",
+__all__ = ["DEFAULT_WINDOW", "attention_windows", "enable_windowed_attention", "ensure_attention_layout",
            "windowed_transformer_forward"]
-
-
-def window_starts(side: int, k: int) -> list[int]:
-    """Start offsets of the windows along one dimension of length ``side``, as the
-    reference places them: ``n = ceil(side / k)`` windows spaced by
-    ``ceil((side - k) / (n - 1))``, the last one moved back to end at the edge."""
-    k = min(side, k)
-    count = -(-side // k)
-    step = k if count == 1 else math.ceil((side - k) / (count - 1) - 1e-8)
-    starts = []
-    pos = 0
-    while pos < side:
-        if pos + k >= side:
-            starts.append(side - k)
-            break
-        starts.append(pos)
-        pos += step
-    return starts
 
 
 def _repeat_batch(value, windows: int, batch: int):
@@ -52,9 +33,11 @@ def _repeat_batch(value, windows: int, batch: int):
 
 
 def _window_index(side, k: int, device: torch.device) -> torch.Tensor:
-    """(n, min(k, side)) indices of the pixels of each window along one dimension, placed
-    like :func:`window_starts`, with integer arithmetic only: ``side`` may be a symbolic
-    size (``torch.export`` with dynamic shapes), so nothing here branches on it."""
+    """(n, min(k, side)) indices of the pixels of each window along one dimension, placed as
+    the reference places them: ``n = ceil(side / k)`` windows spaced by
+    ``ceil((side - k) / (n - 1))``, the last one moved back to end at the edge. Integer
+    arithmetic only: ``side`` may be a symbolic size (``torch.export`` with dynamic shapes),
+    so nothing here branches on it."""
     count = (side + k - 1) // k  # ceil(side / k): one window when side <= k
     k = torch.sym_min(k, side)
     gaps = torch.sym_max(count - 1, 1)
@@ -129,11 +112,7 @@ def windowed_transformer_forward(self, hidden_states: torch.Tensor, *args, **kwa
         total = out.new_zeros(b, c_out, h * w).index_add(2, pixels, out).view(b, c_out, h, w)
         count = out.new_zeros(h * w).index_add(0, pixels, out.new_ones(n * kh * kw)).view(h, w)
     result = total / count
-    if not return_dict:
-        return (result,)
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=result)
+    return Transformer2DModelOutput(sample=result) if return_dict else (result,)
 
 
 def _set_window(module: nn.Module, window: int | None) -> None:
@@ -180,15 +159,11 @@ def enable_windowed_attention(model: nn.Module, base: int | None = DEFAULT_WINDO
     return windows
 
 
-def has_attention_layout(model: nn.Module) -> bool:
-    """Whether :func:`enable_windowed_attention` gave ``model`` a layout (windows or global)."""
-    return any(hasattr(model.get_submodule(name), "attention_window") for name in attention_windows(model))
-
-
 def ensure_attention_layout(model: nn.Module, base: int | None = DEFAULT_WINDOW) -> bool:
-    """Give ``model`` the reference's windows unless it has a layout already (a plain diffusers
-    UNet just loaded has none); returns whether it set one."""
-    if has_attention_layout(model):
+    """Give ``model`` the reference's windows unless :func:`enable_windowed_attention` gave it
+    a layout (windows or global) already (a plain diffusers UNet just loaded has none);
+    returns whether it set one."""
+    if any(hasattr(model.get_submodule(name), "attention_window") for name in attention_windows(model)):
         return False
     enable_windowed_attention(model, base)
     return True

@@ -1,3 +1,3 @@
-from .eac import eac, eac_reference
+from .eac import eac
 
-__all__ = ["eac", "eac_reference"]
+__all__ = ["eac"]

@@ -1,43 +1,18 @@
-"""EAC in plain PyTorch: the readable reference and the fast path.
-
-See :mod:`deblurdiff.ops.eac` for the operator and the dispatch between backends.
-
-The fast path is registered as the custom operators ``deblurdiff::eac_torch_forward``,
-``deblurdiff::eac_torch_grad_x`` and ``deblurdiff::eac_torch_grad_kernels`` (with
-fake implementations and an autograd formula): ``torch.export`` and ``torch.compile``
-then keep EAC as one opaque node, whatever the shapes, instead of tracing the blocked
-Python loops (which depend on the concrete sizes).
+"""EAC in plain PyTorch (:mod:`deblurdiff.ops.eac`): blocked in-place multiply-adds with
+a hand-written backward, as custom operators (``deblurdiff::eac_torch_*``, with fake
+implementations and an autograd formula), so that ``torch.export`` and ``torch.compile``
+keep EAC as one opaque node instead of tracing loops that depend on the concrete sizes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .eac_shapes import common_dtype, eac_geometry
 
-__all__ = ["eac_reference", "eac_torch"]
+__all__ = ["eac_torch"]
 
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, groups: int | None = None):
-    """Readable ground truth: a sum of shifted copies of ``x``, one per kernel tap.
-
-    Works in any dtype (use float64 for gradcheck) and supports autograd.
-    """
-    G, k = eac_geometry(x, kernels, groups)
-    x, kernels = common_dtype(x, kernels)
-    B, C, H, W = x.shape
-    p = k // 2
-    padded = F.pad(x, (p, p, p, p))
-    # (B, G, k, k, H, W) -> one weight plane per channel: (B, C, k, k, H, W).
-    weights = kernels.reshape(B, G, k, k, H, W).repeat_interleave(C // G, dim=1)
-    out = torch.zeros_like(x)
-    for i in range(k):
-        for j in range(k):
-            out = out + weights[:, :, i, j] * padded[:, :, i : i + H, j : j + W]
-    return out + x if residual else out
 
 
 # The fast PyTorch path ----------------------------------------------------------------
@@ -50,9 +25,13 @@ def eac_reference(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False
 _BLOCK = 1 << 17
 
 
-def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
-    """(plane slice, first row, end row) blocks of at most ``limit`` output elements
-    (or one row of one plane, if that is larger)."""
+def _blocks(planes: int, n: int, H: int, W: int, device: torch.device) -> list:
+    """(plane slice, first row, end row) blocks of the (planes, n, H, W) output, each of at
+    most ``_BLOCK`` elements per thread (or one row of one plane, if that is larger). On
+    other devices than the CPU the whole tensor is one block (fewest kernel launches)."""
+    if device.type != "cpu":
+        return [(slice(None), 0, H)]
+    limit = _BLOCK * max(1, torch.get_num_threads())
     plane = n * H * W
     if plane > limit:
         rows = max(1, limit // (n * W))
@@ -61,31 +40,12 @@ def _blocks(planes: int, n: int, H: int, W: int, limit: int) -> list:
     return [(slice(q, q + step), 0, H) for q in range(0, planes, step)]
 
 
-def _run_blocks(work, planes: int, n: int, H: int, W: int, device: torch.device) -> None:
-    """``work(block)`` for every block of the (planes, n, H, W) output.
-
-    On other devices than the CPU the whole tensor is one block (fewest kernel launches).
-    """
-    if device.type != "cpu":
-        work((slice(None), 0, H))
-        return
-    for block in _blocks(planes, n, H, W, _BLOCK * max(1, torch.get_num_threads())):
-        work(block)
-
-
 def _padded(x: torch.Tensor, p: int, dtype: torch.dtype) -> torch.Tensor:
     """Contiguous zero-padded copy of ``x`` in ``dtype`` (one pass, any input layout)."""
     B, C, H, W = x.shape
     xp = torch.zeros((B, C, H + 2 * p, W + 2 * p), dtype=dtype, device=x.device)
     xp[:, :, p : p + H, p : p + W] = x
     return xp
-
-
-def _windows(xb: torch.Tensor, k: int, rows: int, W: int) -> torch.Tensor:
-    """View (P, n, k, k, rows, W) of a padded slab (P, n, rows + k - 1, W + k - 1):
-    element [..., i, j, h, w] is xb[..., h + i, w + j]."""
-    s0, s1, s2, s3 = xb.stride()
-    return xb.as_strided((xb.shape[0], xb.shape[1], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
 
 
 def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residual: bool) -> torch.Tensor:
@@ -103,8 +63,7 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
         out = torch.zeros((B, C, H, W), dtype=acc_dtype, device=x.device)
     acc = out.view(P, n, H, W)
 
-    def work(block):
-        planes, h0, h1 = block
+    for planes, h0, h1 in _blocks(P, n, H, W, x.device):
         rows = h1 - h0
         a = acc[planes, :, h0:h1]
         kb = kv[planes, :, h0:h1]
@@ -112,8 +71,6 @@ def _forward_taps(x: torch.Tensor, kernels: torch.Tensor, G: int, k: int, residu
         for t in range(k * k):
             i, j = divmod(t, k)
             a.addcmul_(xb[:, :, i : i + rows, j : j + W], kb[:, t : t + 1])
-
-    _run_blocks(work, P, n, H, W, x.device)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -141,8 +98,7 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
         xp = _padded(x, p, acc_dtype).view(P, n, H + 2 * p, W + 2 * p)
         grad_k = torch.empty((P, k * k, H, W), dtype=kernels.dtype, device=x.device)
 
-    def work(block):
-        planes, h0, h1 = block
+    for planes, h0, h1 in _blocks(P, n, H, W, x.device):
         rows = h1 - h0
         if need_x:
             lo, hi = max(0, h0 - p), min(H, h1 + p)  # the rows of grad and kernels read
@@ -160,7 +116,10 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
             # All k*k taps in one op per channel: grad (broadcast over the taps) times
             # a strided view of the k x k windows of x.
             gb = g[planes, :, None, None, h0:h1]  # (P', n, 1, 1, rows, W)
-            windows = _windows(xp[planes, :, h0 : h1 + 2 * p], k, rows, W)  # (P', n, k, k, rows, W)
+            # (P', n, k, k, rows, W) view of the slab: [..., i, j, h, w] is xb[..., h + i, w + j].
+            xb = xp[planes, :, h0 : h1 + 2 * p]
+            s0, s1, s2, s3 = xb.stride()
+            windows = xb.as_strided((*xb.shape[:2], k, k, rows, W), (s0, s1, s2, s3, s2, s3), xb.storage_offset())
             dst = grad_k[planes, :, h0:h1].unflatten(1, (k, k))  # (P', k, k, rows, W)
             if n == 1:
                 torch.mul(gb[:, 0], windows[:, 0], out=dst)
@@ -171,8 +130,6 @@ def _backward_taps(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor, G
                     acc.addcmul_(gb[:, c], windows[:, c])
                 if acc is not dst:
                     dst.copy_(acc)
-
-    _run_blocks(work, P, n, H, W, x.device)
     grad_x = gx.view(B, C, H, W).to(x.dtype) if need_x else None
     return grad_x, (grad_k.view(B, G * k * k, H, W) if need_k else None)
 
@@ -197,19 +154,11 @@ def _grad_kernels_op(grad: torch.Tensor, x: torch.Tensor, kernels: torch.Tensor,
     return _backward_taps(grad, x, kernels, groups, k, residual, need_x=False, need_k=True)[1]
 
 
-@_forward_op.register_fake
-def _(x, kernels, groups, k, residual):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_grad_x_op.register_fake
-def _(grad, x, kernels, groups, k, residual):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@_grad_kernels_op.register_fake
-def _(grad, x, kernels, groups, k, residual):
-    return torch.empty_like(kernels, memory_format=torch.contiguous_format)
+# Fake implementations: the outputs' shapes, for tracing.
+_forward_op.register_fake(lambda x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
+_grad_x_op.register_fake(lambda grad, x, *_: torch.empty_like(x, memory_format=torch.contiguous_format))
+_grad_kernels_op.register_fake(
+    lambda grad, x, kernels, *_: torch.empty_like(kernels, memory_format=torch.contiguous_format))
 
 
 def _setup_context(ctx, inputs, output):

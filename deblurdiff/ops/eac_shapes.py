@@ -33,18 +33,14 @@ def eac_geometry(x: torch.Tensor, kernels: torch.Tensor, groups: int | None = No
             f"{kernels.shape[2]}x{kernels.shape[3]} ({tuple(x.shape)} vs {tuple(kernels.shape)})"
         )
     K = kernels.shape[1]
-    if groups is not None:
-        if groups < 1 or C % groups:
-            raise ValueError(f"EAC: channels C={C} must be a multiple of the number of kernel groups G={groups}")
-        k = _odd_square_root(K // groups) if K % groups == 0 else None
-        if k is None:
-            raise ValueError(
-                f"EAC: kernels must have G*k*k channels with odd k; got {K} channels for G={groups}"
-            )
-        return groups, k
-    for g in sorted((d for d in range(1, C + 1) if C % d == 0), reverse=True):
+    if groups is not None and (groups < 1 or C % groups):
+        raise ValueError(f"EAC: channels C={C} must be a multiple of the number of kernel groups G={groups}")
+    candidates = [groups] if groups is not None else [d for d in range(C, 0, -1) if C % d == 0]
+    for g in candidates:
         if K % g == 0 and (k := _odd_square_root(K // g)) is not None:
             return g, k
+    if groups is not None:
+        raise ValueError(f"EAC: kernels must have G*k*k channels with odd k; got {K} channels for G={groups}")
     raise ValueError(
         f"EAC: kernels must have G*k*k channels with odd k and C={C} a multiple of G; "
         f"got {K} kernel channels (e.g. {C * 25} for G=C={C}, k=5)"

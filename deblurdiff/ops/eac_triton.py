@@ -3,20 +3,18 @@
 EAC is bandwidth bound (each per-pixel kernel value is used once), so every kernel
 streams the kernels once, coalesced along W, and keeps the shifted re-reads of the small
 ``x`` (or ``grad_out``) tile in cache. A program owns a BLOCK_H x BLOCK_W tile of one
-(b, c) plane (forward, grad_x) or (b, g) plane (grad_kernels) and unrolls the k*k taps.
-Loads are in the input dtype, arithmetic in float32; explicit strides (no copies); the
-residual is fused.
+(b, c) plane (forward, and grad_x: the same sweep transposed) or (b, g) plane
+(grad_kernels) and unrolls the k*k taps. Loads are in the input dtype, arithmetic in
+float32; explicit strides (no copies); the residual is fused.
 
 The launches are ``torch.library.triton_op`` custom operators with an autograd formula:
 ``torch.export`` keeps them as nodes and Inductor compiles them into its graph. With
 symbolic sizes the 8 x 64 tiles are used for every size (they change the work split,
 not the arithmetic).
 
-Triton vectorises loads along W only where it knows row starts are aligned, which a
-width of 8 mod 16 (the project's dynamic ``W = 8 * s``) is not: the launcher passes
-``ALIGN = 8`` when it can prove the widths and strides multiples of 8 (:func:`alignment`)
-and the kernels round down to multiples of ALIGN, which changes no value.
-``tests/test_triton_compile.py`` checks the load widths for sm_90, sm_100 and sm_120.
+Rows of 8 mod 16 elements (the dynamic ``W = 8 * s``) get vectorised loads through
+:func:`alignment`; ``tests/test_triton_compile.py`` checks the load widths for sm_90,
+sm_100 and sm_120.
 
 Importing this module imports triton; under ``TRITON_INTERPRET=1`` the kernels also run
 on CPU tensors (the tests use that).
@@ -24,6 +22,7 @@ on CPU tensors (the tests use that).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -50,94 +49,66 @@ def _aligned(value, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _eac_fwd_kernel(
-    x_ptr, k_ptr, out_ptr,
-    C, H, W, CPG, tiles_w,
-    sxb, sxc, sxh, sxw,
-    skb, skc, skh, skw,
-    sob, soc, soh, sow,
-    K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
-    W = _aligned(W, ALIGN)
-    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
-    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
-    sob, soc, soh = _aligned(sob, ALIGN), _aligned(soc, ALIGN), _aligned(soh, ALIGN)
-    pid_tile = tl.program_id(0)
-    pid_plane = tl.program_id(1)
-    b = (pid_plane // C).to(tl.int64)
-    c = pid_plane % C
-    g = (c // CPG).to(tl.int64)
-    c = c.to(tl.int64)
-    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    inside = (hs < H) & (ws < W)
-
-    x_plane = x_ptr + b * sxb + c * sxc
-    k_pixels = k_ptr + b * skb + g * (K * K) * skc + hs * skh + ws * skw
-    P: tl.constexpr = K // 2
-    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
-    for i in tl.static_range(K):
-        hh = hs + (i - P)
-        row_ok = inside & (hh >= 0) & (hh < H)
-        x_row = x_plane + hh * sxh
-        for j in tl.static_range(K):
-            ww = ws + (j - P)
-            xv = tl.load(x_row + ww * sxw, mask=row_ok & (ww >= 0) & (ww < W), other=0.0).to(tl.float32)
-            kv = tl.load(k_pixels + (i * K + j) * skc, mask=inside, other=0.0).to(tl.float32)
-            acc += xv * kv
-            if RESIDUAL:
-                if i == P:
-                    if j == P:
-                        acc += xv
-    out = out_ptr + b * sob + c * soc + hs * soh + ws * sow
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
+def _aligned_strides(s_batch, s_channel, s_row, ALIGN: tl.constexpr):
+    return _aligned(s_batch, ALIGN), _aligned(s_channel, ALIGN), _aligned(s_row, ALIGN)
 
 
 @triton.jit
-def _eac_grad_x_kernel(
-    go_ptr, k_ptr, gx_ptr,
-    C, H, W, CPG, tiles_w,
-    sgb, sgc, sgh, sgw,
-    skb, skc, skh, skw,
-    sxb, sxc, sxh, sxw,
-    K: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
-    ALIGN: tl.constexpr,
-):
-    # grad_x[h, w] = sum_{i,j} grad_out[h - i + P, w - j + P] * kernel[i, j, h - i + P, w - j + P]
-    W = _aligned(W, ALIGN)
-    sgb, sgc, sgh = _aligned(sgb, ALIGN), _aligned(sgc, ALIGN), _aligned(sgh, ALIGN)
-    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
-    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
+def _tile(H, W, tiles_w, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows, columns and in-bounds mask of this program's tile."""
     pid_tile = tl.program_id(0)
+    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
+    return hs, ws, (hs < H) & (ws < W)
+
+
+@triton.jit
+def _eac_taps_kernel(
+    src_ptr, k_ptr, out_ptr,
+    C, H, W, CPG, tiles_w,
+    ssb, ssc, ssh, ssw,
+    skb, skc, skh, skw,
+    sob, soc, soh, sow,
+    K: tl.constexpr, RESIDUAL: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr, ALIGN: tl.constexpr,
+):
+    # Forward (src = x): out[h, w] = sum_{i,j} kernel[i, j, h, w] * x[h + i - P, w + j - P].
+    # TRANSPOSED, grad_x (src = grad_out):
+    #   out[h, w] = sum_{i,j} grad_out[h - i + P, w - j + P] * kernel[i, j, h - i + P, w - j + P].
+    W = _aligned(W, ALIGN)
+    ssb, ssc, ssh = _aligned_strides(ssb, ssc, ssh, ALIGN)
+    skb, skc, skh = _aligned_strides(skb, skc, skh, ALIGN)
+    sob, soc, soh = _aligned_strides(sob, soc, soh, ALIGN)
     pid_plane = tl.program_id(1)
     b = (pid_plane // C).to(tl.int64)
     c = pid_plane % C
     g = (c // CPG).to(tl.int64)
     c = c.to(tl.int64)
-    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    inside = (hs < H) & (ws < W)
+    hs, ws, inside = _tile(H, W, tiles_w, BLOCK_H, BLOCK_W)
 
-    go_plane = go_ptr + b * sgb + c * sgc
+    src_plane = src_ptr + b * ssb + c * ssc
     k_group = k_ptr + b * skb + g * (K * K) * skc
     P: tl.constexpr = K // 2
+    SIGN: tl.constexpr = -1 if TRANSPOSED else 1
     acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
     for i in tl.static_range(K):
-        hh = hs - (i - P)
+        hh = hs + SIGN * (i - P)
         row_ok = inside & (hh >= 0) & (hh < H)
         for j in tl.static_range(K):
-            ww = ws - (j - P)
+            ww = ws + SIGN * (j - P)
             m = row_ok & (ww >= 0) & (ww < W)
-            gv = tl.load(go_plane + hh * sgh + ww * sgw, mask=m, other=0.0).to(tl.float32)
-            kv = tl.load(k_group + (i * K + j) * skc + hh * skh + ww * skw, mask=m, other=0.0).to(tl.float32)
-            acc += gv * kv
+            sv = tl.load(src_plane + hh * ssh + ww * ssw, mask=m, other=0.0).to(tl.float32)
+            if TRANSPOSED:  # the kernels of the source pixel
+                kv = tl.load(k_group + (i * K + j) * skc + hh * skh + ww * skw, mask=m, other=0.0)
+            else:  # the kernels of the output pixel, streamed
+                kv = tl.load(k_group + (i * K + j) * skc + hs * skh + ws * skw, mask=inside, other=0.0)
+            acc += sv * kv.to(tl.float32)
             if RESIDUAL:
                 if i == P:
                     if j == P:
-                        acc += gv
-    gx = gx_ptr + b * sxb + c * sxc + hs * sxh + ws * sxw
-    tl.store(gx, acc.to(gx_ptr.dtype.element_ty), mask=inside)
+                        acc += sv
+    out = out_ptr + b * sob + c * soc + hs * soh + ws * sow
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -152,16 +123,13 @@ def _eac_grad_k_kernel(
 ):
     # grad_kernels[g, i, j, h, w] = sum_{c in group g} grad_out[c, h, w] * x[c, h + i - P, w + j - P]
     W = _aligned(W, ALIGN)
-    sgb, sgc, sgh = _aligned(sgb, ALIGN), _aligned(sgc, ALIGN), _aligned(sgh, ALIGN)
-    sxb, sxc, sxh = _aligned(sxb, ALIGN), _aligned(sxc, ALIGN), _aligned(sxh, ALIGN)
-    skb, skc, skh = _aligned(skb, ALIGN), _aligned(skc, ALIGN), _aligned(skh, ALIGN)
-    pid_tile = tl.program_id(0)
+    sgb, sgc, sgh = _aligned_strides(sgb, sgc, sgh, ALIGN)
+    sxb, sxc, sxh = _aligned_strides(sxb, sxc, sxh, ALIGN)
+    skb, skc, skh = _aligned_strides(skb, skc, skh, ALIGN)
     pid_plane = tl.program_id(1)
     b = (pid_plane // G).to(tl.int64)
     g = (pid_plane % G).to(tl.int64)
-    hs = (pid_tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
-    ws = (pid_tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)[None, :]
-    inside = (hs < H) & (ws < W)
+    hs, ws, inside = _tile(H, W, tiles_w, BLOCK_H, BLOCK_W)
 
     c0 = g * CPG
     go_pixels = go_ptr + b * sgb + c0 * sgc + hs * sgh + ws * sgw
@@ -188,13 +156,7 @@ def _eac_grad_k_kernel(
             tl.store(gk_pixels + (i * K + j) * skc, acc.to(gk_ptr.dtype.element_ty), mask=inside)
 
 
-INTERPRETED = not isinstance(_eac_fwd_kernel, triton.runtime.JITFunction)
-
-
-def _traceable(kernel):
-    """``wrap_triton(kernel)``, or the interpreted kernel itself (some torch versions'
-    ``wrap_triton`` refuse the interpreter's functions; there is nothing to trace)."""
-    return kernel if INTERPRETED else wrap_triton(kernel)
+INTERPRETED = not isinstance(_eac_taps_kernel, triton.runtime.JITFunction)
 
 
 DYNAMIC_CONFIG = (8, 64, 4)
@@ -208,15 +170,6 @@ def launch_config(H: int, W: int) -> tuple[int, int, int]:
     block_w = min(64, triton.next_power_of_2(W))
     block_h = min(max(1, 512 // block_w), triton.next_power_of_2(H))
     return block_h, block_w, 4
-
-
-def _check_device(*tensors: torch.Tensor) -> None:
-    for t in tensors:
-        if not t.is_cuda and not INTERPRETED:
-            raise ValueError(
-                "EAC: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before import); "
-                f"got a tensor on {t.device}"
-            )
 
 
 def _grid(H: int, W: int, planes: int, block_h: int, block_w: int):
@@ -249,24 +202,20 @@ class Launch(NamedTuple):
     kwargs: dict
 
 
-def forward_launch(x, kernels, out, groups: int, k: int, residual: bool,
-                   block_h: int, block_w: int, num_warps: int) -> Launch:
-    B, C, H, W = x.shape
+def _taps_launch(transposed: bool, src, kernels, out, groups: int, k: int, residual: bool,
+                 block_h: int, block_w: int, num_warps: int) -> Launch:
+    B, C, H, W = src.shape
     grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    return Launch(_eac_fwd_kernel, grid, (
-        x, kernels, out, C, H, W, C // groups, tiles_w, *x.stride(), *kernels.stride(), *out.stride(),
-    ), dict(K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=alignment(W, x, kernels, out),
-            num_warps=num_warps))
+    return Launch(_eac_taps_kernel, grid, (
+        src, kernels, out, C, H, W, C // groups, tiles_w, *src.stride(), *kernels.stride(), *out.stride(),
+    ), dict(K=k, RESIDUAL=residual, TRANSPOSED=transposed, BLOCK_H=block_h, BLOCK_W=block_w,
+            ALIGN=alignment(W, src, kernels, out), num_warps=num_warps))
 
 
-def grad_x_launch(grad, kernels, grad_x, groups: int, k: int, residual: bool,
-                  block_h: int, block_w: int, num_warps: int) -> Launch:
-    B, C, H, W = grad.shape
-    grid, tiles_w = _grid(H, W, B * C, block_h, block_w)
-    return Launch(_eac_grad_x_kernel, grid, (
-        grad, kernels, grad_x, C, H, W, C // groups, tiles_w, *grad.stride(), *kernels.stride(), *grad_x.stride(),
-    ), dict(K=k, RESIDUAL=residual, BLOCK_H=block_h, BLOCK_W=block_w, ALIGN=alignment(W, grad, kernels, grad_x),
-            num_warps=num_warps))
+#: ``(x, kernels, out, groups, k, residual, block_h, block_w, num_warps)``
+forward_launch = functools.partial(_taps_launch, False)
+#: ``(grad, kernels, grad_x, groups, k, residual, block_h, block_w, num_warps)``
+grad_x_launch = functools.partial(_taps_launch, True)
 
 
 def grad_kernels_launch(grad, x, grad_k, groups: int, k: int,
@@ -280,23 +229,28 @@ def grad_kernels_launch(grad, x, grad_k, groups: int, k: int,
 
 
 def _run(launch: Launch) -> None:
-    _traceable(launch.kernel)[launch.grid](*launch.args, **launch.kwargs)
+    # ``wrap_triton`` makes the launch traceable; some torch versions refuse the
+    # interpreter's functions, which have nothing to trace.
+    kernel = launch.kernel if INTERPRETED else wrap_triton(launch.kernel)
+    kernel[launch.grid](*launch.args, **launch.kwargs)
+
+
+def _taps(transposed: bool, src, kernels, *args) -> torch.Tensor:
+    out = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    _run(_taps_launch(transposed, src, kernels, out, *args))
+    return out
 
 
 @triton_op("deblurdiff::eac_triton_forward", mutates_args=())
 def _forward_op(x: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
                 block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _run(forward_launch(x, kernels, out, groups, k, residual, block_h, block_w, num_warps))
-    return out
+    return _taps(False, x, kernels, groups, k, residual, block_h, block_w, num_warps)
 
 
 @triton_op("deblurdiff::eac_triton_grad_x", mutates_args=())
 def _grad_x_op(grad: torch.Tensor, kernels: torch.Tensor, groups: int, k: int, residual: bool,
                block_h: int, block_w: int, num_warps: int) -> torch.Tensor:
-    grad_x = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-    _run(grad_x_launch(grad, kernels, grad_x, groups, k, residual, block_h, block_w, num_warps))
-    return grad_x
+    return _taps(True, grad, kernels, groups, k, residual, block_h, block_w, num_warps)
 
 
 @triton_op("deblurdiff::eac_triton_grad_kernels", mutates_args=())
@@ -340,7 +294,10 @@ def eac_triton(x: torch.Tensor, kernels: torch.Tensor, residual: bool = False, g
     x, kernels = common_dtype(x, kernels)
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"EAC: the triton backend supports float32, float16 and bfloat16, not {x.dtype}")
-    _check_device(x, kernels)
+    for t in (x, kernels):
+        if not t.is_cuda and not INTERPRETED:
+            raise ValueError("EAC: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                             f"import); got a tensor on {t.device}")
     if x.device != kernels.device:
         raise ValueError(f"EAC: x is on {x.device} but kernels are on {kernels.device}")
     block_h, block_w, warps = config or launch_config(x.shape[2], x.shape[3])
