@@ -1,9 +1,5 @@
-"""Command line: deblur image files and folders (``python -m deblurdiff --help``).
-
-Outputs are written under a temporary name, renamed when complete and keyed on their input's
-bytes and settings, so rerunning a command computes only what is missing. Under ``torchrun``
-or ``accelerate launch`` each process takes a share of the images (:mod:`deblurdiff.distributed`).
-"""
+"""Command line: deblur image files and folders (``python -m deblurdiff --help``; README's
+"Command line" section says how resuming, batches and several processes work)."""
 
 from __future__ import annotations
 
@@ -50,9 +46,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
     | {".heic", ".heif", ".avif"}
 )
-
-
-# ------------------------------------------------------------------------------ inputs and outputs
 
 
 def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -164,11 +157,7 @@ def is_complete(path: Path) -> bool:
 
 
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written.
-    Temporaries that a killed run left for ``target`` are removed first."""
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        if stale.name[len(target.name) + 2 : -4].isdigit():  # a process id: not another target's
-            stale.unlink(missing_ok=True)
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
@@ -202,7 +191,7 @@ def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
         group = list(group)
         out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return out
-# ------------------------------------------------------------------------------ the command
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,7 +326,7 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         config = choose_cpu_config(dtype=pipe.unet.dtype)
         if main_rank:
             say(f"CPU configuration: {config.describe()}")
-        prepare_cpu_pipeline(pipe, config, progress=say if main_rank else lambda message: None, measure=False)
+        prepare_cpu_pipeline(pipe, config, progress=say if main_rank else None, measure=False)
 
     model_name = RANDOM_TINY if untrained else (args.model or os.environ.get(MODEL_ENV) or OFFICIAL_LABEL)
 
@@ -359,6 +348,11 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             outputs = plan_outputs(
                 items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite, keep=ours
             )
+            names = {name for target in outputs for name in (target.name, f"{target.stem}_lkpn.png")}
+            for stale in out_dir.glob(".*.tmp"):  # save_atomically's temporaries, left by a killed run
+                name, _, pid = stale.name[1:-4].rpartition(".")
+                if pid.isdigit() and name in names:
+                    stale.unlink(missing_ok=True)
             pending = [
                 Job(item, target, padded_size(item))
                 for item, target in zip(items, outputs)
@@ -435,12 +429,10 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         try:
             results = restore_batch(pipe, [image for _, image in group], options,
                                     on_step=lambda done, steps: steps_bar.update(done - steps_bar.n))
+        except InvalidInputError as exc:
+            results, kind, detail = None, "skipped", str(exc)
         except Exception as exc:  # out of memory and the like: report, go on with the next image
-            results = None
-            if isinstance(exc, InvalidInputError):
-                kind, detail = "skipped", str(exc)
-            else:
-                kind, detail = "failed", f"{type(exc).__name__}: {exc}"
+            results, kind, detail = None, "failed", f"{type(exc).__name__}: {exc}"
         finally:
             steps_bar.close()
         if results is not None:
