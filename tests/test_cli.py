@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deblurdiff import cli
-from deblurdiff.cli import main, plan_outputs, safe_stem
+from deblurdiff import cli, service
+from deblurdiff.cli import main, plan_outputs
+from deblurdiff.service import safe_stem
 from deblurdiff.loading import MODEL_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,7 +230,7 @@ def three_squares(tmp_path):
 
 def test_a_failing_batch_is_retried_one_image_at_a_time(three_squares, tmp_path, capsys, monkeypatch):
     folder = three_squares
-    real = cli.restore_batch
+    real = service.restore_batch
 
     def fails_for_batches_and_for_p1(pipe, images, options, **kwargs):
         if len(images) > 1:
@@ -238,7 +239,7 @@ def test_a_failing_batch_is_retried_one_image_at_a_time(three_squares, tmp_path,
             raise RuntimeError("out of memory")
         return real(pipe, images, options, **kwargs)
 
-    monkeypatch.setattr(cli, "restore_batch", fails_for_batches_and_for_p1)
+    monkeypatch.setattr(service, "restore_batch", fails_for_batches_and_for_p1)
     code = main([str(folder), "-o", str(tmp_path / "out"), "--batch-size", "3", "--steps", "1", "--dev-random-weights", "-q"])
     err = capsys.readouterr().err
     assert code == cli.EXIT_SOME_FAILED
