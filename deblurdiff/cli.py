@@ -1,9 +1,5 @@
-"""Command line: deblur image files and folders (``python -m deblurdiff --help``).
-
-Outputs are written under a temporary name, renamed when complete and keyed on their input's
-bytes and settings, so rerunning a command computes only what is missing. Under ``torchrun``
-or ``accelerate launch`` each process takes a share of the images (:mod:`deblurdiff.distributed`).
-"""
+"""Command line: deblur image files and folders (``python -m deblurdiff --help``; README's
+"Command line" section says how resuming, batches and several processes work)."""
 
 from __future__ import annotations
 
@@ -23,18 +19,6 @@ from PIL import Image
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
 from .parsing import DTYPES
-from .service import (
-    DEFAULT_SAMPLER,
-    DEFAULT_TILING,
-    TILING_CHOICES,
-    UNTRAINED_LABEL,
-    UNTRAINED_WARNING,
-    is_untrained,
-    make_options,
-    png_metadata,
-    restore_batch,
-    safe_stem,
-)
 from .tiling import padded
 
 EXIT_OK = 0
@@ -50,9 +34,6 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
     | {".heic", ".heif", ".avif"}
 )
-
-
-# ------------------------------------------------------------------------------ inputs and outputs
 
 
 def collect_inputs(arguments: Sequence[str]) -> tuple[list[Path], list[str]]:
@@ -102,7 +83,7 @@ def plan_outputs(
     taken: set[str] = set()
     outputs = []
     for item in items:
-        stem = safe_stem(item.name) + suffix
+        stem = service.safe_stem(item.name) + suffix
         for n in itertools.count():
             candidate = out_root / (f"{stem}.png" if n == 0 else f"{stem}-{n}.png")
             clash = (
@@ -164,11 +145,7 @@ def is_complete(path: Path) -> bool:
 
 
 def save_atomically(image, target: Path, pnginfo) -> None:
-    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written.
-    Temporaries that a killed run left for ``target`` are removed first."""
-    for stale in target.parent.glob(f".{target.name}.*.tmp"):
-        if stale.name[len(target.name) + 2 : -4].isdigit():  # a process id: not another target's
-            stale.unlink(missing_ok=True)
+    """Write a PNG under a temporary name, then rename it: ``target`` is never half-written."""
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
         image.save(temporary, format="PNG", pnginfo=pnginfo)
@@ -202,7 +179,7 @@ def batches(jobs: Sequence[Job], batch_size: int) -> list[list[Job]]:
         group = list(group)
         out += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     return out
-# ------------------------------------------------------------------------------ the command
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,11 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
             "recursively for images) is written to OUT_DIR/<name>.png."
         ),
         epilog=(
-            "Weights: --model, or the DEBLURDIFF_MODEL environment variable (a diffusers folder, a "
-            "Hub repo id, or the official model.pth, converted when loaded), else the authors' "
-            "checkpoint, downloaded and converted once (--no-download: never). Exit status: 0 all "
-            "images written, 1 some inputs failed (reported, the others are written), 2 unusable "
-            "options or weights. Rerun the same command after an interruption: finished outputs "
+            "Exit status: 0 all images written, 1 some inputs failed (reported, the others are written), "
+            "2 unusable options or weights. Rerun the same command after an interruption: finished outputs "
             "are kept, the missing ones computed. Several processes: torchrun --nproc_per_node N "
             "-m deblurdiff ... or accelerate launch -m deblurdiff ... (one GPU each)."
         ),
@@ -234,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt", default=None, help="text prompt (default: empty)")
     parser.add_argument("--negative-prompt", default=None, help="negative prompt, used when --guidance > 1 (default: the model's)")
     parser.add_argument("--no-color-fix", dest="color_fix", action="store_false", help="do not match the output's colours to the input's")
-    parser.add_argument("--tiled", choices=TILING_CHOICES, default=DEFAULT_TILING, help="process large images in tiles (default: auto, by size)")
-    parser.add_argument("--sampler", default=None, help=f"sampler (default: {DEFAULT_SAMPLER})")
+    parser.add_argument("--tiled", choices=service.TILING_CHOICES, default=service.DEFAULT_TILING,
+                        help="process large images in tiles (default: auto, by size)")
+    parser.add_argument("--sampler", default=None, help=f"sampler (default: {service.DEFAULT_SAMPLER})")
     parser.add_argument("--save-lkpn", action="store_true", help="also write the LKPN-restored latent, decoded, as <name>_lkpn.png")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files in OUT_DIR (inputs are never replaced)")
-    parser.add_argument("--model", default=None, help="weights: folder, Hub repo id or official model.pth (default: $DEBLURDIFF_MODEL, else the authors' checkpoint, downloaded once)")
+    parser.add_argument("--model", default=None, help="weights: a diffusers folder, a Hub repo id or the official model.pth "
+                        "(default: $DEBLURDIFF_MODEL, else the authors' checkpoint, downloaded and converted once)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer override (default: $DEBLURDIFF_TOKENIZER, else the one shipped with the package)")
     parser.add_argument("--no-download", action="store_true", help="never download the authors' checkpoint (also: DEBLURDIFF_NO_DOWNLOAD=1)")
     parser.add_argument("--device", default="auto", help="auto (default), cuda, cuda:N, mps or cpu")
@@ -258,7 +234,7 @@ def _error(message: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        options = make_options(
+        options = service.make_options(
             steps=args.steps, seed=args.seed, guidance_scale=args.guidance, prompt=args.prompt,
             negative_prompt=args.negative_prompt, color_fix=args.color_fix, tiling=args.tiled,
             sampler=args.sampler, return_lkpn_image=args.save_lkpn,
@@ -328,16 +304,16 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         if setup_error and (main_rank or setup_error != errors[0]):
             _error(prefix + setup_error)
         return EXIT_USAGE
-    untrained = is_untrained(pipe)
+    untrained = service.is_untrained(pipe)
     if untrained and main_rank:
-        say(f"WARNING: {UNTRAINED_WARNING}")
+        say(f"WARNING: {service.UNTRAINED_WARNING}")
     if pipe.device.type == "cpu":
         from .cpu import choose_cpu_config, prepare_cpu_pipeline
 
         config = choose_cpu_config(dtype=pipe.unet.dtype)
         if main_rank:
             say(f"CPU configuration: {config.describe()}")
-        prepare_cpu_pipeline(pipe, config, progress=say if main_rank else lambda message: None, measure=False)
+        prepare_cpu_pipeline(pipe, config, progress=say if main_rank else None, measure=False)
 
     model_name = RANDOM_TINY if untrained else (args.model or os.environ.get(MODEL_ENV) or OFFICIAL_LABEL)
 
@@ -356,9 +332,13 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     if main_rank:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            outputs = plan_outputs(
-                items, out_dir, suffix=f"_{UNTRAINED_LABEL}" if untrained else "", overwrite=args.overwrite, keep=ours
-            )
+            suffix = f"_{service.UNTRAINED_LABEL}" if untrained else ""
+            outputs = plan_outputs(items, out_dir, suffix=suffix, overwrite=args.overwrite, keep=ours)
+            names = {name for target in outputs for name in (target.name, f"{target.stem}_lkpn.png")}
+            for stale in out_dir.glob(".*.tmp"):  # save_atomically's temporaries, left by a killed run
+                name, _, pid = stale.name[1:-4].rpartition(".")
+                if pid.isdigit() and name in names:
+                    stale.unlink(missing_ok=True)
             pending = [
                 Job(item, target, padded_size(item))
                 for item, target in zip(items, outputs)
@@ -388,12 +368,11 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     images_bar = tqdm(total=len(pending), unit="image", disable=not show_bars or len(pending) < 2, position=0)
     stop_polling = threading.Event()
 
-    def refresh_bar():
-        images_bar.update(processes.finished_overall() - images_bar.n)
-
-    def poll():
-        while not stop_polling.wait(0.5):
-            refresh_bar()
+    def poll():  # until stopped, then once more
+        stopped = False
+        while not stopped:
+            stopped = stop_polling.wait(0.5)
+            images_bar.update(processes.finished_overall() - images_bar.n)
 
     poller = threading.Thread(target=poll, daemon=True)
     if not images_bar.disable:
@@ -410,7 +389,7 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     def finish(job: Job, result) -> None:
         key = key_of(job.path)
         extra = {"source": job.path.name, "resume_key": key}
-        info = png_metadata(result, model=model_name, untrained=untrained, extra=extra)
+        info = service.png_metadata(result, model=model_name, untrained=untrained, extra=extra)
         message = f"{job.path} → {job.target} ({result.seconds:.1f} s)"
         try:
             if result.lkpn_image is not None:  # written first: a complete output implies its companion
@@ -425,7 +404,7 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             failed(job, "failed", f"could not write {job.target}: {exc}")
             return
         counts["written"] += 1
-        say(message + (f" [{UNTRAINED_LABEL}]" if untrained else ""))
+        say(message + (f" [{service.UNTRAINED_LABEL}]" if untrained else ""))
         processes.finished()
 
     def run_together(group: list[tuple[Job, object]]) -> None:
@@ -433,14 +412,12 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
             total=options.steps, unit="step", leave=False, disable=not show_bars, position=1 if len(pending) > 1 else 0
         )
         try:
-            results = restore_batch(pipe, [image for _, image in group], options,
-                                    on_step=lambda done, steps: steps_bar.update(done - steps_bar.n))
+            results = service.restore_batch(pipe, [image for _, image in group], options,
+                                            on_step=lambda done, steps: steps_bar.update(done - steps_bar.n))
+        except InvalidInputError as exc:
+            results, kind, detail = None, "skipped", str(exc)
         except Exception as exc:  # out of memory and the like: report, go on with the next image
-            results = None
-            if isinstance(exc, InvalidInputError):
-                kind, detail = "skipped", str(exc)
-            else:
-                kind, detail = "failed", f"{type(exc).__name__}: {exc}"
+            results, kind, detail = None, "failed", f"{type(exc).__name__}: {exc}"
         finally:
             steps_bar.close()
         if results is not None:
@@ -471,9 +448,8 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     except KeyboardInterrupt:
         reports = None
     stop_polling.set()
-    if not images_bar.disable:
+    if poller.is_alive():
         poller.join()
-        refresh_bar()
     images_bar.close()
     if reports is None:
         _error(f"{prefix}interrupted; {counts['written']} image(s) written")

@@ -1,8 +1,5 @@
-"""Several processes, one device each, started by ``torchrun`` or ``accelerate launch``.
-
-:func:`start` joins the group through accelerate's ``PartialState`` (gloo on CPUs, NCCL on
-GPUs); a plain ``python -m`` run is a group of one and touches no process group.
-"""
+"""Several processes, one device each, started by ``torchrun`` or ``accelerate launch``: accelerate's
+``PartialState`` (gloo on CPUs, NCCL on GPUs); a plain ``python -m`` run touches no process group."""
 
 from __future__ import annotations
 
@@ -18,20 +15,14 @@ GROUP_TIMEOUT = timedelta(hours=24)
 _COUNTER_KEY = "deblurdiff/images-finished"
 
 
-def launched_world_size(environ=os.environ) -> int:
-    """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
-    return max(1, int(environ.get("WORLD_SIZE", "1")))
-
-
 @dataclass
 class Processes:
-    """This process's place in the group (a group of one by default), with the few collective
-    steps the command line needs."""
+    """This process's place in the group (a group of one by default) and the steps the CLI shares."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    _store: Any = field(default=None, repr=False)  # a shared counter that needs no collective call
+    _store: Any = field(default=None, repr=False)
     _local_count: int = 0
 
     @property
@@ -58,17 +49,15 @@ class Processes:
 
         return gather_object([obj])
 
-    def finished(self, n: int = 1) -> None:
-        """Count ``n`` images finished by this rank (written or failed)."""
-        self._local_count += n
+    def finished(self) -> None:
+        """Count one image finished by this rank (written or failed)."""
+        self._local_count += 1
         if self._store is not None:
-            self._store.add(_COUNTER_KEY, n)
+            self._store.add(_COUNTER_KEY, 1)
 
     def finished_overall(self) -> int:
-        """Images finished by all ranks so far (without a shared store: this rank's)."""
-        if self._store is None:
-            return self._local_count
-        return int(self._store.add(_COUNTER_KEY, 0))
+        """Images finished by all ranks so far."""
+        return self._local_count if self._store is None else int(self._store.add(_COUNTER_KEY, 0))
 
     def close(self) -> None:
         if self.distributed:
@@ -88,33 +77,26 @@ def uses_cuda(device: str) -> bool:
 
 def start(device: str = "auto") -> Processes:
     """Join the launcher's process group (a group of one without a launcher)."""
-    if launched_world_size() == 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Processes()
     from accelerate import PartialState
+    from torch.distributed.distributed_c10d import _get_default_store
 
     state = PartialState(cpu=not uses_cuda(device), timeout=GROUP_TIMEOUT)
-    try:  # the rendezvous store
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        store = _get_default_store()
-    except Exception:  # an older or other backend: rank 0 then counts its own images only
-        store = None
+    store = _get_default_store()  # the rendezvous store: a shared counter that needs no collective call
     return Processes(state.process_index, state.num_processes, state.local_process_index, store)
 
 
 def process_device(device: str, processes: Processes) -> str:
-    """``--device`` for this process: with several processes, "auto" and "cuda" mean the
-    GPU of the local rank (``cuda:LOCAL_RANK``); anything else is used as given."""
+    """``--device`` for this process: with several, "auto" and "cuda" mean ``cuda:LOCAL_RANK``."""
     if processes.distributed and device in ("auto", "cuda") and uses_cuda(device):
         return f"cuda:{processes.local_rank}"
     return device
 
 
 def shard(costs: Sequence[float], world_size: int) -> list[list[int]]:
-    """Split items ``0 .. len(costs) - 1`` over ``world_size`` ranks, balancing the total
-    cost: the most costly item first, each to the rank with the least cost so far (the
-    lowest rank on ties). Deterministic; every item is in exactly one shard, each shard
-    in increasing index order."""
+    """Indices of ``costs`` split over ``world_size`` ranks (each in increasing order), balancing
+    the total cost: the costliest item first, to the rank with the least so far (lowest on ties)."""
     loads = [0.0] * world_size
     shards: list[list[int]] = [[] for _ in range(world_size)]
     for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):

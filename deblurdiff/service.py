@@ -1,8 +1,5 @@
-"""Restore one image with given options: the step the web app and the command line share.
-
-:func:`make_options` turns user input (form, command line or API; numbers may be text) into
-:class:`RestoreOptions` or an :class:`InvalidInputError` that says what was wrong.
-"""
+"""What the web app and the command line share: user input (numbers may be text) checked into
+:class:`RestoreOptions` or an :class:`InvalidInputError` saying what was wrong, and the restore call."""
 
 from __future__ import annotations
 
@@ -156,7 +153,6 @@ class RestoreOptions:
     return_lkpn_image: bool = False
 
     def pipeline_kwargs(self) -> dict:
-        """Keyword arguments for ``pipe(...)``."""
         kwargs = {
             "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale, "prompt": self.prompt,
             "color_fix": self.color_fix, "tiled": self.tiled, "sampler": self.sampler,
@@ -222,19 +218,11 @@ def restore(pipe, image, options: RestoreOptions, *, on_step=None, should_stop=N
     return restore_batch(pipe, [image], options, on_step=on_step, should_stop=should_stop)[0]
 
 
-def restore_batch(
-    pipe,
-    images,
-    options: RestoreOptions,
-    *,
-    on_step: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[DeblurResult]:
-    """Run ``pipe`` on RGB PIL images that pad to the same size, in one call; ``on_step(done,
-    total)`` after every step, and ``should_stop()`` stops it after the current one
-    (``interrupted=True``). Each image's initial noise comes from its own CPU generator seeded
-    with ``options.seed``: the same noise on every device, and the result one image alone gives
-    (within float rounding). ``seconds`` is the call's time shared equally."""
+def restore_batch(pipe, images: list, options: RestoreOptions, *, on_step: Callable[[int, int], None] | None = None,
+                  should_stop: Callable[[], bool] | None = None) -> list[DeblurResult]:
+    """Run ``pipe`` on RGB PIL images that pad to the same size, in one call; ``should_stop()`` ends it
+    after the current step (``interrupted=True``). A CPU generator seeded with ``options.seed`` per
+    image: the same noise on every device, and each result the one it gives alone."""
     interrupted = False
     total = options.steps
 
@@ -247,7 +235,6 @@ def restore_batch(
             interrupted = True
         return {}
 
-    images = list(images)
     start = time.perf_counter()
     out = pipe(
         images,
@@ -257,7 +244,7 @@ def restore_batch(
         **options.pipeline_kwargs(),
     )
     seconds = (time.perf_counter() - start) / len(images)
-    lkpn = out.lkpn_images if options.return_lkpn_image and out.lkpn_images is not None else [None] * len(images)
+    lkpn = out.lkpn_images or [None] * len(images)  # None unless asked for
     return [
         DeblurResult(image=image, lkpn_image=lkpn_image, options=options, seconds=seconds, interrupted=interrupted)
         for image, lkpn_image in zip(out.images, lkpn)
