@@ -441,7 +441,7 @@ def load_tokenizer(tokenizer=None):
 
 
 def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 64, torch_dtype=None) -> dict:
-    """``DeblurDiffPipeline(**components)``'s arguments; the tokenizer first (the usual offline failure)."""
+    """The pipeline's components; the tokenizer first (cheap, and the usual offline failure)."""
     from .models.configs import make_scheduler
 
     tok = load_tokenizer(tokenizer)
