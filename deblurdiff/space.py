@@ -3,11 +3,9 @@
     python -m deblurdiff.space deploy owner/space [--model owner/weights] [--private] [--token TOKEN]
     python -m deblurdiff.space requirements [--platform]
 
-``deploy`` creates or updates the Space with only what the app needs (no training code),
-sets ``DEBLURDIFF_MODEL`` when ``--model`` is given and asks for ZeroGPU hardware.
-``requirements`` prints the Space's ``requirements.txt`` (``--platform``: with pins of what
-the platform installs, how CI rebuilds the Space's stack). :data:`ZEROGPU` is the one
-table of what ZeroGPU supports; the README's front matter and CI are written from it.
+``requirements --platform`` adds pins of what the platform installs (how CI rebuilds the Space's
+stack). :data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter and
+CI are written from it.
 """
 
 from __future__ import annotations
@@ -47,9 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What the Space runs: the entry point, the package (the app needs neither the
 # training code nor caches), the examples and the README's screenshot.
-_TOP_FILES = ("app.py",)
+_FILES = ("app.py", "docs/screenshot.png")
 _TOP_DIRS = ("deblurdiff", "examples")
-_EXTRA_FILES = ("docs/screenshot.png",)
 _SKIP_DIRS = {"__pycache__", "train", ".pytest_cache"}
 _SKIP_SUFFIXES = {".pyc", ".pyo"}
 
@@ -58,12 +55,9 @@ class DeployError(Exception):
     """A problem reported to the user as one line, without a traceback."""
 
 
-# The files -------------------------------------------------------------------------
-
-
 def space_files(root: Path = ROOT) -> list[str]:
     """Paths (relative to ``root``, POSIX style) of the project files the Space gets."""
-    files = [name for name in _TOP_FILES + _EXTRA_FILES if (root / name).is_file()]
+    files = [name for name in _FILES if (root / name).is_file()]
     for top in _TOP_DIRS:
         for path in sorted((root / top).rglob("*")):
             relative = path.relative_to(root)
@@ -82,20 +76,12 @@ def _name(line: str) -> str:
 def space_requirements(requirements: str) -> str:
     """The Space's ``requirements.txt``: torch pinned to :data:`SPACE_TORCH`, triton left to
     torch, nothing the platform installs itself (:data:`PLATFORM_PACKAGES`)."""
-    lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
-    found = False
-    for line in requirements.splitlines():
-        name = _name(line)
-        if name == "torch":
-            lines.append(f"torch=={SPACE_TORCH}")
-            found = True
-        elif name == "triton" or name in PLATFORM_PACKAGES:
-            continue  # torch's wheel requires the matching triton; the platform brings the others
-        elif line.strip() and not line.lstrip().startswith("#"):
-            lines.append(line.strip())
-    if not found:
-        lines.append(f"torch=={SPACE_TORCH}")
-    return "\n".join(lines) + "\n"
+    # torch's wheel requires the matching triton; the platform brings the others.
+    left_out = PLATFORM_PACKAGES | {"torch", "triton"}
+    kept = [line.strip() for line in requirements.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and _name(line) not in left_out]
+    header = "# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."
+    return "\n".join([header, f"torch=={SPACE_TORCH}", *kept]) + "\n"
 
 
 def staged_requirements(root: Path = ROOT) -> str:
@@ -139,9 +125,6 @@ def stage(directory: Path, root: Path = ROOT) -> list[str]:
     (directory / "requirements.txt").write_text(staged_requirements(root))
     (directory / "README.md").write_text(space_readme((root / "README.md").read_text(encoding="utf-8")), encoding="utf-8")
     return sorted(files + ["requirements.txt", "README.md"])
-
-
-# The Hub ---------------------------------------------------------------------------
 
 
 def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,
