@@ -38,8 +38,6 @@ ZEROGPU = {
 #: The versions the Space runs (the newest supported ones).
 SPACE_PYTHON = ZEROGPU["python"][-1]
 SPACE_TORCH = ZEROGPU["torch"][-1]
-#: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
-PLATFORM_PACKAGES = frozenset(re.sub(r"[-_.]+", "-", name).lower() for name in ZEROGPU["platform"])
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,30 +45,21 @@ ROOT = Path(__file__).resolve().parent.parent
 # training code nor caches), the examples and the README's screenshot.
 _FILES = ("app.py", "docs/screenshot.png")
 _TOP_DIRS = ("deblurdiff", "examples")
-_SKIP_DIRS = {"__pycache__", "train", ".pytest_cache"}
-_SKIP_SUFFIXES = {".pyc", ".pyo"}
+_SKIP = shutil.ignore_patterns("__pycache__", "train", ".pytest_cache", "*.pyc", "*.pyo")
 
 
 class DeployError(Exception):
     """A problem reported to the user as one line, without a traceback."""
 
 
-def space_files(root: Path = ROOT) -> list[str]:
-    """Paths (relative to ``root``, POSIX style) of the project files the Space gets."""
-    files = [name for name in _FILES if (root / name).is_file()]
-    for top in _TOP_DIRS:
-        for path in sorted((root / top).rglob("*")):
-            relative = path.relative_to(root)
-            if not path.is_file() or _SKIP_DIRS.intersection(relative.parts) or path.suffix in _SKIP_SUFFIXES:
-                continue
-            files.append(relative.as_posix())
-    return files
-
-
 def _name(line: str) -> str:
     """The normalised distribution name of a requirement line (PEP 503)."""
     name = re.split(r"[=<>!~; \[@]", line.strip(), maxsplit=1)[0]
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+#: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
+PLATFORM_PACKAGES = frozenset(map(_name, ZEROGPU["platform"]))
 
 
 def space_requirements(requirements: str) -> str:
@@ -117,14 +106,14 @@ def space_readme(readme: str) -> str:
 
 def stage(directory: Path, root: Path = ROOT) -> list[str]:
     """Write the Space's files into ``directory``; returns their paths."""
-    files = space_files(root)
-    for name in files:
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, target)
+    for top in _TOP_DIRS:
+        shutil.copytree(root / top, directory / top, ignore=_SKIP, dirs_exist_ok=True)
+    for name in _FILES:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, directory / name)
     (directory / "requirements.txt").write_text(staged_requirements(root))
     (directory / "README.md").write_text(space_readme((root / "README.md").read_text(encoding="utf-8")), encoding="utf-8")
-    return sorted(files + ["requirements.txt", "README.md"])
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
 def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,
