@@ -1,10 +1,6 @@
-"""Command line: convert the official checkpoint to a pipeline folder, and publish it.
+"""``python -m deblurdiff.convert model.pth out_dir [--dtype fp16] [--push-to-hub owner/name]``.
 
-    python -m deblurdiff.convert model.pth out_dir [--dtype fp16] [--tokenizer PATH]
-    python -m deblurdiff.convert model.pth out_dir --dtype fp16 --push-to-hub owner/name
-
-The conversion itself is :mod:`deblurdiff.single_file`; this module writes the
-diffusers folder (safetensors) and uploads it with a model card.
+Writes the diffusers folder that :mod:`deblurdiff.single_file` converts, and uploads it with a model card.
 """
 
 from __future__ import annotations
@@ -35,8 +31,7 @@ class HubPushError(RuntimeError):
 
 
 def model_card(repo_id: str, dtype: str, source_name: str, source_sha256: str | None = None) -> str:
-    """The README.md of an uploaded pipeline folder: what the model is, the weights' licences
-    as their publishers state them, how to load it, and the citation."""
+    """The README.md of an uploaded folder; the licences are as the weights' publishers state them."""
     provenance = f"`{source_name}`" + (f" (SHA-256 `{source_sha256}`)" if source_sha256 else "")
     return f"""---
 license: openrail++
@@ -116,8 +111,7 @@ def describe_hub_error(error: Exception) -> str:
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, card: str, private: bool = False, api=None) -> str:
-    """Create ``repo_id`` (a model repo; kept if it exists) and upload ``folder`` with ``card``
-    as its README.md. Returns the repo's URL; raises :class:`HubPushError`."""
+    """Upload ``folder`` with ``card`` as README.md to the model repo (made if needed); returns its URL."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -137,7 +131,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, card: str, private: 
     return str(url)
 
 
-# ---------------------------------------------------------------------------- command line
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deblurdiff.convert",
@@ -146,16 +139,10 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help=".pth / .ckpt / .safetensors file")
     parser.add_argument("out_dir", help="folder to write (diffusers layout, safetensors weights)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default fp32)")
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer folder or Hub repo id (default: the OpenCLIP tokenizer shipped with the package)",
-    )
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub repo id (default: the packaged one)")
     parser.add_argument("--attention-head-dim", type=int, default=64, help="channels per attention head (default 64)")
-    parser.add_argument(
-        "--push-to-hub", metavar="OWNER/NAME", default=None,
-        help="then upload the folder, with a model card, to this Hugging Face model repo (created if needed)",
-    )
+    parser.add_argument("--push-to-hub", metavar="OWNER/NAME",
+                        help="then upload the folder, with a model card, to this Hub model repo")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo as private")
     args = parser.parse_args(argv)
     if args.push_to_hub and not HUB_REPO_ID.fullmatch(args.push_to_hub):

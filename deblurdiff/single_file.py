@@ -1,12 +1,8 @@
 """Convert the official DeblurDiff checkpoint (``model.pth``, LDM layout) to diffusers components.
 
-The checkpoint holds the authors' ``ControlLDM``: ``unet.`` (SD 2.1 UNet), ``controlnet.``,
-``kpn.`` (LKPN), ``vae.`` and ``clip.`` (OpenCLIP ViT-H/14 text tower). Names are translated
-with diffusers' single-file helpers; every architecture is read from the tensor shapes
-(so scaled-down checkpoints convert too), except the attention head size
-(``attention_head_dim``, 64). The text encoder keeps what the reference runs: every layer
-but the last, then the final layer norm. Every unknown, missing or mis-shaped tensor is
-reported in one :class:`CheckpointError`.
+Names are translated with diffusers' single-file helpers; every architecture is read from the
+tensor shapes except the attention head size (64). The text encoder keeps every layer but the
+last, as the reference runs it. See the README's "Weights" section.
 """
 
 from __future__ import annotations
@@ -35,7 +31,6 @@ PREFIXES = {
 COMPONENTS = ("vae", "text_encoder", "unet", "controlnet", "lkpn")
 # Text-tower entries the penultimate-layer encoder does not use (relative to ``clip.model.``).
 _CLIP_IGNORED = ("text_projection", "logit_scale", "attn_mask")
-_CLIP_IGNORED_PREFIXES = ("visual.",)
 
 
 class CheckpointError(ValueError):
@@ -69,10 +64,8 @@ class _ArchitectureError(Exception):
         self.missing = missing
 
 
-# ---------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The state dict of a ``.pth``/``.ckpt``/``.pt`` (``torch.load``, weights only; a nested
-    ``"state_dict"`` is unwrapped) or ``.safetensors`` file, on the CPU."""
+    """The state dict (a nested ``"state_dict"`` unwrapped) of a torch or safetensors file, on the CPU."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -83,12 +76,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         state_dict = load_file(str(path), device="cpu")
     elif suffix in (".pth", ".ckpt", ".pt", ".bin"):
         import pickle
+        import zipfile
 
         try:
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            # Legacy (non-zip) serialisation cannot be memory-mapped.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 other=[f"{path} holds objects other than tensors and cannot be loaded safely: {exc}"]
@@ -106,9 +98,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def split_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """``({component: {key without prefix: tensor}}, unknown keys)``."""
-    keys = list(state_dict)
-    if keys and all(k.startswith("module.") for k in keys):  # saved from a DistributedDataParallel wrapper
-        state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
     parts: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     unknown = []
     for key, value in state_dict.items():
@@ -121,7 +110,6 @@ def split_checkpoint(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, dic
     return dict(parts), unknown
 
 
-# ---------------------------------------------------------------------------- architectures
 def _get(sd: dict, key: str) -> torch.Tensor:
     if key not in sd:
         raise _ArchitectureError(f"cannot read the architecture without {key!r}", missing=key)
@@ -130,7 +118,10 @@ def _get(sd: dict, key: str) -> torch.Tensor:
 
 def _indices(sd: dict, prefix: str) -> list[int]:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    return sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+    found = sorted({int(m.group(1)) for k in sd if (m := pattern.match(k))})
+    if found != list(range(len(found))):
+        raise _ArchitectureError(f"{prefix}* are not numbered 0..n-1: {found}")
+    return found
 
 
 def _heads(width: int, head_dim: int, what: str) -> int:
@@ -147,8 +138,6 @@ def unet_config_from_ldm(sd: dict[str, torch.Tensor], head_dim: int) -> dict:
     an LDM ``UNetModel``/``ControlNet`` state dict (no prefix)."""
     conv_in = _get(sd, "input_blocks.0.0.weight")
     blocks = _indices(sd, "input_blocks.")
-    if blocks != list(range(len(blocks))):
-        raise _ArchitectureError(f"input_blocks are not numbered 0..n-1: {blocks}")
     downsamplers = [i for i in blocks if f"input_blocks.{i}.0.op.weight" in sd]
     layers = downsamplers[0] - 1 if downsamplers else len(blocks) - 1
     if layers < 1 or len(blocks) % (layers + 1):
@@ -216,9 +205,7 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     from .models.configs import vae_config
 
     conv_in = _get(sd, "encoder.conv_in.weight")
-    levels = _indices(sd, "encoder.down.")
-    if not levels or levels != list(range(len(levels))):
-        raise _ArchitectureError(f"encoder.down levels are not numbered 0..n-1: {levels}")
+    levels = _indices(sd, "encoder.down.") or [0]  # none: reported as a missing key below
     widths = [int(_get(sd, f"encoder.down.{i}.block.0.conv2.weight").shape[0]) for i in levels]
     layers = len(_indices(sd, "encoder.down.0.block."))
     z = int(_get(sd, "encoder.conv_out.weight").shape[0]) // 2
@@ -231,7 +218,7 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
     )
 
 
-def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, num_heads: int | None = None):
+def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int):
     """``CLIPTextConfig`` of the penultimate-layer encoder of an OpenCLIP text tower
     (keys relative to ``clip.model.``), with the conventions of ``configs.text_config``."""
     from .models.configs import text_config
@@ -241,14 +228,13 @@ def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int = 64, 
     layers = len(_indices(sd, "transformer.resblocks."))
     if layers < 2:
         raise _ArchitectureError(f"the text tower has {layers} layers; the penultimate-layer encoder needs at least 2")
-    heads = num_heads or _heads(width, head_dim, f"text tower ({width} wide)")
+    heads = _heads(width, head_dim, f"text tower ({width} wide)")
     config = text_config(hidden_size=width, layers=layers - 1, heads=heads, vocab_size=vocab)
     config.intermediate_size = int(_get(sd, "transformer.resblocks.0.mlp.c_fc.weight").shape[0])
     config.max_position_embeddings = int(_get(sd, "positional_embedding").shape[0])
     return config
 
 
-# ---------------------------------------------------------------------------- conversion
 def _root(t: torch.Tensor) -> torch.Tensor:
     return t._base if t._base is not None else t
 
@@ -261,9 +247,8 @@ def _prefix(component: str, state_dict: dict) -> str:
 
 def _load(model_cls, config, converted: dict, sd: dict, prefix: str, used, problems: dict, component: str,
           dtype: torch.dtype):
-    """Instantiate (empty weights) and load ``converted`` strictly; record every problem in
-    ``problems`` instead of raising. ``sd`` is the checkpoint part it was converted from, and
-    ``used`` the keys of ``sd`` consumed although no converted tensor is one of theirs."""
+    """The model loaded strictly from ``converted``, or None with every problem in ``problems``;
+    ``used``: keys of ``sd`` consumed although no converted tensor is one of theirs."""
     from accelerate import init_empty_weights
 
     with init_empty_weights():
@@ -295,11 +280,8 @@ def convert_deblurdiff_checkpoint(
     state_dict: dict[str, torch.Tensor],
     attention_head_dim: int = 64,
     torch_dtype: torch.dtype | None = None,
-    text_num_heads: int | None = None,
 ) -> dict:
-    """The five networks, loaded (eval mode, ``torch_dtype``, default float32), from a
-    DeblurDiff state dict in the LDM layout; the text tower gets ``width //
-    attention_head_dim`` heads unless ``text_num_heads`` is given. Raises one
+    """The five networks (eval mode, default float32) from an LDM-layout state dict; raises one
     :class:`CheckpointError` listing every unknown, missing or mis-shaped key."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (
@@ -350,7 +332,7 @@ def convert_deblurdiff_checkpoint(
                 converted = convert_ldm_vae_checkpoint(ldm, config)
                 model_cls = AutoencoderKL
             else:
-                converted, config, used = _text_state(sd, attention_head_dim, text_num_heads)
+                converted, config, used = _text_state(sd, attention_head_dim)
                 model_cls = CLIPTextModel
         except _ArchitectureError as exc:
             if exc.missing:
@@ -358,8 +340,8 @@ def convert_deblurdiff_checkpoint(
             problems["other"].append(f"{component}: {exc}")
             continue
         converted = {k: v for k, v in converted.items() if v is not None}  # the helpers .get() absent keys
-        dtype = torch_dtype or torch.float32
-        model = _load(model_cls, config, converted, sd, prefix, used, problems, component, dtype)
+        model = _load(model_cls, config, converted, sd, prefix, used, problems, component,
+                      torch_dtype or torch.float32)
         if model is not None:
             components[component] = model
     if any(problems.values()):
@@ -367,19 +349,18 @@ def convert_deblurdiff_checkpoint(
     return {name: components[name] for name in COMPONENTS}
 
 
-def _text_state(sd, head_dim: int, num_heads: int | None):
-    """Converted text-encoder state, its config, and the keys of ``sd`` deliberately left out
-    or split into copies."""
+def _text_state(sd, head_dim: int):
+    """Converted text-encoder state, its config, and the keys of ``sd`` left out or split into copies."""
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
     if not any(k.startswith("model.") for k in sd):
         raise _ArchitectureError("no OpenCLIP text model (keys starting with 'clip.model.')", missing="model.token_embedding.weight")
     text = {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
-    config = text_config_from_open_clip(text, head_dim, num_heads)
+    config = text_config_from_open_clip(text, head_dim)
     last = config.num_hidden_layers  # index of the layer the penultimate output skips
     ignored = {
         k for k in text
-        if k in _CLIP_IGNORED or k.startswith(_CLIP_IGNORED_PREFIXES) or k.startswith(f"transformer.resblocks.{last}.")
+        if k in _CLIP_IGNORED or k.startswith("visual.") or k.startswith(f"transformer.resblocks.{last}.")
     }
     kept = {"model." + k: v for k, v in text.items() if k not in ignored}
     # The helper's prefix is "model." here, so its SD 2 ignore list (the 24th layer under
@@ -393,20 +374,12 @@ def _text_state(sd, head_dim: int, num_heads: int | None):
     return converted, config, {"model." + k for k in ignored} | split
 
 
-# ---------------------------------------------------------------------------- tokenizer and files
 class TokenizerUnavailableError(OSError):
     """The CLIP tokenizer could not be loaded; the message says how to pass one."""
 
 
-def _usable(tokenizer) -> bool:
-    # Offline, transformers may hand back an empty tokenizer (start/end of text only)
-    # instead of raising: that would silently encode every prompt as nothing.
-    return tokenizer is not None and len(tokenizer.get_vocab()) > 2
-
-
 def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub endpoint answers at all; without this check an offline machine spends
-    minutes in download retries before failing."""
+    """Whether the Hub answers at all: offline, download retries would take minutes to fail."""
     import socket
     from urllib.parse import urlparse
 
@@ -423,9 +396,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_tokenizer(tokenizer=None):
-    """``tokenizer`` itself if it is an object; with none, the packaged OpenCLIP tokenizer;
-    else loaded from a folder (an OpenCLIPTokenizer's, a CLIPTokenizer's, or a pipeline's
-    ``tokenizer`` subfolder) or a Hub repo id (from the Hub when it answers, else the cache)."""
+    """A tokenizer object as is; None: the packaged OpenCLIP one; else a folder (its own or a
+    pipeline's ``tokenizer/``) or a Hub repo id (from the Hub when it answers, else the cache)."""
     from transformers import CLIPTokenizer
 
     from .tokenizer import VOCAB_FILE, OpenCLIPTokenizer
@@ -459,7 +431,9 @@ def load_tokenizer(tokenizer=None):
         except Exception as exc:  # missing files, bad repo id, network
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             continue
-        if _usable(tok):
+        # Offline, transformers may hand back an empty tokenizer (start/end of text only)
+        # instead of raising: that would silently encode every prompt as nothing.
+        if len(tok.get_vocab()) > 2:
             return tok
         errors.append("no vocabulary found" + (f" in subfolder {kwargs['subfolder']!r}" if kwargs else ""))
     reasons = "; ".join(dict.fromkeys(errors))
@@ -467,9 +441,7 @@ def load_tokenizer(tokenizer=None):
 
 
 def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 64, torch_dtype=None) -> dict:
-    """Everything ``DeblurDiffPipeline(**components)`` needs, from the official checkpoint.
-
-    The tokenizer is resolved first (cheap, and the usual offline failure)."""
+    """The pipeline's components; the tokenizer first (cheap, and the usual offline failure)."""
     from .models.configs import make_scheduler
 
     tok = load_tokenizer(tokenizer)

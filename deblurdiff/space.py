@@ -3,11 +3,9 @@
     python -m deblurdiff.space deploy owner/space [--model owner/weights] [--private] [--token TOKEN]
     python -m deblurdiff.space requirements [--platform]
 
-``deploy`` creates or updates the Space with only what the app needs (no training code),
-sets ``DEBLURDIFF_MODEL`` when ``--model`` is given and asks for ZeroGPU hardware.
-``requirements`` prints the Space's ``requirements.txt`` (``--platform``: with pins of what
-the platform installs, how CI rebuilds the Space's stack). :data:`ZEROGPU` is the one
-table of what ZeroGPU supports; the README's front matter and CI are written from it.
+``requirements --platform`` adds pins of what the platform installs (how CI rebuilds the Space's
+stack). :data:`ZEROGPU` is the one table of what ZeroGPU supports; the README's front matter and
+CI are written from it.
 """
 
 from __future__ import annotations
@@ -40,37 +38,18 @@ ZEROGPU = {
 #: The versions the Space runs (the newest supported ones).
 SPACE_PYTHON = ZEROGPU["python"][-1]
 SPACE_TORCH = ZEROGPU["torch"][-1]
-#: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
-PLATFORM_PACKAGES = frozenset(re.sub(r"[-_.]+", "-", name).lower() for name in ZEROGPU["platform"])
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the Space runs: the entry point, the package (the app needs neither the
 # training code nor caches), the examples and the README's screenshot.
-_TOP_FILES = ("app.py",)
+_FILES = ("app.py", "docs/screenshot.png")
 _TOP_DIRS = ("deblurdiff", "examples")
-_EXTRA_FILES = ("docs/screenshot.png",)
-_SKIP_DIRS = {"__pycache__", "train", ".pytest_cache"}
-_SKIP_SUFFIXES = {".pyc", ".pyo"}
+_SKIP = shutil.ignore_patterns("__pycache__", "train", ".pytest_cache", "*.pyc", "*.pyo")
 
 
 class DeployError(Exception):
     """A problem reported to the user as one line, without a traceback."""
-
-
-# The files -------------------------------------------------------------------------
-
-
-def space_files(root: Path = ROOT) -> list[str]:
-    """Paths (relative to ``root``, POSIX style) of the project files the Space gets."""
-    files = [name for name in _TOP_FILES + _EXTRA_FILES if (root / name).is_file()]
-    for top in _TOP_DIRS:
-        for path in sorted((root / top).rglob("*")):
-            relative = path.relative_to(root)
-            if not path.is_file() or _SKIP_DIRS.intersection(relative.parts) or path.suffix in _SKIP_SUFFIXES:
-                continue
-            files.append(relative.as_posix())
-    return files
 
 
 def _name(line: str) -> str:
@@ -79,23 +58,19 @@ def _name(line: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+#: Distribution names (normalised) that the Space's requirements.txt leaves to the platform.
+PLATFORM_PACKAGES = frozenset(map(_name, ZEROGPU["platform"]))
+
+
 def space_requirements(requirements: str) -> str:
     """The Space's ``requirements.txt``: torch pinned to :data:`SPACE_TORCH`, triton left to
     torch, nothing the platform installs itself (:data:`PLATFORM_PACKAGES`)."""
-    lines = ["# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."]
-    found = False
-    for line in requirements.splitlines():
-        name = _name(line)
-        if name == "torch":
-            lines.append(f"torch=={SPACE_TORCH}")
-            found = True
-        elif name == "triton" or name in PLATFORM_PACKAGES:
-            continue  # torch's wheel requires the matching triton; the platform brings the others
-        elif line.strip() and not line.lstrip().startswith("#"):
-            lines.append(line.strip())
-    if not found:
-        lines.append(f"torch=={SPACE_TORCH}")
-    return "\n".join(lines) + "\n"
+    # torch's wheel requires the matching triton; the platform brings the others.
+    left_out = PLATFORM_PACKAGES | {"torch", "triton"}
+    kept = [line.strip() for line in requirements.splitlines()
+            if line.strip() and not line.lstrip().startswith("#") and _name(line) not in left_out]
+    header = "# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."
+    return "\n".join([header, f"torch=={SPACE_TORCH}", *kept]) + "\n"
 
 
 def staged_requirements(root: Path = ROOT) -> str:
@@ -131,17 +106,14 @@ def space_readme(readme: str) -> str:
 
 def stage(directory: Path, root: Path = ROOT) -> list[str]:
     """Write the Space's files into ``directory``; returns their paths."""
-    files = space_files(root)
-    for name in files:
-        target = directory / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(root / name, target)
+    for top in _TOP_DIRS:
+        shutil.copytree(root / top, directory / top, ignore=_SKIP, dirs_exist_ok=True)
+    for name in _FILES:
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, directory / name)
     (directory / "requirements.txt").write_text(staged_requirements(root))
     (directory / "README.md").write_text(space_readme((root / "README.md").read_text(encoding="utf-8")), encoding="utf-8")
-    return sorted(files + ["requirements.txt", "README.md"])
-
-
-# The Hub ---------------------------------------------------------------------------
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
 
 
 def deploy(repo_id: str, model: str | None = None, *, private: bool = False, token: str | None = None,

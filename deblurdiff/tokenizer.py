@@ -42,8 +42,7 @@ _WHITESPACE = regex.compile(r"\s+")
 
 
 def clean_text(text: str) -> str:
-    """The reference's text cleaning: ftfy, HTML entities unescaped twice, whitespace runs
-    collapsed to one space, trimmed, lower-cased."""
+    """The reference's text cleaning (see the module docstring)."""
     import ftfy
 
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
@@ -63,12 +62,8 @@ def _read_vocabulary(path: str) -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 class OpenCLIPTokenizer(PreTrainedTokenizer):
-    """OpenCLIP's tokenizer (see the module docstring) with the ``transformers`` interface:
-    ``tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-    return_tensors="pt").input_ids`` gives the reference's ``tokenize(prompts)``.
-
-    ``OpenCLIPTokenizer()`` uses the vocabulary shipped with the package;
-    ``save_pretrained``/``from_pretrained`` write and read a folder holding it."""
+    """``tokenizer(prompts, padding="max_length", max_length=77, truncation=True).input_ids`` gives
+    the reference's ``tokenize(prompts)``; ``OpenCLIPTokenizer()`` uses the packaged vocabulary."""
 
     vocab_files_names = {"vocab_file": VOCAB_FILE}
     model_input_names = ["input_ids", "attention_mask"]
@@ -98,7 +93,6 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
             **kwargs,
         )
 
-    # ------------------------------------------------------------------ vocabulary
     @property
     def vocab_size(self) -> int:
         return len(self.encoder)
@@ -118,10 +112,8 @@ class OpenCLIPTokenizer(PreTrainedTokenizer):
             shutil.copyfile(self.vocab_file, target)
         return (str(target),)
 
-    # ------------------------------------------------------------------ encoding
     def tokenize(self, text: str, **kwargs) -> list[str]:
-        """Clean as the reference does, split into words (the special tokens are words too,
-        in any case), map bytes to characters and apply BPE (lowest-ranked merge first)."""
+        """Words (the special tokens too, in any case) of the cleaned text, bytes as characters, then BPE."""
         tokens = []
         for word in _WORDS.findall(clean_text(text)):
             if word in (START_OF_TEXT, END_OF_TEXT):

@@ -1,14 +1,9 @@
 """The authors' checkpoint, fetched by itself: downloaded once, verified, converted once, cached.
 
-With no ``--model`` (and no ``DEBLURDIFF_MODEL``), :func:`official_pipeline` returns the
-diffusers folder ``<cache>/official/diffusers-<dtype>/`` made from the authors' ``model.pth``
-(``<cache>/official/model.pth``, downloaded from their Google Drive folder with gdown when
-missing). ``<cache>`` is ``$DEBLURDIFF_CACHE``, else ``deblurdiff/`` in the Hugging Face cache.
-The authors publish no checksum: a download must pass Drive's size, every zip record's CRC-32,
-tensors only and the five networks (then every key and shape at conversion); its SHA-256 and
-size are then recorded in ``model.pth.sha256`` and checked whenever it is read again. A file
-that fails a check is deleted, never loaded. ``--no-download``, ``DEBLURDIFF_NO_DOWNLOAD=1`` or
-``HF_HUB_OFFLINE=1`` turn downloading off; every failure raises :class:`WeightsUnavailableError`.
+With no ``--model``, :func:`official_pipeline` returns ``<cache>/official/diffusers-<dtype>/``
+made from the authors' ``model.pth``. The authors publish no checksum, so a download's SHA-256
+is recorded once it passes :func:`verify_checkpoint_file`; a file that fails a check is deleted,
+never loaded. The README's "First run" section tells the rest.
 """
 
 from __future__ import annotations
@@ -31,10 +26,9 @@ OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
 OFFICIAL_FILENAME = "model.pth"
 OFFICIAL_LABEL = "kkkls/DeblurDiff official checkpoint"
-#: Published by nobody yet: set them to pin the exact file (the first successful download
-#: records both in ``model.pth.sha256``).
+#: Published by nobody yet: set it to pin the exact file (the first successful download
+#: records its SHA-256 and size in ``model.pth.sha256``).
 OFFICIAL_SHA256: str | None = None
-OFFICIAL_SIZE: int | None = None
 #: 1.8 B parameters: about 7.2 GB in float32 (3.6 GB in half precision).
 APPROX_DOWNLOAD_GB = 7.2
 
@@ -81,7 +75,6 @@ def _unavailable(problem: str) -> WeightsUnavailableError:
     return WeightsUnavailableError(f"{problem}\n{manual_steps()}")
 
 
-# ---------------------------------------------------------------------------- downloading
 def gdown_download(destination: Path) -> None:
     """Download ``model.pth`` from the authors' Drive folder with gdown (resumable, size-checked)."""
     import gdown
@@ -118,25 +111,17 @@ def describe_download_error(exc: BaseException) -> str:
     return f"The download failed: {name}: {text}"
 
 
-# ---------------------------------------------------------------------------- verifying
-def _looks_like_html(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(512).lstrip().lower()
-    return head.startswith((b"<!doctype html", b"<html"))
-
-
-def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE) -> str | None:
+def verify_checkpoint_file(path: Path) -> str | None:
     """``None`` when ``path`` is a complete, intact DeblurDiff checkpoint; else the reason."""
     from .single_file import CheckpointError, read_checkpoint, split_checkpoint
 
     if not path.is_file():
         return "the download produced no file"
-    size = path.stat().st_size
-    if size == 0:
+    if path.stat().st_size == 0:
         return "the file is empty"
-    if expected_size is not None and size != expected_size:
-        return f"the file has {size:,} bytes, the checkpoint has {expected_size:,} (a partial or different file)"
-    if _looks_like_html(path):
+    with open(path, "rb") as f:
+        head = f.read(512).lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")):
         return (
             "Google Drive sent a web page instead of the file (usually its download quota: too many users "
             "have downloaded it recently)"
@@ -144,8 +129,7 @@ def verify_checkpoint_file(path: Path, expected_size: int | None = OFFICIAL_SIZE
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
-                records = archive.infolist()
-                if any(r.CRC for r in records):  # CRC-32 of every record: catches damaged bytes
+                if any(r.CRC for r in archive.infolist()):  # CRC-32 of every record: catches damaged bytes
                     bad = archive.testzip()
                     if bad is not None:
                         return f"the file is damaged (record {bad} fails its CRC check)"
@@ -224,12 +208,9 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr) 
         if staging.exists():  # a complete transfer from a start that stopped before checking it
             report(f"Found an unverified download from an earlier start: {staging}")
         else:
-            report(
-                f"Downloading the DeblurDiff checkpoint (about {APPROX_DOWNLOAD_GB:.1f} GB, once) from the "
-                f"authors' Google Drive folder into {root}"
-                + (f" (attempt {attempt} of {DOWNLOAD_ATTEMPTS})" if attempt > 1 else "")
-                + " ..."
-            )
+            again = f" (attempt {attempt} of {DOWNLOAD_ATTEMPTS})" if attempt > 1 else ""
+            report(f"Downloading the DeblurDiff checkpoint (about {APPROX_DOWNLOAD_GB:.1f} GB, once) "
+                   f"from the authors' Google Drive folder into {root}{again} ...")
             try:
                 downloader(staging)
             except Exception as exc:  # network, Drive, disk: every failure becomes a message
@@ -247,11 +228,6 @@ def fetch_checkpoint(root: Path, downloader: Downloader | None, report=_stderr) 
             _remove(staging)
             raise _unavailable(describe_download_error(exc)) from None
     raise _unavailable(f"The downloaded file was refused {DOWNLOAD_ATTEMPTS} times: {reason}.")
-
-
-# ---------------------------------------------------------------------------- converting
-def converted_dir(dtype: torch.dtype) -> Path:
-    return official_dir() / f"diffusers-{dtype_name(dtype)}"
 
 
 def is_complete(folder: Path) -> bool:
@@ -272,7 +248,6 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
         checkpoint, tokenizer=tokenizer, attention_head_dim=ATTENTION_HEAD_DIM, torch_dtype=dtype
     )
     pipe.save_pretrained(staging, safe_serialization=True)
-    del pipe
     record = read_record(checkpoint) or {}
     marker = dict(source_sha256=record.get("sha256"), dtype=dtype_name(dtype), source=OFFICIAL_FOLDER_URL)
     (staging / COMPLETE_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
@@ -295,7 +270,7 @@ def official_pipeline(
 
     from .single_file import CheckpointError
 
-    target = converted_dir(dtype)
+    target = official_dir() / f"diffusers-{dtype_name(dtype)}"
     if is_complete(target):
         return target
     root = official_dir()

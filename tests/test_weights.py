@@ -287,7 +287,7 @@ def test_app_offline_without_a_cache_starts_with_a_banner_giving_the_manual_step
 
     pipe, error, _ = app.load_app_model(None, device="cpu", allow_download=False)
     assert pipe is None
-    banner = app.DeblurApp(None, model_error=error, examples_dir=None, measure_speed=False).banner()
+    banner = app.banner_text(app.DeblurApp(None, model_error=error, examples_dir=None, measure_speed=False))
     assert "cannot deblur" in banner
     assert weights.OFFICIAL_FOLDER_URL in banner and str(official(tmp_path) / "model.pth") in banner
 
@@ -300,7 +300,7 @@ def test_app_without_network_starts_with_a_banner_saying_so(served, monkeypatch)
     monkeypatch.setattr(weights, "gdown_download", FixtureDownloader(served, requests.exceptions.ConnectionError("offline")))
     pipe, error, _ = app.load_app_model(None, device="cpu")
     assert pipe is None
-    banner = app.DeblurApp(None, model_error=error, examples_dir=None, measure_speed=False).banner()
+    banner = app.banner_text(app.DeblurApp(None, model_error=error, examples_dir=None, measure_speed=False))
     assert "No network" in banner and weights.OFFICIAL_FOLDER_URL in banner
 
 
