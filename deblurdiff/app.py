@@ -1,6 +1,4 @@
-"""The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally (README, "The app").
-Without weights it still starts and says what is missing; the ``/deblur`` endpoint answers bad input
-with a ``gr.Error`` saying what was wrong."""
+"""The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally."""
 
 from __future__ import annotations
 
@@ -11,9 +9,8 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
@@ -24,7 +21,6 @@ from . import estimates, image_io, loading, server_limits, service, zerogpu
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
 from .estimates import SpeedModel, format_steps
-from .image_io import InvalidInputError
 from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
 from .service import UNTRAINED_LABEL, restore
@@ -38,14 +34,11 @@ ZERO_GPU_MEMORY_BYTES = 48 * 1024**3
 #: runs it with the development weights too; by default it runs with real weights only.
 AOTI_ENV = "DEBLURDIFF_AOTI"
 
-#: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set: a Hub
-#: repo id in diffusers layout (e.g. the official ``model.pth`` converted and uploaded).
-#: ``None``: none published yet, so the app starts without a model and says how to provide one.
+#: The Space's weights when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set: a Hub repo id in
+#: diffusers layout. ``None``: none published yet, so the app starts without a model and says so.
 DEFAULT_SPACE_MODEL: str | None = None
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
-PAPER_URL = "https://arxiv.org/abs/2502.03810"
-PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
 
 #: Gradio's ``delete_cache`` removes results and uploads older than this (checking every hour).
 KEEP_RESULTS_SECONDS = 2 * 3600
@@ -114,12 +107,9 @@ def run_on_device(app_key: int, image, options: service.RestoreOptions, slot: in
     """On ZeroGPU, in the forked worker, ``spaces`` relays ``progress`` to the app; the cancel flag is
     in shared memory, and the pipeline was placed on the GPU at start-up (nothing is moved here)."""
     app = _APPS[app_key]
-
-    def on_step(done, total):
-        progress((done, total), desc="Denoising", unit="steps")
-
     with app.lock:  # a cancelled run may still be finishing its current step
-        return restore(app.pipe, image, options, on_step=on_step, should_stop=lambda: app.cancelled[slot])
+        return restore(app.pipe, image, options, should_stop=lambda: app.cancelled[slot],
+                       on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
 
 
 def _user_error(message: str, title: str = "Error") -> gr.Error:
@@ -128,7 +118,7 @@ def _user_error(message: str, title: str = "Error") -> gr.Error:
 
 def _as_user_error(exc: Exception) -> gr.Error:
     """What a visitor is told when a run fails (the details go to the server's log)."""
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, image_io.InvalidInputError):
         return _user_error(str(exc), "Invalid input")
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         logger.exception("out of memory")
@@ -177,7 +167,7 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     """The time a run of an image of ``size`` would take, and a warning when it cannot run."""
     try:
         options = service.make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
-    except InvalidInputError:
+    except image_io.InvalidInputError:
         return ""
     run = (size[0], size[1], options.steps, options.guidance_scale, options.tiled)
     if on_zero_gpu():
@@ -186,7 +176,8 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     seconds = speed.seconds(*run)
     device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
     basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
-    text = f"Estimated time: **about {estimates.format_seconds(seconds)}** on the {device} for {format_steps(options.steps)} (an estimate, {basis})."
+    text = (f"Estimated time: **about {estimates.format_seconds(seconds)}** on the {device} for "
+            f"{format_steps(options.steps)} (an estimate, {basis}).")
     advice = limit_advice(app, run)
     if advice:
         return f"{text} ⚠️ {advice}"
@@ -198,9 +189,8 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
 def save_results(app: DeblurApp, source, loaded, result: service.DeblurResult):
     """The files and summary a run returns, written where Gradio serves them without a copy and
     its ``delete_cache`` removes them."""
-    cache = Path(gr.utils.get_upload_folder())
-    cache.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="deblurdiff-", dir=cache))  # its own folder: the download keeps its name
+    folder = Path(gr.utils.get_upload_folder(), f"deblurdiff-{uuid.uuid4().hex}")
+    folder.mkdir(parents=True)  # its own folder: the download keeps its name
     name = Path(str(source)).name
     stem = service.safe_stem(name)
     label = f"_{UNTRAINED_LABEL}" if app.untrained else ""
@@ -233,25 +223,22 @@ def probe_speed(app: DeblurApp) -> None:
     from PIL import Image
 
     try:
-        if app.cpu_config is not None:
-            with app.lock:
-                timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
-            app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
-            logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
-            return
-        probe = Image.effect_noise((PROBE_SIDE, PROBE_SIDE), 64).convert("RGB")
-        timings = {}
         with app.lock:
-            # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
-            for steps in (1, 1, 3):
-                start = time.perf_counter()
-                restore(app.pipe, probe, service.RestoreOptions(steps=steps, tiled=False))
-                timings[steps] = time.perf_counter() - start
-        mpx = estimates.processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
-        step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
-        fixed = max(timings[1] / mpx - step, 0.0)
-        app.speed = SpeedModel(step, fixed, app.pipe.device.type, measured=True, should_tile=app.should_tile)
-        logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", app.pipe.device, step, fixed)
+            if app.cpu_config is not None:
+                timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
+                app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
+            else:
+                probe = Image.effect_noise((PROBE_SIDE, PROBE_SIDE), 64).convert("RGB")
+                options = [service.RestoreOptions(steps=n, tiled=False) for n in (1, 1, 3)]
+                # The first run warms up (kernel selection, memory pools) and is not timed.
+                _, one, three = (restore(app.pipe, probe, o).seconds for o in options)
+                mpx = estimates.processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
+                step = max((three - one) / 2, 1e-4) / mpx
+                fixed = max(one / mpx - step, 0.0)
+                app.speed = SpeedModel(step, fixed, app.pipe.device.type, True, app.should_tile)  # measured
+        speed = app.speed
+        logger.info("measured speed on %s: %.3g s per step, %.3g s fixed, per megapixel at %.2f megapixels",
+                    app.pipe.device, speed.step_s_per_mpx, speed.fixed_s_per_mpx, speed.at_mpx)
     except Exception:  # the estimate stays a rough default; running images may still work
         logger.exception("could not measure the model's speed")
     finally:
@@ -280,8 +267,7 @@ class DeblurApp:
         self.cpu_config = None
         if pipe is not None and pipe.device.type == "cpu":
             self.cpu_config = choose_cpu_config(dtype=pipe.unet.dtype)
-            logger.info("CPU: %s", describe_cpu())
-            logger.info("CPU configuration: %s", self.cpu_config.describe())
+            logger.info("CPU: %s; configuration: %s", describe_cpu(), self.cpu_config.describe())
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.speed = SpeedModel.default(device_type, self.should_tile, cpu_config=self.cpu_config)
         self.lock = threading.Lock()
@@ -310,11 +296,8 @@ class DeblurApp:
             return ""
         try:
             (w, h), notes = image_io.read_header(image)
-        except InvalidInputError as exc:
+        except image_io.InvalidInputError as exc:  # image_io says what is wrong with any file
             return f"⚠️ {exc}"
-        except Exception:
-            logger.exception("could not read an uploaded image")
-            return "⚠️ This file could not be read as an image."
         lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."] + [f"- {note}" for note in notes]
         if self.pipe is not None:
             lines.append(estimate_text(self, (w, h), steps, guidance_scale, tiling))
@@ -360,8 +343,8 @@ class DeblurApp:
                 raise _user_error(self.model_error, "No model weights loaded")
             options = service.make_options(  # every setting is checked here, once
                 steps=steps, seed=seed, randomize_seed=True if randomize_seed is None else randomize_seed,
-                guidance_scale=guidance_scale, prompt=prompt, negative_prompt=negative_prompt, color_fix=color_fix,
-                tiling=tiling, sampler=sampler, return_lkpn_image=show_lkpn,
+                guidance_scale=guidance_scale, prompt=prompt, negative_prompt=negative_prompt,
+                color_fix=color_fix, tiling=tiling, sampler=sampler, return_lkpn_image=show_lkpn,
             )
             return self._deblur(image, options, request, progress)
         except gr.Error:
@@ -381,7 +364,8 @@ class DeblurApp:
         run = (*loaded.size, options.steps, options.guidance_scale, options.tiled)
         advice = limit_advice(self, run)
         if advice:
-            raise _user_error(advice, "Too long for one GPU run" if on_zero_gpu() else "Too long for this server")
+            title = "Too long for one GPU run" if on_zero_gpu() else "Too long for this server"
+            raise _user_error(advice, title)
         slot = next(self.slots) % RUN_SLOTS
         self.cancelled[slot] = False
         self.active_runs[session] = slot
@@ -425,7 +409,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
             "# DeblurDiff: real-world image deblurring\n"
             "Upload a blurry photo and get a sharp one back. "
             "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
-            f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL})).\n\n" + SCOPE_TEXT,
+            "Kong et al., 2025 ([paper](https://arxiv.org/abs/2502.03810), "
+            "[authors' code](https://github.com/kkkls/DeblurDiff)).\n\n" + SCOPE_TEXT,
             elem_id="scope",
         )
         banner_kind = "missing" if app.pipe is None else ("untrained" if app.untrained else "ok")
@@ -433,11 +418,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 image_in = gr.Image(
-                    label="Blurry photo (upload, drag, paste or webcam)",
-                    sources=["upload", "webcam", "clipboard"],
-                    type="filepath",
-                    image_mode=None,
-                    elem_id="input-image",
+                    label="Blurry photo (upload, drag, paste or webcam)", type="filepath", image_mode=None,
+                    sources=["upload", "webcam", "clipboard"], elem_id="input-image",
                 )
                 input_info = gr.Markdown(elem_id="input-info")
                 with gr.Row():
@@ -491,19 +473,19 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         meta = app.examples_dir / "examples.json" if app.examples_dir else None
         entries = json.loads(meta.read_text()) if meta is not None and meta.is_file() else []
         example_files = [[str(app.examples_dir / entry["file"])] for entry in entries]
-        titles = " · ".join(entry["title"] for entry in entries)
+        names = " · ".join(entry["title"] for entry in entries)
+        # Trained weights: computed once on first click, then served from the cache (visitors spend no
+        # GPU time). Untrained or missing weights: never cached; a click loads the image and runs it.
+        cached = not app.untrained and app.pipe is not None
         if example_files:
-            # Trained weights: computed once on first click, then served from the cache (visitors spend no
-            # GPU time). Untrained or missing weights: never cached; a click loads the image and runs it.
-            cached = not app.untrained and app.pipe is not None
-            how = "click one: results are computed once, then cached" if cached else "click one to run it"
+            note = "click one: results are computed once, then cached" if cached else "click one to run it"
             examples = gr.Examples(
-                example_files, inputs=[image_in], outputs=outputs, fn=app.run_example, cache_examples=cached,
-                cache_mode="lazy" if cached else None, elem_id="examples", label=f"Examples ({how}): {titles}",
+                example_files, inputs=[image_in], outputs=outputs, fn=app.run_example, elem_id="examples",
+                cache_examples=cached, cache_mode="lazy", label=f"Examples ({note}): {names}",
             )
-            if not cached:
-                run_example = examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run)
-                cancellable.append(run_example)
+        if example_files and not cached:
+            run_example = examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run)
+            cancellable.append(run_example)
         cancel_btn.click(app.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
 
         private = dict(queue=False, api_visibility="private", show_progress="hidden")
@@ -522,7 +504,6 @@ CSS = """
 
 
 def resolve_model(model: str | None = None) -> str | None:
-    """``--model``, else ``DEBLURDIFF_MODEL``, else :data:`DEFAULT_SPACE_MODEL`."""
     return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
 
 
@@ -574,9 +555,8 @@ def launch(demo: gr.Blocks, *, max_file_size=None, mcp: bool = True, **kwargs):
     the server's limits (``max_file_size`` defaults to ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB)."""
     app = demo.deblurdiff_app
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
-    kwargs.setdefault("css", CSS)
-    kwargs.setdefault("allowed_paths", [str(app.examples_dir)] if app.examples_dir else [])
-    kwargs.setdefault("mcp_server", mcp)
+    allowed = [str(app.examples_dir)] if app.examples_dir else []
+    kwargs = {"css": CSS, "allowed_paths": allowed, "mcp_server": mcp, **kwargs}
     kwargs = server_limits.protect(demo, app.clients, server_limits.max_file_size(max_file_size), kwargs)
     return demo.launch(**kwargs)
 
