@@ -1,43 +1,26 @@
-"""The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally.
-
-The weights are the first of ``--model``, ``$DEBLURDIFF_MODEL``, :data:`DEFAULT_SPACE_MODEL`
-and the authors' checkpoint (downloaded and converted once; ``--no-download`` turns that off);
-see :mod:`deblurdiff.loading` for what a reference may be. Without weights the app still
-starts and says what is missing; ``--dev-random-weights`` labels every output UNTRAINED.
-The API endpoint ``/deblur`` (:meth:`DeblurApp.deblur`) answers every bad input with a
-``gr.Error`` saying what was wrong.
-"""
+"""The DeblurDiff web app (Gradio): the Hugging Face Space, and ``python app.py`` locally."""
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import itertools
 import json
 import logging
 import multiprocessing
 import os
-import queue
-import tempfile
 import threading
-import time
+import uuid
 from pathlib import Path
 
 import gradio as gr
 import spaces
 import torch
 
-from . import image_io, loading, server_limits, service, zerogpu
+from . import estimates, image_io, loading, server_limits, service, zerogpu
 from .aoti import compile_for_zerogpu
 from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
-from .estimates import (
-    SpeedModel,
-    format_seconds,
-    format_steps,
-    max_run_seconds,
-    processed_megapixels,
-    run_cost_advice,
-)
-from .image_io import InvalidInputError
+from .estimates import SpeedModel, format_steps
 from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
 from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
 from .service import UNTRAINED_LABEL, restore
@@ -51,15 +34,11 @@ ZERO_GPU_MEMORY_BYTES = 48 * 1024**3
 #: runs it with the development weights too; by default it runs with real weights only.
 AOTI_ENV = "DEBLURDIFF_AOTI"
 
-#: The weights the Space uses when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set: a Hub
-#: repo id in diffusers layout (e.g. the official ``model.pth`` converted and uploaded).
-#: ``None``: none published yet, so the app starts without a model and says how to provide one.
+#: The Space's weights when neither ``--model`` nor ``DEBLURDIFF_MODEL`` is set: a Hub repo id in
+#: diffusers layout. ``None``: none published yet, so the app starts without a model and says so.
 DEFAULT_SPACE_MODEL: str | None = None
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-EXAMPLES_DIR = PACKAGE_DIR.parent / "examples"
-PAPER_URL = "https://arxiv.org/abs/2502.03810"
-PROJECT_URL = "https://github.com/kkkls/DeblurDiff"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
 #: Gradio's ``delete_cache`` removes results and uploads older than this (checking every hour).
 KEEP_RESULTS_SECONDS = 2 * 3600
@@ -76,16 +55,13 @@ SCOPE_TEXT = (
     "**Will not fix:** noise alone (a sharp but grainy photo comes back almost unchanged) or low "
     "resolution (it does not upscale; a small image stays small). A photo without blur shows little change."
 )
-#: The MCP tool's description, for agents.
+#: The MCP tool's description; each parameter's range is in its input schema (``deblur``'s docstring).
 TOOL_DESCRIPTION = (
     "Deblur a photo with DeblurDiff (a diffusion model): removes camera-shake, motion and defocus blur; "
     "it does not denoise or upscale. Input: an image as an http(s) URL or a base64 data URL (PNG, JPEG, WebP, "
     "BMP, TIFF or GIF; at most {max_mp} megapixels and the server's upload limit, fetched with a time limit). "
-    "Parameters: steps 1-100 (default 50; fewer is faster), seed 0-4294967295 with randomize_seed, "
-    "guidance_scale 1-10 (1 = no guidance, the default; above 1 twice as slow), optional prompt and negative_prompt "
-    "(at most 1000 characters), color_fix, tiling ('auto', 'on', 'off'), show_lkpn, sampler. Runs estimated to take "
-    "too long are refused with what fits. Returns: the (input, deblurred) image pair, the full-resolution deblurred "
-    "PNG, the LKPN view (or None), a Markdown summary and the seed used."
+    "Runs estimated to take too long are refused with what fits. Returns: the (input, deblurred) image pair, "
+    "the full-resolution deblurred PNG, the LKPN view (or None), a Markdown summary and the seed used."
 )
 
 UNTRAINED_BANNER = (
@@ -96,32 +72,24 @@ UNTRAINED_BANNER = (
 )
 
 
-
 def on_zero_gpu() -> bool:
     return bool(spaces.config.Config.zero_gpu)
 
 
-def pass_raw(component, image: bool = False):
-    """Hand the component's raw value to the app, whose checks (shared with the command line)
-    say what is wrong: Gradio's own would answer an out-of-range number or an unreadable file
-    tersely. An uploaded image is passed on as its file, untouched (Gradio would open it with
-    Pillow first: a corrupt file or a decompression bomb would fail before the app could explain).
-    Set on the instance: subclassing a component would make Gradio write a ``.pyi`` stub."""
+def pass_raw(component):
+    """The raw value, for the app's checks to explain (Gradio's are terse); an uploaded image as its
+    untouched file, not opened by Pillow first. On the instance: a subclass would make Gradio write a stub."""
 
     def preprocess(payload):
-        if not image:
+        if not isinstance(component, gr.Image):
             return payload
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
             return str(payload.path)
         return type(component).preprocess(component, payload)
 
     component.preprocess = preprocess
-    return component
 
 
-# --------------------------------------------------------------------------
-# The GPU function
-# --------------------------------------------------------------------------
 # On ZeroGPU it runs in a forked worker that inherits this module's globals, so only small
 # picklable arguments cross the process boundary: the app's key in _APPS, not the app.
 
@@ -129,30 +97,19 @@ _APPS: dict[int, DeblurApp] = {}
 
 
 def _gpu_duration(app_key: int, image, options: service.RestoreOptions, *rest) -> int:
-    """Duration to give ``@spaces.GPU``: the time estimate with a margin, divided by the
-    factor ``spaces`` multiplies it by, so that what ZeroGPU books is the estimate's."""
-    app = _APPS.get(app_key)
-    speed = app._gpu_speed() if app is not None else SpeedModel.default("cuda")
+    """Duration to give ``@spaces.GPU``, so that what ZeroGPU books is the estimate's."""
+    speed = _APPS[app_key]._gpu_speed()
     return zerogpu.duration_for(speed.seconds(image.width, image.height, options.steps, options.guidance_scale, options.tiled))
 
 
 @spaces.GPU(duration=_gpu_duration)
 def run_on_device(app_key: int, image, options: service.RestoreOptions, slot: int, progress):
-    """The GPU function. On ZeroGPU, in the forked worker, ``spaces`` relays its calls of
-    Gradio's ``progress`` to the app, it reads its cancel flag from the app's shared memory,
-    and it uses the pipeline placed on the GPU at start-up (nothing is moved here)."""
+    """On ZeroGPU, in the forked worker, ``spaces`` relays ``progress`` to the app; the cancel flag is
+    in shared memory, and the pipeline was placed on the GPU at start-up (nothing is moved here)."""
     app = _APPS[app_key]
-
-    def on_step(done, total):
-        progress((done, total), desc="Denoising", unit="steps")
-
     with app.lock:  # a cancelled run may still be finishing its current step
-        return restore(app.pipe, image, options, on_step=on_step, should_stop=lambda: app.cancelled[slot])
-
-
-# --------------------------------------------------------------------------
-# What the app shows: the model's status, estimates, results
-# --------------------------------------------------------------------------
+        return restore(app.pipe, image, options, should_stop=lambda: app.cancelled[slot],
+                       on_step=lambda done, total: progress((done, total), desc="Denoising", unit="steps"))
 
 
 def _user_error(message: str, title: str = "Error") -> gr.Error:
@@ -161,31 +118,19 @@ def _user_error(message: str, title: str = "Error") -> gr.Error:
 
 def _as_user_error(exc: Exception) -> gr.Error:
     """What a visitor is told when a run fails (the details go to the server's log)."""
-    if isinstance(exc, InvalidInputError):
+    if isinstance(exc, image_io.InvalidInputError):
         return _user_error(str(exc), "Invalid input")
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         logger.exception("out of memory")
         where = "GPU" if isinstance(exc, torch.OutOfMemoryError) else "server"
-        return _user_error(
-            f"The {where} ran out of memory on this image. Try a smaller image, or turn tiling on "
-            "(Advanced).",
-            "Out of memory",
-        )
+        advice = "Try a smaller image, or turn tiling on (Advanced)."
+        return _user_error(f"The {where} ran out of memory on this image. {advice}", "Out of memory")
     logger.exception("deblurring failed")
     return _user_error(
         f"Something went wrong while deblurring ({type(exc).__name__}). The details were logged on the "
         "server. Please try again; a smaller image or fewer steps may help.",
         "Internal error",
     )
-
-
-def _load_examples(examples_dir: Path | None) -> tuple[list[str], list[str]]:
-    """Example image paths and their titles, as listed in the folder's examples.json."""
-    meta = examples_dir / "examples.json" if examples_dir else None
-    if meta is None or not meta.is_file():
-        return [], []
-    entries = json.loads(meta.read_text())
-    return [str(examples_dir / entry["file"]) for entry in entries], [entry["title"] for entry in entries]
 
 
 def banner_text(app: DeblurApp) -> str:
@@ -211,18 +156,18 @@ def banner_text(app: DeblurApp) -> str:
 
 
 def limit_advice(app: DeblurApp, run: tuple) -> str | None:
-    """What fits, when ``run`` (width, height, steps, guidance, tiled) would take longer than
-    allowed: one ZeroGPU booking, or this server's limit; None when it fits."""
+    """What fits, when ``run`` (width, height, steps, guidance, tiled) books or takes more than allowed."""
     if on_zero_gpu():
         return zerogpu.limit_advice(app._gpu_speed(), *run)
-    return run_cost_advice(app.speed, *run, max_run_seconds(app.speed.device, app.max_run_seconds))
+    limit = estimates.max_run_seconds(app.speed.device, app.max_run_seconds)
+    return estimates.run_cost_advice(app.speed, *run, limit)
 
 
 def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     """The time a run of an image of ``size`` would take, and a warning when it cannot run."""
     try:
         options = service.make_options(steps=steps, guidance_scale=guidance_scale, tiling=tiling)
-    except InvalidInputError:
+    except image_io.InvalidInputError:
         return ""
     run = (size[0], size[1], options.steps, options.guidance_scale, options.tiled)
     if on_zero_gpu():
@@ -231,7 +176,8 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
     seconds = speed.seconds(*run)
     device = {"cuda": "GPU", "mps": "Apple GPU", "cpu": "CPU"}.get(speed.device, speed.device)
     basis = "from this machine's measured speed" if speed.measured else "rough figure until the speed has been measured"
-    text = f"Estimated time: **about {format_seconds(seconds)}** on the {device} for {format_steps(options.steps)} (an estimate, {basis})."
+    text = (f"Estimated time: **about {estimates.format_seconds(seconds)}** on the {device} for "
+            f"{format_steps(options.steps)} (an estimate, {basis}).")
     advice = limit_advice(app, run)
     if advice:
         return f"{text} ⚠️ {advice}"
@@ -241,12 +187,10 @@ def estimate_text(app: DeblurApp, size, steps, guidance_scale, tiling) -> str:
 
 
 def save_results(app: DeblurApp, source, loaded, result: service.DeblurResult):
-    """The files and summary a run returns. The files are written into Gradio's cache folder:
-    Gradio serves them from there without a copy, tracks them once returned, and its
-    ``delete_cache`` (set in :func:`build_ui`) removes them."""
-    cache = Path(gr.utils.get_upload_folder())
-    cache.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="deblurdiff-", dir=cache))  # its own folder: the download keeps its name
+    """The files and summary a run returns, written where Gradio serves them without a copy and
+    its ``delete_cache`` removes them."""
+    folder = Path(gr.utils.get_upload_folder(), f"deblurdiff-{uuid.uuid4().hex}")
+    folder.mkdir(parents=True)  # its own folder: the download keeps its name
     name = Path(str(source)).name
     stem = service.safe_stem(name)
     label = f"_{UNTRAINED_LABEL}" if app.untrained else ""
@@ -276,39 +220,29 @@ def save_results(app: DeblurApp, source, loaded, result: service.DeblurResult):
 
 def probe_speed(app: DeblurApp) -> None:
     """Time the loaded model once at start, for the estimates (holding it, so requests wait)."""
-    import numpy as np
     from PIL import Image
 
     try:
-        if app.cpu_config is not None:
-            with app.lock:
-                timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
-            app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
-            logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
-            return
-        rng = np.random.default_rng(0)
-        probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
-        timings = {}
         with app.lock:
-            # On a GPU the first run warms up (kernel selection, memory pools) and is not timed.
-            for steps in (1, 1, 3):
-                start = time.perf_counter()
-                restore(app.pipe, probe, service.RestoreOptions(steps=steps, tiled=False))
-                timings[steps] = time.perf_counter() - start
-        mpx = processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
-        step = max((timings[3] - timings[1]) / 2, 1e-4) / mpx
-        fixed = max(timings[1] / mpx - step, 0.0)
-        app.speed = SpeedModel(step, fixed, app.pipe.device.type, measured=True, should_tile=app.should_tile)
-        logger.info("measured speed on %s: %.3g s per step per megapixel, %.3g s fixed per megapixel", app.pipe.device, step, fixed)
+            if app.cpu_config is not None:
+                timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
+                app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
+            else:
+                probe = Image.effect_noise((PROBE_SIDE, PROBE_SIDE), 64).convert("RGB")
+                options = [service.RestoreOptions(steps=n, tiled=False) for n in (1, 1, 3)]
+                # The first run warms up (kernel selection, memory pools) and is not timed.
+                _, one, three = (restore(app.pipe, probe, o).seconds for o in options)
+                mpx = estimates.processed_megapixels(PROBE_SIDE, PROBE_SIDE, tiled=False)
+                step = max((three - one) / 2, 1e-4) / mpx
+                fixed = max(one / mpx - step, 0.0)
+                app.speed = SpeedModel(step, fixed, app.pipe.device.type, True, app.should_tile)  # measured
+        speed = app.speed
+        logger.info("measured speed on %s: %.3g s per step, %.3g s fixed, per megapixel at %.2f megapixels",
+                    app.pipe.device, speed.step_s_per_mpx, speed.fixed_s_per_mpx, speed.at_mpx)
     except Exception:  # the estimate stays a rough default; running images may still work
         logger.exception("could not measure the model's speed")
     finally:
         app.speed_ready.set()
-
-
-# --------------------------------------------------------------------------
-# The app
-# --------------------------------------------------------------------------
 
 
 class DeblurApp:
@@ -333,17 +267,14 @@ class DeblurApp:
         self.cpu_config = None
         if pipe is not None and pipe.device.type == "cpu":
             self.cpu_config = choose_cpu_config(dtype=pipe.unet.dtype)
-            logger.info("CPU: %s", describe_cpu())
-            logger.info("CPU configuration: %s", self.cpu_config.describe())
+            logger.info("CPU: %s; configuration: %s", describe_cpu(), self.cpu_config.describe())
         device_type = pipe.device.type if pipe is not None else "cpu"
         self.speed = SpeedModel.default(device_type, self.should_tile, cpu_config=self.cpu_config)
         self.lock = threading.Lock()
         # Cancel flags in shared memory, made before ZeroGPU forks its worker: a flag set here is
         # the one the worker reads (a Python object would be the worker's own copy).
         self.cancelled = multiprocessing.RawArray(ctypes.c_bool, RUN_SLOTS)
-        self.free_slots = queue.SimpleQueue()
-        for slot in range(RUN_SLOTS):
-            self.free_slots.put(slot)
+        self.slots = itertools.count()  # slot n % RUN_SLOTS: no more than RUN_SLOTS runs are ever at once
         self.active_runs: dict[str, int] = {}  # session -> cancel-flag slot
         _APPS[id(self)] = self
         # ZeroGPU gives each call its own GPU slice; a local device runs one image at a time.
@@ -356,24 +287,17 @@ class DeblurApp:
         else:
             self.speed_ready.set()
 
-    def build(self) -> gr.Blocks:
-        return build_ui(self)
-
     def _gpu_speed(self) -> SpeedModel:
         return self.speed if self.speed.device == "cuda" else SpeedModel.default("cuda", self.should_tile)
 
     def describe_input(self, image, steps, guidance_scale, tiling) -> str:
-        """Shown when an image or a setting is chosen: the image's size, what was done to it,
-        the time estimate. Only the header is read: this runs outside the queue."""
+        """The image's size, notes and time estimate, from its header alone: this runs outside the queue."""
         if not image:
             return ""
         try:
             (w, h), notes = image_io.read_header(image)
-        except InvalidInputError as exc:
+        except image_io.InvalidInputError as exc:  # image_io says what is wrong with any file
             return f"⚠️ {exc}"
-        except Exception:
-            logger.exception("could not read an uploaded image")
-            return "⚠️ This file could not be read as an image."
         lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."] + [f"- {note}" for note in notes]
         if self.pipe is not None:
             lines.append(estimate_text(self, (w, h), steps, guidance_scale, tiling))
@@ -414,13 +338,15 @@ class DeblurApp:
             The (input, deblurred) image pair, the full-resolution deblurred PNG, the LKPN view
             (None unless show_lkpn), a Markdown summary and the seed used.
         """
-        settings = dict(
-            steps=steps, seed=seed, randomize_seed=True if randomize_seed is None else randomize_seed,
-            guidance_scale=guidance_scale, prompt=prompt, negative_prompt=negative_prompt, color_fix=color_fix,
-            tiling=tiling, sampler=sampler, return_lkpn_image=show_lkpn,
-        )
         try:
-            return self._deblur(image, settings, request, progress)
+            if self.pipe is None:
+                raise _user_error(self.model_error, "No model weights loaded")
+            options = service.make_options(  # every setting is checked here, once
+                steps=steps, seed=seed, randomize_seed=True if randomize_seed is None else randomize_seed,
+                guidance_scale=guidance_scale, prompt=prompt, negative_prompt=negative_prompt,
+                color_fix=color_fix, tiling=tiling, sampler=sampler, return_lkpn_image=show_lkpn,
+            )
+            return self._deblur(image, options, request, progress)
         except gr.Error:
             raise
         except Exception as exc:
@@ -430,22 +356,17 @@ class DeblurApp:
         """An example with the default settings and seed 0 (its result is cached)."""
         return self.deblur(image, seed=0, randomize_seed=False, request=request, progress=progress)
 
-    def _deblur(self, image, settings: dict, request, progress):
-        if self.pipe is None:
-            raise _user_error(self.model_error, "No model weights loaded")
-        options = service.make_options(**settings)  # every setting is checked here, once
-        if image is None:
-            raise InvalidInputError(f"No image was provided. Please upload an image ({image_io.SUPPORTED_FORMATS}).")
+    def _deblur(self, image, options: service.RestoreOptions, request, progress):
         session = getattr(request, "session_hash", None) or f"anonymous-{id(request)}"
         if self.clients.gone(session):
             raise _user_error("The client that sent this request is gone; it was not run.", "Dropped")
-        loaded = image_io.load_image_with_notes(image)
+        loaded = image_io.load_image_with_notes(image)  # no image, or a bad one: a clear InvalidInputError
         run = (*loaded.size, options.steps, options.guidance_scale, options.tiled)
         advice = limit_advice(self, run)
         if advice:
             title = "Too long for one GPU run" if on_zero_gpu() else "Too long for this server"
             raise _user_error(advice, title)
-        slot = self.free_slots.get_nowait()
+        slot = next(self.slots) % RUN_SLOTS
         self.cancelled[slot] = False
         self.active_runs[session] = slot
         finished = threading.Event()
@@ -468,7 +389,6 @@ class DeblurApp:
         finally:
             finished.set()
             self.active_runs.pop(session, None)
-            self.free_slots.put(slot)
         if cancelled:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
         progress(1.0, desc="Saving")
@@ -481,11 +401,6 @@ class DeblurApp:
         return "Cancelled."
 
 
-# --------------------------------------------------------------------------
-# The layout
-# --------------------------------------------------------------------------
-
-
 def build_ui(app: DeblurApp) -> gr.Blocks:
     """The interface around ``app``; results are removed by Gradio's ``delete_cache``."""
     untrained = f" ({UNTRAINED_LABEL})" if app.untrained else ""
@@ -494,7 +409,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
             "# DeblurDiff: real-world image deblurring\n"
             "Upload a blurry photo and get a sharp one back. "
             "A diffusion model (Stable Diffusion 2.1 with a latent kernel prediction network) restores it; "
-            f"Kong et al., 2025 ([paper]({PAPER_URL}), [authors' code]({PROJECT_URL})).\n\n" + SCOPE_TEXT,
+            "Kong et al., 2025 ([paper](https://arxiv.org/abs/2502.03810), "
+            "[authors' code](https://github.com/kkkls/DeblurDiff)).\n\n" + SCOPE_TEXT,
             elem_id="scope",
         )
         banner_kind = "missing" if app.pipe is None else ("untrained" if app.untrained else "ok")
@@ -502,11 +418,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         with gr.Row():
             with gr.Column():
                 image_in = gr.Image(
-                    label="Blurry photo (upload, drag, paste or webcam)",
-                    sources=["upload", "webcam", "clipboard"],
-                    type="filepath",
-                    image_mode=None,
-                    elem_id="input-image",
+                    label="Blurry photo (upload, drag, paste or webcam)", type="filepath", image_mode=None,
+                    sources=["upload", "webcam", "clipboard"], elem_id="input-image",
                 )
                 input_info = gr.Markdown(elem_id="input-info")
                 with gr.Row():
@@ -546,8 +459,7 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
                 )
 
         inputs = [image_in, steps, seed, randomize, guidance, prompt, negative, color_fix, tiling, show_lkpn, sampler]
-        pass_raw(image_in, image=True)
-        for component in (steps, seed, guidance, tiling, sampler):
+        for component in (image_in, steps, seed, guidance, tiling, sampler):
             pass_raw(component)
         outputs = [slider, download, lkpn_image, result_info, seed]
         description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
@@ -558,20 +470,20 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
             run_btn.click(app.deblur, inputs, outputs, api_name="deblur", api_description=description, **run)
         ]
 
-        example_files, example_labels = _load_examples(app.examples_dir)
-        if example_files and not app.untrained and app.pipe is not None:
-            # Computed once on first click, then served from the cache: visitors spend no GPU time.
-            gr.Examples(
-                [[f] for f in example_files], inputs=[image_in], outputs=outputs, fn=app.run_example,
-                cache_examples=True, cache_mode="lazy", elem_id="examples",
-                label="Examples (click one: results are computed once, then cached): " + " · ".join(example_labels),
-            )
-        elif example_files:
-            # Untrained or missing weights: never cache; a click loads the image and runs it.
+        meta = app.examples_dir / "examples.json" if app.examples_dir else None
+        entries = json.loads(meta.read_text()) if meta is not None and meta.is_file() else []
+        example_files = [[str(app.examples_dir / entry["file"])] for entry in entries]
+        names = " · ".join(entry["title"] for entry in entries)
+        # Trained weights: computed once on first click, then served from the cache (visitors spend no
+        # GPU time). Untrained or missing weights: never cached; a click loads the image and runs it.
+        cached = not app.untrained and app.pipe is not None
+        if example_files:
+            note = "click one: results are computed once, then cached" if cached else "click one to run it"
             examples = gr.Examples(
-                [[f] for f in example_files], inputs=[image_in], cache_examples=False, elem_id="examples",
-                label="Examples (click one to run it): " + " · ".join(example_labels),
+                example_files, inputs=[image_in], outputs=outputs, fn=app.run_example, elem_id="examples",
+                cache_examples=cached, cache_mode="lazy", label=f"Examples ({note}): {names}",
             )
+        if example_files and not cached:
             run_example = examples.load_input_event.then(app.deblur, inputs, outputs, api_visibility="private", **run)
             cancellable.append(run_example)
         cancel_btn.click(app.cancel, None, result_info, cancels=cancellable, queue=False, api_visibility="private")
@@ -591,11 +503,7 @@ CSS = """
 """
 
 
-# --------------------------------------------------------------------------
-# Start-up
-# --------------------------------------------------------------------------
 def resolve_model(model: str | None = None) -> str | None:
-    """``--model``, else ``DEBLURDIFF_MODEL``, else :data:`DEFAULT_SPACE_MODEL`."""
     return model or os.environ.get(MODEL_ENV) or DEFAULT_SPACE_MODEL
 
 
@@ -639,18 +547,16 @@ def load_app_model(model=None, *, tokenizer=None, device=None, dtype=None, dev_r
 
 def build_demo(pipe=None, **kwargs) -> gr.Blocks:
     """The interface around ``pipe`` (None: the page saying what is missing)."""
-    return DeblurApp(pipe, **kwargs).build()
+    return build_ui(DeblurApp(pipe, **kwargs))
 
 
 def launch(demo: gr.Blocks, *, max_file_size=None, mcp: bool = True, **kwargs):
-    """``demo.queue(...).launch(...)`` with the app's queue, styling, file permissions and the
-    server's limits (:mod:`deblurdiff.server_limits`; ``max_file_size`` defaults to
-    ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB); the MCP server is on unless ``mcp=False``."""
+    """``demo.queue(...).launch(...)`` with the app's queue, styling, file permissions, MCP server and
+    the server's limits (``max_file_size`` defaults to ``$DEBLURDIFF_MAX_FILE_SIZE`` or 50 MB)."""
     app = demo.deblurdiff_app
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1, api_open=False)
-    kwargs.setdefault("css", CSS)
-    kwargs.setdefault("allowed_paths", [str(app.examples_dir)] if app.examples_dir else [])
-    kwargs.setdefault("mcp_server", mcp)
+    allowed = [str(app.examples_dir)] if app.examples_dir else []
+    kwargs = {"css": CSS, "allowed_paths": allowed, "mcp_server": mcp, **kwargs}
     kwargs = server_limits.protect(demo, app.clients, server_limits.max_file_size(max_file_size), kwargs)
     return demo.launch(**kwargs)
 

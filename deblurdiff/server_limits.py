@@ -21,6 +21,15 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin
 
+import httpx
+import safehttpx
+from gradio import processing_utils, route_utils
+from gradio.context import LocalContext
+from gradio.server_messages import ProcessCompletedMessage
+from gradio_client import utils as client_utils
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
+
 logger = logging.getLogger(__name__)
 
 #: Largest file a visitor may upload (bytes; "50MB" style values are accepted).
@@ -69,16 +78,9 @@ def format_size(n: int) -> str:
     return f"{n / 1024**2:.0f} MB" if n >= 1024**2 else f"{n / 1024:.0f} KB"
 
 
-# --------------------------------------------------------------------------
-# Who is listening
-# --------------------------------------------------------------------------
-
-
 class ClientTracker:
-    """Open event streams per session, as seen by :class:`ServerGuard`: a job's client is
-    *gone* when its session has had no open stream for :data:`LISTEN_GRACE_SECONDS` since
-    it joined or since its last stream closed. Inactive (always "listening") until a server
-    installs the middleware."""
+    """Open event streams per session, as :class:`ServerGuard` sees them: a job's client is *gone*
+    after :data:`LISTEN_GRACE_SECONDS` without a stream. Until the middleware is installed, none is."""
 
     def __init__(self):
         self.active = False
@@ -86,10 +88,6 @@ class ClientTracker:
         self._open: dict[str, int] = {}
         self._since: dict[str, float] = {}
         self._lock = threading.Lock()
-
-    def session_of(self, key: str) -> str:
-        event = getattr(self.queue, "event_ids_to_events", {}).get(key)
-        return event.session_hash if event is not None else key
 
     def joined(self, session: str) -> None:
         with self._lock:
@@ -120,11 +118,6 @@ class ClientTracker:
                 return False
             since = self._since.setdefault(session, time.monotonic())
         return time.monotonic() - since > grace
-
-
-# --------------------------------------------------------------------------
-# The middleware
-# --------------------------------------------------------------------------
 
 
 class BodyTooLarge(Exception):
@@ -162,7 +155,9 @@ class ServerGuard:
         if path.startswith(f"{API_PREFIX}/queue/data"):
             return (parse_qs(scope.get("query_string", b"").decode("latin-1")).get("session_hash") or [None])[0]
         if re.match(rf"{API_PREFIX}/call/(v2/)?[^/]+/[^/]+$", path):
-            return self.tracker.session_of(path.rstrip("/").rsplit("/", 1)[-1])
+            key = path.rstrip("/").rsplit("/", 1)[-1]  # an event id: its session, once queued
+            event = getattr(self.tracker.queue, "event_ids_to_events", {}).get(key)
+            return event.session_hash if event is not None else key
         return None
 
     async def __call__(self, scope, receive, send):
@@ -207,8 +202,6 @@ class ServerGuard:
             if not started:
                 await _plain(send, 413, too_large)
         except Exception as exc:
-            from starlette.requests import ClientDisconnect
-
             if isinstance(exc, ClientDisconnect) or started:
                 return  # the client left: nothing to answer, nothing to log
             if isinstance(exc, (ValueError, TypeError, KeyError, IndexError)):
@@ -222,16 +215,8 @@ class ServerGuard:
                 self.tracker.closed(session)
 
 
-# --------------------------------------------------------------------------
-# The queue
-# --------------------------------------------------------------------------
-
-
 async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GRACE_SECONDS) -> None:
-    """Remove the queued jobs of sessions whose client is gone (no open stream for ``grace``
-    seconds); the app stops their running ones."""
-    from gradio.server_messages import ProcessCompletedMessage
-
+    """Remove the queued jobs of sessions whose client is gone; the app stops their running ones."""
     dropped = [
         event
         for event_queue in list(queue.event_queue_per_concurrency_id.values())
@@ -256,9 +241,6 @@ async def drop_abandoned(queue, tracker: ClientTracker, grace: float = LISTEN_GR
 def check_call(blocks, body) -> str | None:
     """What is wrong with a queued call, checked before it is queued (Gradio would otherwise
     log a traceback with the payload, and answer with an empty message); None when fine."""
-    from gradio import processing_utils
-    from gradio_client import utils as client_utils
-
     fns = blocks.fns
     fn = fns.get(body.fn_index) if isinstance(body.fn_index, int) else None
     if fn is None:
@@ -276,8 +258,6 @@ def check_call(blocks, body) -> str | None:
         if not isinstance(value, dict) or not isinstance(value.get("path"), str) or not value["path"]:
             return f"The input '{label}' must be a file (an uploaded file's path or a URL)."
         if not client_utils.is_http_url_like(value["path"]):
-            from gradio.context import LocalContext
-
             token = LocalContext.blocks.set(blocks)  # the rule Gradio applies when the job runs
             try:
                 processing_utils._check_allowed(value["path"], True)
@@ -324,12 +304,6 @@ def guard_queue(queue, tracker: ClientTracker):
         return await original_push(body, request, username)
 
     queue.push = push
-    return queue
-
-
-# --------------------------------------------------------------------------
-# Image URLs
-# --------------------------------------------------------------------------
 
 
 class DownloadRefused(ValueError):
@@ -345,11 +319,6 @@ async def bounded_download(url: str, cache_dir: str, *, max_bytes: int, timeout:
 
 
 async def _download(url: str, cache_dir: str, max_bytes: int) -> str:
-    import httpx
-    import safehttpx
-    from gradio import processing_utils
-    from gradio_client import utils as client_utils
-
     for _ in range(processing_utils.MAX_REDIRECTS + 1):
         host = httpx.URL(url).host
         if httpx.URL(url).scheme not in ("http", "https") or not host:
@@ -393,22 +362,11 @@ async def _download(url: str, cache_dir: str, max_bytes: int) -> str:
 
 async def validate_host(host: str) -> str:
     """A public IP address of ``host`` (Gradio's rule); tests may allow loopback here."""
-    import safehttpx
-
     return await safehttpx.async_validate_url(host)
-
-
-def install_bounded_downloads(max_bytes: int) -> None:
-    """Make Gradio fetch image URLs through :func:`bounded_download`."""
-    from gradio import processing_utils
-
-    processing_utils.async_ssrf_protected_download = functools.partial(bounded_download, max_bytes=max_bytes)
 
 
 def install_upload_cleanup() -> None:
     """An upload that ends early (client gone, body too large) leaves no partial file."""
-    from gradio import route_utils
-
     parser = route_utils.GradioMultiPartParser
     if getattr(parser, "_deblurdiff_cleans_up", False):
         return
@@ -428,10 +386,6 @@ def install_upload_cleanup() -> None:
 
     route_utils.GradioMultiPartParser = CleaningParser
 
-
-# --------------------------------------------------------------------------
-# The temporary folder
-# --------------------------------------------------------------------------
 
 TEMP_PREFIX = "deblurdiff-server-"
 _PID_FILE = "owner.pid"
@@ -474,30 +428,22 @@ def claim_temp_dir(parent: str | None = None) -> Path:
     (folder / _PID_FILE).write_text(str(os.getpid()))
     os.environ["GRADIO_TEMP_DIR"] = str(folder)
     atexit.register(shutil.rmtree, folder, True)
-    stop_on_sigterm()
-    return folder
 
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (how containers stop) ends the server like Ctrl-C: Gradio closes, atexit runs."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, frame):
+    def on_sigterm(signum, frame):  # how containers stop: like Ctrl-C, Gradio closes and atexit runs
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends at once
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)
+    return folder
 
 
 def protect(demo, tracker: ClientTracker, file_limit: int, launch_kwargs: dict) -> dict:
-    """Apply the limits to a queued ``demo``; returns ``launch_kwargs`` completed with
-    ``max_file_size`` and the middleware."""
-    from starlette.middleware import Middleware
-
+    """Apply the limits to a queued ``demo``; returns ``launch_kwargs`` with the file limit and middleware."""
     guard_queue(demo._queue, tracker)
     install_upload_cleanup()
-    install_bounded_downloads(file_limit)
+    # Gradio fetches image URLs through this one function
+    processing_utils.async_ssrf_protected_download = functools.partial(bounded_download, max_bytes=file_limit)
     middleware = Middleware(ServerGuard, file_limit=file_limit, tracker=tracker)
     return {"max_file_size": file_limit, **launch_kwargs, "app_kwargs": {"middleware": [middleware]}}
 

@@ -1,12 +1,7 @@
-"""ZeroGPU's rules as the ``spaces`` package applies them: what a duration request books,
-what may be booked at start-up, and how many visitors run at once.
-
-``spaces`` multiplies the duration given to ``@spaces.GPU`` by its node's
-``duration_factor`` (1.5 on RTX Pro 6000 nodes, 1 on H200; ``xlarge`` not multiplied)
-before booking it. The app works in booked seconds (what the visitor's quota is charged)
-and asks for the booking divided by that factor, read from ``spaces`` itself:
-:func:`request_seconds`.
-"""
+"""ZeroGPU's rules as ``spaces`` applies them. ``spaces`` multiplies the duration given to
+``@spaces.GPU`` by its node's ``duration_factor`` (1.5 on RTX Pro 6000) before booking it, so the
+app works in booked seconds (what the visitor's quota is charged) and asks for the booking divided
+by that factor (:func:`request_seconds`)."""
 
 from __future__ import annotations
 
@@ -38,8 +33,7 @@ def quota_note() -> str:
 
 
 def _booked(requested: float, gpu_size: str | None) -> float:
-    """What ``spaces`` books for a request of ``requested`` seconds (the request itself where
-    the ``spaces`` ZeroGPU client cannot be read)."""
+    """What ``spaces`` books for a request of ``requested`` seconds (the request, if unreadable)."""
     try:
         from spaces.zero import client
 
@@ -71,9 +65,6 @@ def startup_request_seconds() -> int:
     return request_seconds(STARTUP_MAX_BOOKED_SECONDS)
 
 
-# What one run books, and what fits ------------------------------------------------------
-
-
 def duration_for(estimate: float) -> int:
     """The duration to give ``@spaces.GPU`` for a run estimated at ``estimate`` seconds."""
     return request_seconds(gpu_booking_seconds(estimate))
@@ -95,8 +86,7 @@ def limit_advice(speed: SpeedModel, width: int, height: int, steps: int, guidanc
 
 def estimate_text(speed: SpeedModel, width: int, height: int, steps: int, guidance_scale: float = 1.0,
                   tiled: bool | None = None) -> str:
-    """The app's time estimate on ZeroGPU: the GPU time, what it books of the visitor's
-    quota, and a warning when it cannot fit or is more than some visitors have."""
+    """The GPU time, what it books of the visitor's quota, and a warning when it cannot fit."""
     seconds = speed.seconds(width, height, steps, guidance_scale, tiled)
     booked = booked_for(seconds)
     text = (
@@ -117,8 +107,7 @@ _QUOTA_LEFT = re.compile(r"\((\d+)s requested vs\. (\d+)s left\)")
 
 def quota_refusal(message: str, speed: SpeedModel, width: int, height: int, steps: int,
                   guidance_scale: float = 1.0, tiled: bool | None = None) -> str | None:
-    """Our message for ZeroGPU's quota refusal (``spaces``' ``gr.Error``), saying what
-    fits in the quota left; None if ``message`` is not such a refusal."""
+    """What fits in the quota left, for ``spaces``' refusal ``message``; None for another error."""
     found = _QUOTA_LEFT.search(message)
     if found is not None:
         left = int(found.group(2))

@@ -392,8 +392,9 @@ def test_speed_model_and_gpu_duration():
     assert speed.seconds(512, 512, 50) > small and speed.seconds(1024, 1024, 10) > 3 * small
     assert speed.seconds(512, 512, 10, guidance_scale=2.0) > small
     assert estimates.processed_megapixels(2048, 2048, True) > estimates.processed_megapixels(2048, 2048, False)
-    small_request = app_module._gpu_duration(0, gradient(512, 512), RestoreOptions(steps=10), 0)
-    big_request = app_module._gpu_duration(0, gradient(2048, 2048), RestoreOptions(steps=100, guidance_scale=5.0), 0)
+    key = id(DeblurApp(None, examples_dir=None, measure_speed=False))  # no model: the GPU's default speed
+    small_request = app_module._gpu_duration(key, gradient(512, 512), RestoreOptions(steps=10), 0)
+    big_request = app_module._gpu_duration(key, gradient(2048, 2048), RestoreOptions(steps=100, guidance_scale=5.0), 0)
     # Off ZeroGPU spaces' factor is 1 (H200): the request is the booking itself.
     assert estimates.MIN_GPU_SECONDS <= small_request < big_request
     assert big_request == estimates.gpu_booking_seconds(SpeedModel.default("cuda").seconds(2048, 2048, 100, 5.0))
@@ -488,7 +489,7 @@ def test_cancel_reaches_a_forked_worker_within_a_step(tmp_path):
     ctx = multiprocessing.get_context("fork")
     steps = ctx.RawArray("i", 2)  # done, total as the worker's progress reports them
     receiver, sender = ctx.Pipe(duplex=False)
-    slot = app.free_slots.get()
+    slot = next(app.slots) % app_module.RUN_SLOTS
     app.cancelled[slot] = False
     app.active_runs[FakeRequest.session_hash] = slot  # what Cancel looks up, as during a run
 
@@ -535,7 +536,7 @@ def test_examples_gallery_lists_the_examples_folder(demo):
 
 
 def test_examples_are_cached_lazily_only_for_trained_weights(pipe, monkeypatch):
-    untrained = DeblurApp(pipe, model_ref="random-tiny", measure_speed=False).build()
+    untrained = build_demo(pipe, model_ref="random-tiny", measure_speed=False)
     # Cached examples serve their outputs through gradio's ``load_example_output`` event.
     untrained_events = {fn.name for fn in untrained.fns.values()}
     assert "load_example" in untrained_events and "load_example_output" not in untrained_events
@@ -550,6 +551,6 @@ def test_examples_are_cached_lazily_only_for_trained_weights(pipe, monkeypatch):
         return real_examples(*args, **kwargs)
 
     monkeypatch.setattr(gr, "Examples", recording_examples)
-    trained = DeblurApp(pipe, model_ref="owner/weights", measure_speed=False).build()
+    trained = build_demo(pipe, model_ref="owner/weights", measure_speed=False)
     assert cached == [(True, "lazy")] and "computed once" in _gallery(trained)[0].label
     assert "load_example_output" in {fn.name for fn in trained.fns.values()}
