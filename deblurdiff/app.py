@@ -284,7 +284,7 @@ def probe_speed(app: DeblurApp) -> None:
             with app.lock:
                 timing = prepare_cpu_pipeline(app.pipe, app.cpu_config, progress=logger.info)
             app.speed = SpeedModel.measured_cpu(app.cpu_config, timing, app.should_tile)
-            logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", timing.step_s_per_mpx, timing.fixed_s_per_mpx)
+            logger.info("measured speed on the CPU: %.3g s per step per megapixel at 512², %.3g s fixed", app.speed.step_s_per_mpx, app.speed.fixed_s_per_mpx)
             return
         rng = np.random.default_rng(0)
         probe = Image.fromarray(rng.integers(0, 256, (PROBE_SIDE, PROBE_SIDE, 3), dtype=np.uint8))
