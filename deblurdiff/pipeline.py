@@ -258,10 +258,13 @@ class DeblurDiffPipeline(DiffusionPipeline):
         pipe = super().from_pretrained(pretrained_model_name_or_path, text_encoder=None, **kwargs)
         pipe.set_prompt_embeds(stored)
         dtype = kwargs.get("torch_dtype") or kwargs.get("dtype")
-        given = {"torch_dtype": dtype, "variant": kwargs.get("variant")}
         pipe._text_encoder_loader = functools.partial(
-            CLIPTextModel.from_pretrained, pretrained_model_name_or_path, subfolder="text_encoder",
-            **{k: v for k, v in given.items() if v is not None}, **hub_kwargs,
+            CLIPTextModel.from_pretrained,
+            pretrained_model_name_or_path,
+            subfolder="text_encoder",
+            **({"torch_dtype": dtype} if dtype is not None else {}),
+            **({"variant": kwargs["variant"]} if "variant" in kwargs else {}),
+            **hub_kwargs,
         )
         return pipe
 
