@@ -1,11 +1,8 @@
-"""Running on a CPU: what the processor can do, the fastest safe configuration for it,
-and its measured speed (time estimates: deblurdiff.estimates).
-
-bfloat16 is only fast where the CPU multiplies it natively (AVX-512 BF16 or AMX);
-elsewhere it is over 100× slower than float32, so it is chosen only after checking.
-Without it, float32 runs its 3×3 convolutions by Winograd's algorithm or one unfolded
-matrix product (:mod:`deblurdiff.ops.winograd`), 1.4× a whole model call on AVX2.
-Nothing chosen here changes results beyond rounding.
+"""Running on a CPU: what the processor can do, the fastest safe configuration for it, and its
+measured speed (time estimates: deblurdiff.estimates). bfloat16 is fast only where the CPU multiplies
+it natively (AVX-512 BF16 or AMX), over 100× slower than float32 elsewhere; float32 runs its 3×3
+convolutions by Winograd's algorithm or one unfolded matrix product (:mod:`deblurdiff.ops.winograd`),
+1.4× a whole model call on AVX2. Nothing chosen here changes results beyond rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import torch
 
 from .parsing import env_flag, parse_dtype
 from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
-from .tiling import padded
 
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
 #: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
@@ -88,17 +84,11 @@ def cpu_features() -> CPUFeatures:
     return CPUFeatures(_model_name(), capability, torch.get_num_threads(), avx512_bf16, amx, cap)
 
 
-# ----------------------------------------------------------------------------------
-# The configuration
-# ----------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class CPUConfig:
-    """How the networks run on the CPU. ``winograd``: float32 3×3 convolutions by
-    Winograd's F(4×4, 3×3) on feature maps of 32 pixels and more, by one unfolded matrix
-    product on smaller ones (:func:`deblurdiff.ops.winograd.enable_winograd`;
-    float32-level results)."""
+    """How the networks run on the CPU; ``winograd``: float32 3×3 convolutions by
+    :func:`deblurdiff.ops.winograd.enable_winograd` (float32-level results)."""
 
     dtype: torch.dtype = torch.float32
     winograd: bool = False
@@ -107,13 +97,10 @@ class CPUConfig:
 
     @property
     def dtype_name(self) -> str:
-        return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(self.dtype, str(self.dtype))
+        return str(self.dtype).removeprefix("torch.")
 
     def describe(self) -> str:
-        parts = [self.dtype_name]
-        if self.winograd:
-            parts.append("Winograd 3×3 convolutions")
-        text = ", ".join(parts)
+        text = self.dtype_name + (", Winograd 3×3 convolutions" if self.winograd else "")
         return f"{text} — {self.reason}" if self.reason else text
 
 
@@ -152,17 +139,13 @@ def choose_cpu_config(features: CPUFeatures | None = None, *, dtype: str | torch
     return CPUConfig(dtype=dtype, winograd=use_winograd, reason=reason)
 
 
-# ----------------------------------------------------------------------------------
-# Preparing the pipeline, and timing it
-# ----------------------------------------------------------------------------------
-
 
 @dataclass
 class CPUTiming:
-    """Seconds measured at the warm-up size after compilation (per megapixel)."""
+    """Seconds of one step and of the rest, measured on a ``width`` × ``height`` image."""
 
-    step_s_per_mpx: float
-    fixed_s_per_mpx: float
+    step_seconds: float
+    fixed_seconds: float
     width: int
     height: int
 
@@ -181,11 +164,8 @@ def enable_cpu_winograd(*modules: torch.nn.Module) -> WinogradBudget:
 
 def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None] | None = None,
                          measure: bool = True) -> CPUTiming | None:
-    """Apply ``config`` to a CPU pipeline (dtype, Winograd convolutions)
-    and time it at ``config.warmup_size``, reporting through ``progress``.
-
-    Returns the per-megapixel step and fixed (VAE) times (``measure=False``: None), for
-    :meth:`deblurdiff.estimates.SpeedModel.measured_cpu`."""
+    """Apply ``config`` to a CPU pipeline (dtype, Winograd convolutions) and time it at
+    ``config.warmup_size`` (``measure=False``: None) for ``SpeedModel.measured_cpu``."""
     say = progress or (lambda message: None)
     # Denormal activations slow float32 CPU kernels severalfold; flushing them changes
     # results far below float32 rounding of the outputs.
@@ -203,8 +183,8 @@ def prepare_cpu_pipeline(pipe, config: CPUConfig, progress: Callable[[str], None
 @torch.no_grad()
 def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2) -> CPUTiming:
     """Time one ``steps``-step call on a grey image: seconds per step (the last step) and
-    the rest (VAE encode + decode, colour fix), per megapixel. Transforming Winograd
-    filters, which the first call at a size does once, is left out of the rest."""
+    the rest (VAE encode + decode, colour fix). Transforming Winograd filters, which the
+    first call at a size does once, is left out of the rest."""
     stamps = []
 
     def stamp(p, i, t, kwargs):
@@ -218,8 +198,7 @@ def measure_cpu_timing(pipe, width: int = 512, height: int = 512, steps: int = 2
          callback_on_step_end=stamp)
     total = time.perf_counter() - start - (filter_transform_seconds() - one_off)
     step = stamps[-1] - stamps[-2] if len(stamps) >= 2 else total / (steps + 1)
-    mpx = padded(width) * padded(height) / 1e6
-    return CPUTiming(step / mpx, max(total - steps * step, 0.0) / mpx, width, height)
+    return CPUTiming(step, max(total - steps * step, 0.0), width, height)
 
 
 def describe_cpu(features: CPUFeatures | None = None) -> str:

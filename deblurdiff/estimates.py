@@ -1,11 +1,9 @@
 """Estimates: how long an image takes (GPU, MPS and CPU), what fits in a ZeroGPU run,
 and peak memory, which decides when to tile.
 
-Seconds ≈ passes × (fixed + steps × branches × per-step), each term seconds per megapixel
-of one pass: the padded image untiled, else each of its overlapping tiles. On the CPU
-time grows faster than the pixel count (``CPU_EXPONENTS``). The GPU constants below are
-estimates until a GPU has measured them (the app replaces them by a measurement of the
-loaded model where it can run one before a request).
+Seconds ≈ passes × (fixed + steps × branches × per-step), each term in seconds per megapixel
+of one pass (the padded image untiled, else each tile); on the CPU time grows faster than the
+pixel count (``CPU_EXPONENTS``). The app replaces the GPU defaults by a measurement where it can.
 """
 
 from __future__ import annotations
@@ -29,10 +27,8 @@ logger = logging.getLogger(__name__)
 # "mps": an estimate. The CPU's come from measurements (below).
 DEFAULT_SPEEDS = {"cuda": (0.35, 0.6), "mps": (8.0, 6.0)}
 
-#: ZeroGPU: GPU time booked for one run = overhead + margin × estimate (the app's own
-#: margin over its estimate), at least MIN_GPU_SECONDS. Booked seconds are what ZeroGPU
-#: reserves and charges to the visitor's quota (deblurdiff.zerogpu turns them into the
-#: duration given to ``@spaces.GPU``).
+#: ZeroGPU: one run books overhead + margin × estimate, at least MIN_GPU_SECONDS: what ZeroGPU
+#: reserves and charges to the visitor's quota (deblurdiff.zerogpu makes it ``@spaces.GPU``'s duration).
 MIN_GPU_SECONDS = 20
 GPU_OVERHEAD_SECONDS = 10
 GPU_MARGIN = 1.5
@@ -43,19 +39,16 @@ GPU_CAP_ENV = "DEBLURDIFF_ZEROGPU_MAX_SECONDS"
 DEFAULT_GPU_CAP_SECONDS = 40 * 60
 
 
-# Seconds per megapixel at 512×512: (one step, VAE encode + decode and the rest), full-size
-# random weights, 2 threads. Used until the pipeline has been timed on this machine;
-# scaled by thread count. bfloat16: an AMD EPYC with AVX-512 BF16 (benchmarks/
-# bench_inference.py, bench_model.py). float32, chosen on CPUs without native bf16: an AMD
-# EPYC with AVX2 only, 3-step runs with Winograd convolutions (27.8 s per step per
-# megapixel, 51.0 s for the rest; benchmarks/results/cpu_estimate.txt), given here without
-# Winograd (times WINOGRAD_SPEEDUP).
+# Seconds per megapixel at 512×512, (one step, VAE encode + decode and the rest), full-size random
+# weights, 2 threads (scaled by thread count), until the pipeline is timed on this machine.
+# bfloat16: an AMD EPYC with AVX-512 BF16 (benchmarks/bench_inference.py, bench_model.py). float32
+# (CPUs without native bf16): an AVX2-only AMD EPYC, 3-step runs with Winograd convolutions (27.8 s
+# per step per megapixel, 51.0 s the rest; benchmarks/results/cpu_estimate.txt), here without them.
 REFERENCE_THREADS = 2
 REFERENCE_MPX = 512 * 512 / 1e6
 DEFAULT_CPU_SPEEDS = {"float32": (38.9, 70.4), "bfloat16": (6.5, 28.8)}
-# Winograd convolutions (float32): (per step, VAE encode + decode) speed-ups measured at
-# 512² on 2 AVX2 cores, Intel Xeon capped at AVX2 (benchmarks/results/cpu_estimate.txt):
-# 39.1 -> 27.9 s per step per megapixel, VAE 24.8 -> 18.0 s.
+# Winograd (float32) speed-ups, (per step, VAE), at 512² on 2 cores of an Intel Xeon capped at AVX2
+# (benchmarks/results/cpu_estimate.txt): 39.1 -> 27.9 s per step per megapixel, VAE 24.8 -> 18.0 s.
 WINOGRAD_SPEEDUP = (1.40, 1.38)
 # Time grows faster than the pixel count (activations outgrow the caches; the VAE's
 # middle attention is global): per-step time ∝ megapixels ** 1.25 and VAE time ∝
@@ -103,8 +96,8 @@ class SpeedModel:
     @classmethod
     def measured_cpu(cls, config: CPUConfig, timing: CPUTiming, should_tile=None) -> "SpeedModel":
         """The CPU's speed as ``timing`` measured it with ``config`` applied (its speed-ups included)."""
-        at_mpx = padded(timing.width) * padded(timing.height) / 1e6
-        return cls(timing.step_s_per_mpx, timing.fixed_s_per_mpx, "cpu", True, should_tile, at_mpx)
+        mpx = padded(timing.width) * padded(timing.height) / 1e6
+        return cls(timing.step_seconds / mpx, timing.fixed_seconds / mpx, "cpu", True, should_tile, mpx)
 
     def seconds(self, width: int, height: int, steps: int, guidance_scale: float = 1.0, tiled: bool | None = None) -> float:
         tiled = bool(self.should_tile(height, width, tiled) if self.should_tile is not None else tiled)
@@ -138,10 +131,9 @@ def gpu_booking_seconds(estimate: float) -> int:
     return math.ceil(max(MIN_GPU_SECONDS, GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate))
 
 
-def fits_gpu_limit(estimate: float, limit: float | None = None, booked: Callable[[float], float] = gpu_booking_seconds) -> bool:
-    """Whether the GPU time booked for a run of ``estimate`` seconds (``booked(estimate)``)
-    is within ``limit`` seconds (default: :func:`gpu_cap_seconds`)."""
-    return booked(estimate) <= (gpu_cap_seconds() if limit is None else limit)
+def fits_gpu_limit(estimate: float, limit: float | None = None) -> bool:
+    """Whether the GPU time booked for a run of ``estimate`` seconds is within ``limit`` (default: cap)."""
+    return gpu_booking_seconds(estimate) <= (gpu_cap_seconds() if limit is None else limit)
 
 
 def gpu_limit_advice(
@@ -206,10 +198,6 @@ def format_steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-# --------------------------------------------------------------------------
-# The cost cap of any device (the ZeroGPU limit above is a separate, stricter one)
-# --------------------------------------------------------------------------
-
 #: Longest estimated run accepted, per device type (seconds); ``DEBLURDIFF_MAX_RUN_SECONDS`` overrides.
 MAX_RUN_SECONDS_ENV = "DEBLURDIFF_MAX_RUN_SECONDS"
 DEFAULT_MAX_RUN_SECONDS = {"cpu": 3600, "mps": 1800, "cuda": 600}
@@ -241,19 +229,13 @@ def run_cost_advice(
     return f"{head} {_what_fits(cost, limit, width, height, steps)}"
 
 
-# --------------------------------------------------------------------------
-# Peak memory, and when to tile
-# --------------------------------------------------------------------------
-
-#: Peak bytes of one untiled call above the resident weights, CPU float32:
-#: ``constant + per latent pixel × latent pixels`` (the models attend within fixed windows,
-#: so the working set grows linearly), by guidance. Unguided: least squares over peaks
-#: measured at 256², 512², 768² and 1024² with full-size random-weight models
-#: (benchmarks/results/peak_memory_cpu.txt, ``python benchmarks/bench_peak_memory.py``):
-#: 0.364, 1.212, 2.629 and 4.493 GiB above the weights; the line is within 6% at 256², 2%
-#: above. Guided (both branches in one batch): 1.683 and 4.878 GiB at 512² and 1024², the
-#: line through both. Elsewhere an ESTIMATE: the same, scaled by bytes per element (half in
-#: float16/bfloat16), until measured with ``bench_peak_memory.py --device cuda --dtype fp16``.
+#: Peak bytes of one untiled call above the resident weights, CPU float32, by guidance:
+#: ``constant + per latent pixel × latent pixels`` (the models attend within fixed windows, so the
+#: working set grows linearly). Unguided: least squares over 0.364, 1.212, 2.629 and 4.493 GiB at
+#: 256², 512², 768² and 1024², full-size random weights (benchmarks/results/peak_memory_cpu.txt,
+#: ``bench_peak_memory.py``), within 6% at 256², 2% above. Guided (one batch): the line through 1.683
+#: and 4.878 GiB at 512² and 1024². Elsewhere an ESTIMATE scaled by bytes per element (half in
+#: float16/bfloat16) until measured with ``bench_peak_memory.py --device cuda --dtype fp16``.
 CPU_FP32_PEAK = {False: (117.1e6, 288.8e3), True: (663.6e6, 279.2e3)}
 # Headroom over the fitted estimate (allocator fragmentation, other kernels' workspaces).
 MEMORY_MARGIN = 1.2
@@ -277,10 +259,7 @@ def available_memory(device: torch.device | str) -> int | None:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "mps":
-        try:
-            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-        except (AttributeError, RuntimeError):
-            return None
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     if device.type != "cpu":
         return None
     try:
@@ -292,9 +271,8 @@ def available_memory(device: torch.device | str) -> int | None:
 
 def should_tile(height: int, width: int, available_bytes: int | None, dtype: torch.dtype = torch.float32,
                 guided: bool = False, tile_size: int = TILE_SIZE) -> bool:
-    """Whether an image of ``height`` × ``width`` pixels should run tiled: only when it does
-    not fit in one tile and an untiled run's estimated peak exceeds ``available_bytes``
-    (bytes free above the resident weights; None = unknown, run untiled like the reference)."""
+    """Whether an image larger than one tile should run tiled: when an untiled run's estimated peak
+    exceeds ``available_bytes`` above the weights (None = unknown: untiled, like the reference)."""
     if available_bytes is None or count_tiles(height, width, tile_size, tile_size) <= 1:
         return False
     return estimate_peak_memory(height, width, dtype, guided) > available_bytes

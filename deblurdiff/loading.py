@@ -1,8 +1,6 @@
-"""One place that turns a model reference into a ready pipeline, for the app, the CLI and scripts.
-
-A reference is a diffusers folder, a Hub repo id, the official single-file checkpoint
-(``model.pth``/``.ckpt``/``.safetensors``) or ``random-tiny`` (untrained, for development).
-With none, the authors' checkpoint is fetched, verified and converted once (``weights.py``).
+"""A model reference to a ready pipeline, for the app, the CLI and scripts: a diffusers folder,
+a Hub repo id, the official single-file checkpoint (``model.pth``/``.ckpt``/``.safetensors``) or
+``random-tiny`` (untrained, for development); with none, the authors' checkpoint (``weights.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ def pick_device(requested: str | None = None) -> torch.device:
         return torch.device(requested)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
 
@@ -72,11 +70,9 @@ def load_pipeline(
     allow_download: bool | None = None,
     downloader=None,
 ):
-    """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``.
-
-    ``model`` defaults to ``$DEBLURDIFF_MODEL``, else the authors' checkpoint, fetched and
-    converted once (:func:`deblurdiff.weights.official_pipeline`). Raises
-    ``ModelUnavailableError`` with an actionable message when the weights cannot be had."""
+    """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``; ``model``
+    defaults to ``$DEBLURDIFF_MODEL``, else the authors' checkpoint, fetched and converted once
+    (:func:`deblurdiff.weights.official_pipeline`). ``ModelUnavailableError`` says what to do."""
     from .pipeline import DeblurDiffPipeline
 
     model = model or os.environ.get(MODEL_ENV)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -28,9 +29,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     UNet2DConditionModel,
 )
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import hf_hub_download
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .models import LatentControlNetModel, LKPNModel
@@ -128,11 +133,8 @@ def reference_timesteps(num_inference_steps: int, num_train_timesteps: int = 100
     if num_inference_steps == 1:
         return [num_train_timesteps - 1]
     stride = (num_train_timesteps - 1) / (num_inference_steps - 1)
-    position, steps = 0.0, []
-    for _ in range(num_inference_steps):
-        steps.append(round(position))
-        position += stride
-    return steps[::-1]
+    positions = itertools.accumulate([stride] * (num_inference_steps - 1), initial=0.0)
+    return [round(position) for position in positions][::-1]
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int = SIZE_MULTIPLE) -> torch.Tensor:
@@ -164,10 +166,17 @@ def low_frequency(images: torch.Tensor, levels: int = 5) -> torch.Tensor:
     return images
 
 
+def encode_text(tokenizer, text_encoder, prompt: str) -> torch.Tensor:
+    """(1, 77, D): the prompt padded to the context length, through the whole encoder (the
+    pipeline's and the training's text conditioning)."""
+    ids = tokenizer(
+        [prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device)).last_hidden_state
+
+
 def save_prompt_embeds(path: str | os.PathLike, embeds: dict[str, torch.Tensor]) -> None:
     """Write ``{prompt: (1, 77, D) embedding}`` to a safetensors file (prompts in its metadata)."""
-    from safetensors.torch import save_file
-
     prompts = list(embeds)
     tensors = {f"prompt_{i}": embeds[p].detach().to("cpu", torch.float32).contiguous() for i, p in enumerate(prompts)}
     save_file(tensors, str(path), metadata={"format": _PROMPT_EMBEDS_FORMAT, "prompts": json.dumps(prompts)})
@@ -175,8 +184,6 @@ def save_prompt_embeds(path: str | os.PathLike, embeds: dict[str, torch.Tensor])
 
 def load_prompt_embeds(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a file written by ``save_prompt_embeds``: ``{prompt: float32 CPU embedding}``."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != _PROMPT_EMBEDS_FORMAT:
@@ -191,8 +198,6 @@ def _find_prompt_embeds(source, hub_kwargs: dict) -> Path | None:
         path = Path(source) / PROMPT_EMBEDS_FILE
         return path if path.is_file() else None
     try:
-        from huggingface_hub import hf_hub_download
-
         return Path(hf_hub_download(str(source), PROMPT_EMBEDS_FILE, **hub_kwargs))
     except Exception:  # absent from the repo, offline, ...: fall back to loading the text encoder
         return None
@@ -235,7 +240,6 @@ class DeblurDiffPipeline(DiffusionPipeline):
         # With float16 weights, run the VAE in float32 when its config says it overflows.
         self.upcast_vae = True
 
-    # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_single_file(cls, path, tokenizer=None, torch_dtype=None, attention_head_dim: int = 64):
         """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``); it holds
@@ -278,10 +282,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
         if self.text_encoder is None and self._text_encoder_loader is not None:
             self._load_text_encoder()  # a saved folder is complete
         super().save_pretrained(save_directory, *args, **kwargs)
-        embeds = {}
-        for prompt in (DEFAULT_PROMPT, DEFAULT_NEGATIVE_PROMPT):
-            if prompt in self._prompt_embeds or self.text_encoder is not None:
-                embeds[prompt] = self.encode_prompt(prompt)
+        embeds = {prompt: self.encode_prompt(prompt) for prompt in (DEFAULT_PROMPT, DEFAULT_NEGATIVE_PROMPT)
+                  if prompt in self._prompt_embeds or self.text_encoder is not None}
         if embeds:
             save_prompt_embeds(Path(save_directory) / PROMPT_EMBEDS_FILE, embeds)
 
@@ -290,8 +292,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         if not isinstance(embeds, dict):
             embeds = load_prompt_embeds(embeds)
         for prompt, value in embeds.items():
-            if value.ndim == 2:
-                value = value[None]
+            value = value[None] if value.ndim == 2 else value
             self._prompt_embeds[prompt] = value.detach().to("cpu", torch.float32)
 
     def _load_text_encoder(self) -> CLIPTextModel:
@@ -308,48 +309,34 @@ class DeblurDiffPipeline(DiffusionPipeline):
             self.register_modules(text_encoder=encoder)
         return self.text_encoder
 
-    # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """Text embedding (1, 77, D) of one prompt (padded to the context length, through the
-        whole encoder), cached: stored embeddings when present, else the text encoder's
-        (loaded if it was deferred)."""
+        """Cached (1, 77, D) embedding of one prompt: the stored one, else the text encoder's
+        (loaded if it was deferred) over the prompt padded to the context length."""
         if prompt not in self._prompt_embeds:
             if self.tokenizer is None:
                 raise RuntimeError("This pipeline has no tokenizer, so it cannot encode custom prompts.")
-            encoder = self._load_text_encoder()
-            ids = self.tokenizer(
-                [prompt], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids
-            self._prompt_embeds[prompt] = encoder(ids.to(encoder.device)).last_hidden_state
+            self._prompt_embeds[prompt] = encode_text(self.tokenizer, self._load_text_encoder(), prompt)
         return self._prompt_embeds[prompt].to(self._execution_device)
 
     @contextlib.contextmanager
-    def _vae_precision(self, part: str):
-        """The VAE's ``part`` in float32 for float16 weights when its config says
-        ``force_upcast``; yields the input dtype."""
+    def _vae_precision(self):
+        """The VAE in float32 for float16 weights when its config says ``force_upcast`` (as
+        diffusers' SDXL pipeline upcasts it); yields the input dtype."""
         vae = self.vae
-        upcast = (
-            self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        )
-        if not upcast:
+        if not (self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
             yield vae.dtype
             return
-        modules = [vae.encoder, vae.quant_conv] if part == "encoder" else [vae.post_quant_conv, vae.decoder]
-        modules = [m for m in modules if m is not None]
-        for m in modules:
-            m.to(torch.float32)
+        vae.to(torch.float32)
         try:
             yield torch.float32
         finally:
-            for m in modules:
-                m.to(torch.float16)
+            vae.to(torch.float16)
 
     @torch.no_grad()
     def vae_moments(self, images: torch.Tensor) -> torch.Tensor:
         """The VAE posterior's mean and log-variance, (B, 8, H/8, W/8) float32, of images in [0, 1]."""
-        with self._vae_precision("encoder") as dtype:
+        with self._vae_precision() as dtype:
             images = images.to(device=self.vae.device, dtype=dtype)
             return self.vae.encode(images).latent_dist.parameters.float()
 
@@ -387,40 +374,13 @@ class DeblurDiffPipeline(DiffusionPipeline):
         """Latents -> images in [-1, 1], float32; ``tiled`` decodes overlapping tiles and blends them."""
 
         def decode(z):
-            with self._vae_precision("decoder") as dtype:
+            with self._vae_precision() as dtype:
                 z = z.to(device=self.vae.device, dtype=dtype)
                 return self.vae.decode(z / self.vae.config.scaling_factor).sample.float()
 
         if tiled:
             return vae_decode_tiled(decode, latents, tile_size, tile_stride)
         return decode(latents)
-
-    # ------------------------------------------------------------------ one model call
-    def _denoise(self, x, condition, t, text, guided: bool, guidance_scale: float, conditioning_scale: float):
-        """``(eps, z_s)`` (float32) for float32 latents ``x`` (n samples) given ``condition``
-        and ``text`` already in model dtype and doubled (cond, uncond) when ``guided``."""
-        n = x.shape[0]
-        x = x.to(self.unet.dtype)
-        if guided:
-            x = torch.cat([x, x])
-        t = batched_timesteps(t, x.shape[0], x.device)
-        restored = self.lkpn(condition, x, t, text)
-        down, mid = self.controlnet(
-            x, t, text, hint=torch.cat([condition, restored], dim=1), conditioning_scale=conditioning_scale
-        )
-        eps = self.unet(
-            x,
-            t,
-            encoder_hidden_states=text,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0].float()
-        if guided:
-            eps_cond, eps_uncond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-            restored = restored[:n]
-        return eps, restored.float()
 
     def make_denoiser(
         self,
@@ -449,16 +409,34 @@ class DeblurDiffPipeline(DiffusionPipeline):
         text = text.contiguous()
 
         def denoise(t, x, c, negative_c):
-            c = torch.cat([c, negative_c]) if guided else c
-            return self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
+            n = x.shape[0]
+            x = x.to(dtype)
+            if guided:
+                x, c = torch.cat([x, x]), torch.cat([c, negative_c])
+            t = batched_timesteps(t, x.shape[0], x.device)
+            restored = self.lkpn(c, x, t, text)
+            down, mid = self.controlnet(
+                x, t, text, hint=torch.cat([c, restored], dim=1), conditioning_scale=conditioning_scale
+            )
+            eps = self.unet(
+                x,
+                t,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0].float()
+            if guided:
+                eps_cond, eps_uncond = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+                restored = restored[:n]
+            return eps, restored.float()
 
         if windows is None or len(windows) == 1:
-            c = torch.cat([cond, negative]) if guided else cond
-            return lambda x, t: self._denoise(x, c, t, text, guided, guidance_scale, conditioning_scale)
+            return lambda x, t: denoise(t, x, cond, negative)
         weights = blend_weights(windows, h, w, device=condition.device)
         return lambda x, t: tiled_map(functools.partial(denoise, t), [x, cond, negative], windows, weights)
 
-    # ------------------------------------------------------------------ samplers
     def get_scheduler(self, sampler: str = "ddpm"):
         """"ddpm": ``self.scheduler``; "ddim" (eta 0) and "dpmsolver++" (2nd order) are built
         from the same noise schedule."""
@@ -496,17 +474,14 @@ class DeblurDiffPipeline(DiffusionPipeline):
     @staticmethod
     def _device_generator(generator, device: torch.device):
         """A generator on ``device`` for the per-step noise, seeded from ``generator``."""
-        if generator is None:
-            return None
         gens = generator if isinstance(generator, list) else [generator]
-        if all(g.device.type == device.type for g in gens):
+        if generator is None or all(g.device.type == device.type for g in gens):
             return generator
         derived = [
             torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g).item())) for g in gens
         ]
         return derived if isinstance(generator, list) else derived[0]
 
-    # ------------------------------------------------------------------ tiling
     def should_tile(
         self, height: int, width: int, tiled: bool | None = None, tile_size: int = TILE_SIZE, guided: bool = False
     ) -> bool:
@@ -518,7 +493,6 @@ class DeblurDiffPipeline(DiffusionPipeline):
         budget = self.memory_budget if self.memory_budget is not None else available_memory(device)
         return _should_tile_for_memory(height, width, budget, self.unet.dtype, guided, tile_size)
 
-    # ------------------------------------------------------------------ attention
     def set_attention_window(self, window: int | None = DEFAULT_WINDOW) -> "DeblurDiffPipeline":
         """The networks' attention windows: the reference's (default) or ``None`` for global
         attention (which differs from the reference above 512 px)."""
@@ -528,7 +502,6 @@ class DeblurDiffPipeline(DiffusionPipeline):
             model.register_to_config(attention_window=window)
         return self
 
-    # ------------------------------------------------------------------ the call
     @torch.no_grad()
     def __call__(
         self,
@@ -552,24 +525,18 @@ class DeblurDiffPipeline(DiffusionPipeline):
         sampler: str = "ddpm",
         better_start: bool = False,
     ):
-        """Deblur ``image`` (PIL image, list of them, HWC array or (B, 3, H, W) tensor in [0, 1]).
+        """Deblur ``image``: a PIL image, an HWC array, a (B, 3, H, W) tensor in [0, 1], or a list of
+        images that pad to the same multiple of 64 pixels (``generator`` may then be a list, one per
+        image, as in diffusers: each image gets the random numbers it would get alone).
 
-        A list may hold images of different sizes that pad to the same multiple of 64
-        pixels; ``generator`` may then be a list with one generator per image, as in
-        diffusers: each image then gets the random numbers it would get alone.
-
-        ``output_type``: "pil", "np" (float in [0, 1], BHWC), "pt" (BCHW) or "latent".
-        ``callback_on_step_end(pipe, i, t, kwargs)`` gets the tensors named in
-        ``callback_on_step_end_tensor_inputs`` ("latents", "restored_latents") and may
-        return replacements; set ``pipe.interrupt = True`` inside it to stop early.
-
-        ``tiled``: process the image (diffusion and VAE) in overlapping tiles of
-        ``tile_size`` pixels every ``tile_stride`` pixels (multiples of 64 and 8), the
-        reference's tiled mode; ``None`` (default) runs untiled, like the reference, unless
-        the estimated peak memory exceeds what the device has free (``should_tile``).
+        ``output_type``: "pil", "np" (BHWC in [0, 1]), "pt" (BCHW) or "latent". ``callback_on_step_end``
+        works as in diffusers, with "latents" and "restored_latents"; ``pipe.interrupt = True`` stops.
+        ``tiled``: overlapping tiles of ``tile_size`` pixels every ``tile_stride`` (the reference's tiled
+        mode) for the diffusion and the VAE; None tiles only when an untiled run's estimated peak memory
+        exceeds what the device has free (``should_tile``).
         ``sampler``: "ddpm" (the reference's), "ddim" or "dpmsolver++" (good in 20 steps).
-        ``better_start``: start from the input's low frequencies noised to the first
-        timestep instead of pure noise (``latents``, if given, is that noise).
+        ``better_start``: start from the input's low frequencies noised to the first timestep instead
+        of pure noise (``latents``, if given, is that noise).
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -578,7 +545,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         for name in callback_on_step_end_tensor_inputs:
             if name not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor {name!r} is not one of {self._callback_tensor_inputs}")
-        check_tiling(tile_size, tile_stride, SIZE_MULTIPLE)
+        check_tiling(tile_size, tile_stride)
         scheduler = self.get_scheduler(sampler)
         device = self._execution_device
         self.interrupt = False
@@ -599,13 +566,12 @@ class DeblurDiffPipeline(DiffusionPipeline):
         negative_embeds = self.encode_prompt(negative_prompt) if guided else None
 
         timesteps = self.set_timesteps(num_inference_steps, device, scheduler)
-        start = None
         if better_start:
             start = self.encode_condition(low_frequency(padded), generator, sample=True, **tiling)
         if latents is None:
             latents = randn_tensor(condition.shape, generator=generator, device=device, dtype=torch.float32)
         latents = latents.to(device=device, dtype=torch.float32)
-        if start is not None:
+        if better_start:
             alpha_bar = self.scheduler.alphas_cumprod[int(timesteps[0])].item()
             latents = alpha_bar**0.5 * start + (1 - alpha_bar) ** 0.5 * latents
         else:
@@ -645,22 +611,18 @@ class DeblurDiffPipeline(DiffusionPipeline):
     def _postprocess(self, latents, padded, sizes, fix_colors: bool, output_type: str, tiling: dict):
         """Decoded images cropped to their sizes (a list when sizes differ)."""
         decoded = (self.decode_latents(latents, **tiling) + 1) / 2
-        groups = [range(len(sizes))] if len(set(sizes)) == 1 else [range(i, i + 1) for i in range(len(sizes))]
+        same_size = len(set(sizes)) == 1
         outputs = []
-        for group in groups:
-            height, width = sizes[group[0]]
-            images = decoded[group.start : group.stop, :, :height, :width]
+        for i, (height, width) in enumerate(sizes[:1] if same_size else sizes):
+            part = slice(None) if same_size else slice(i, i + 1)
+            images = decoded[part, :, :height, :width]
             if fix_colors:
-                images = color_fix(images, padded[group.start : group.stop, :, :height, :width].float())
-            outputs.append(self._to_output_type(images.clamp(0, 1), output_type))
-        return outputs[0] if len(outputs) == 1 else [o[0] for o in outputs]
-
-    @staticmethod
-    def _to_output_type(images: torch.Tensor, output_type: str):
-        if output_type == "pt":
-            return images
-        # Truncation to uint8 (not rounding) matches the reference's output.
-        array = images.permute(0, 2, 3, 1).cpu().numpy()
-        if output_type == "np":
-            return array
-        return [PIL.Image.fromarray((a * 255).astype(np.uint8)) for a in array]
+                images = color_fix(images, padded[part, :, :height, :width].float())
+            images = images.clamp(0, 1)
+            if output_type != "pt":
+                images = VaeImageProcessor.pt_to_numpy(images)
+            if output_type == "pil":
+                # Truncation to uint8 (not rounding) matches the reference's output.
+                images = [PIL.Image.fromarray(a) for a in (images * 255).astype(np.uint8)]
+            outputs.append(images)
+        return outputs[0] if same_size else [o[0] for o in outputs]

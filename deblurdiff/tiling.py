@@ -1,10 +1,7 @@
-"""Tiled processing for large images, as the reference's tiled mode.
-
-Windows are laid out on the latent grid (1/8 of the image). As in the reference
-(``--tiled``), the VAE encoder writes each tile's latent over the previous ones; noise
-predictions and decoded images are blended with Gaussian weights (standard deviation 0.1
-of the tile side) normalised to a partition of unity. The pipeline tiles only when an
-untiled run's estimated peak memory does not fit (``deblurdiff.estimates.should_tile``).
+"""Tiled processing for large images, as the reference's tiled mode (``--tiled``): windows on the
+latent grid (1/8 of the image); the VAE encoder writes each tile's latent over the previous ones;
+noise predictions and decoded images are blended with Gaussian weights normalised to sum to one.
+The pipeline tiles only when an untiled run's estimated peak memory does not fit (estimates.py).
 """
 
 from __future__ import annotations
@@ -90,27 +87,21 @@ def gaussian_weights(
 
 
 def blend_weights(
-    windows: Sequence[Window],
-    height: int,
-    width: int,
-    factor: int = 1,
-    sigma: float = BLEND_SIGMA,
-    device=None,
-    dtype=torch.float32,
+    windows: Sequence[Window], height: int, width: int, factor: int = 1, device=None
 ) -> list[torch.Tensor]:
-    """Per-window weights (1, 1, h·factor, w·factor) that sum to one at every pixel."""
+    """Per-window float32 weights (1, 1, h·factor, w·factor) that sum to one at every pixel."""
     w0 = windows[0]
-    bump = gaussian_weights(w0.height * factor, w0.width * factor, sigma, device, torch.float64)
+    bump = gaussian_weights(w0.height * factor, w0.width * factor, device=device, dtype=torch.float64)
     total = torch.zeros(height * factor, width * factor, dtype=torch.float64, device=device)
     for win in windows:
         total[win.slices(factor)] += bump
-    return [(bump / total[win.slices(factor)]).to(dtype)[None, None] for win in windows]
+    return [(bump / total[win.slices(factor)]).float()[None, None] for win in windows]
 
 
-def check_tiling(tile_size: int, tile_stride: int, multiple: int = SIZE_MULTIPLE) -> None:
+def check_tiling(tile_size: int, tile_stride: int) -> None:
     """Validate tile parameters given in image pixels."""
-    if tile_size < multiple or tile_size % multiple:
-        raise ValueError(f"tile_size must be a positive multiple of {multiple} pixels, got {tile_size}")
+    if tile_size < SIZE_MULTIPLE or tile_size % SIZE_MULTIPLE:
+        raise ValueError(f"tile_size must be a positive multiple of {SIZE_MULTIPLE} pixels, got {tile_size}")
     if tile_stride <= 0 or tile_stride % 8 or tile_stride > tile_size:
         raise ValueError(
             f"tile_stride must be a multiple of 8 pixels between 8 and tile_size ({tile_size}), got {tile_stride}"
@@ -122,19 +113,17 @@ def tiled_map(
     inputs: Sequence[torch.Tensor],
     windows: Sequence[Window],
     weights: Sequence[torch.Tensor],
-    in_factor: int = 1,
     out_factor: int = 1,
 ) -> tuple[torch.Tensor, ...]:
-    """Apply ``fn`` window by window and blend its outputs with ``weights``: inputs are
-    sliced at ``in_factor`` × each window, outputs laid out at ``out_factor``. Returns a
-    tuple of float32 tensors, one per output."""
+    """Apply ``fn`` window by window and blend its outputs with ``weights``, laid out at
+    ``out_factor`` × each window. Returns a tuple of float32 tensors, one per output."""
     batch, _, height, width = inputs[0].shape
     outputs: list[torch.Tensor] | None = None
     for win, weight in zip(windows, weights):
-        result = fn(*(x[(..., *win.slices(in_factor))].contiguous() for x in inputs))
+        result = fn(*(x[(..., *win.slices())].contiguous() for x in inputs))
         result = result if isinstance(result, tuple) else (result,)
         if outputs is None:
-            size = (height // in_factor * out_factor, width // in_factor * out_factor)
+            size = (height * out_factor, width * out_factor)
             outputs = [torch.zeros(batch, r.shape[1], *size, device=r.device) for r in result]
         for out, r in zip(outputs, result):
             out[(..., *win.slices(out_factor))] += r.float() * weight
@@ -164,4 +153,4 @@ def vae_decode_tiled(
     h, w = latents.shape[-2:]
     windows = latent_windows(h, w, tile_size, tile_stride)
     weights = blend_weights(windows, h, w, 8, device=latents.device)
-    return tiled_map(decode, [latents], windows, weights, in_factor=1, out_factor=8)[0]
+    return tiled_map(decode, [latents], windows, weights, out_factor=8)[0]

@@ -138,11 +138,17 @@ def test_estimate_at_the_measured_size_is_the_measured_time(monkeypatch):
     assert estimate_cpu_seconds(512, 512, 20, config=config, timing=timing) == pytest.approx(4.0 + 20 * 2.0)
 
 
+def test_measured_timing_is_scaled_by_the_padded_size():
+    # Measured at 500² (padded to 512²): the estimate at the measured size is the measured time.
+    timing = CPUTiming(step_seconds=2.0, fixed_seconds=1.0, width=500, height=500)
+    assert SpeedModel.measured_cpu(CPUConfig(), timing).seconds(500, 500, 3) == pytest.approx(1.0 + 3 * 2.0)
+    assert SpeedModel.measured_cpu(CPUConfig(), timing).seconds(1000, 1000, 3) > 4 * (1.0 + 3 * 2.0)
+
+
 def test_timing_leaves_out_filter_transforms(monkeypatch):
     timing = cpu.measure_cpu_timing(_timed_run(monkeypatch, transforms=2.5), 512, 512, steps=3)
-    mpx = 512 * 512 / 1e6
-    assert timing.step_s_per_mpx * mpx == pytest.approx(2.0)
-    assert timing.fixed_s_per_mpx * mpx == pytest.approx(3.0 + 1.0 - 2.5)
+    assert timing.step_seconds == pytest.approx(2.0)
+    assert timing.fixed_seconds == pytest.approx(3.0 + 1.0 - 2.5)
 
 
 # Whole images, 3 steps, float32 with Winograd, 2 threads, AVX2 only (AMD EPYC), as
@@ -161,7 +167,7 @@ def test_built_in_float32_estimates_match_the_recorded_measurements(monkeypatch)
 
 
 def test_measured_timing_already_includes_winograd():
-    timing = CPUTiming(step_s_per_mpx=10.0, fixed_s_per_mpx=4.0, width=512, height=512)
+    timing = CPUTiming(step_seconds=2.6, fixed_seconds=1.0, width=512, height=512)
     measured = [estimate_cpu_seconds(512, 512, 10, config=CPUConfig(dtype=torch.float32, winograd=w), timing=timing)
                 for w in (False, True)]
     assert measured[0] == measured[1]  # a measurement already includes it
@@ -191,5 +197,5 @@ def test_prepare_tiny_pipeline_measures():
     config = CPUConfig(dtype=torch.float32, warmup_size=(64, 64))
     timing = cpu.prepare_cpu_pipeline(pipe, config, progress=messages.append)
     assert any("Measuring" in m for m in messages)
-    assert timing.step_s_per_mpx > 0 and timing.fixed_s_per_mpx >= 0
+    assert timing.step_seconds > 0 and timing.fixed_seconds >= 0
     assert (timing.width, timing.height) == (64, 64)
