@@ -3,10 +3,10 @@
     python app.py [--model PATH_OR_REPO] [--tokenizer ...] [--device ...] [--port ...]
     python app.py --help
 
-The interface lives in deblurdiff/app.py.
+The interface lives in deblurdiff/space/app.py.
 """
 
-from deblurdiff.app import main
+from deblurdiff.space.app import main
 
 if __name__ == "__main__":
     main()

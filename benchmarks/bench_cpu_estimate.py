@@ -1,7 +1,7 @@
 """How close the CPU time estimate shown before a run comes to the measured time.
 
 Builds the full-size pipeline with random weights (real timings, meaningless images),
-applies the configuration the app would choose on this CPU (``deblurdiff.cpu``), lets
+applies the configuration the app would choose on this CPU (``deblurdiff.cpu.tuning``), lets
 it measure itself at the warm-up size as the app does at start, then runs whole images
 (VAE encode, ``--steps`` denoising steps, decode) at a few sizes and prints, for each,
 the estimate from the built-in constants, the estimate from the start-up measurement,
@@ -26,10 +26,10 @@ from diffusers.utils import logging as diffusers_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deblurdiff.cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline  # noqa: E402
-from deblurdiff.estimates import SpeedModel  # noqa: E402
+from deblurdiff.cpu.tuning import choose_cpu_config, describe_cpu, prepare_cpu_pipeline  # noqa: E402
+from deblurdiff.pipeline.estimates import SpeedModel  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
-from deblurdiff.pipeline import DeblurDiffPipeline  # noqa: E402
+from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline  # noqa: E402
 
 
 def size(text: str) -> tuple[int, int]:

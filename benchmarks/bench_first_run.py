@@ -5,7 +5,7 @@
 A float32 checkpoint with random values and the reference's full key/shape list
 (tests/fixtures/parity/reference_full_shapes.json.gz, 1.81 B parameters) is written to
 WORKDIR, then served by a local copy in place of the Drive download, and
-``deblurdiff.weights.official_pipeline`` verifies and converts it as on a first start;
+``deblurdiff.pipeline.weights.official_pipeline`` verifies and converts it as on a first start;
 finally the cached folder is loaded as on every later start. Prints seconds per phase and
 the peak resident memory (memory-mapped checkpoint pages included). Needs about 20 GB of
 free disk in WORKDIR. The values are random: nothing here deblurs.
@@ -84,8 +84,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["DEBLURDIFF_CACHE"] = str(work / "cache")
 
-    from deblurdiff import weights
-    from deblurdiff.loading import load_pipeline
+    from deblurdiff.pipeline import weights
+    from deblurdiff.pipeline.loading import load_pipeline
 
     served = work / "served" / "model.pth"
     served.parent.mkdir(exist_ok=True)

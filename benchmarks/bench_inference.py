@@ -46,10 +46,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff.loading import pick_device  # noqa: E402
+from deblurdiff.pipeline.loading import pick_device  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.parsing import DTYPES  # noqa: E402
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
+from deblurdiff.pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
 
 SAMPLER_STEPS = {"ddpm": 50, "ddim": 20, "dpmsolver++": 20}
 

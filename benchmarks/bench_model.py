@@ -24,7 +24,7 @@ Configurations (``--configs``; default: all that make sense on this CPU):
   fp32-winograd   float32, eager, Winograd F(4×4, 3×3) / unfolded 3×3 convolutions
   bf16            bfloat16, eager              (only with native bf16: AVX-512 BF16 or AMX)
   fp32-int8       float32 with dynamic int8 linear layers (costs quality; never a default)
-  auto            what the app and CLI run on this CPU (deblurdiff.cpu.choose_cpu_config and
+  auto            what the app and CLI run on this CPU (deblurdiff.cpu.tuning.choose_cpu_config and
                   prepare_cpu_pipeline)
 Configurations that would crawl on this CPU (bfloat16 without native support) are
 skipped with the reason printed. To see what a CPU without AVX-512 does, cap the
@@ -56,14 +56,14 @@ from diffusers.utils import logging as diffusers_logging
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deblurdiff.cpu import (  # noqa: E402
+from deblurdiff.cpu.tuning import (  # noqa: E402
     choose_cpu_config,
     cpu_features,
     describe_cpu,
     enable_cpu_winograd,
     prepare_cpu_pipeline,
 )
-from deblurdiff.ops.winograd import winograd_bytes  # noqa: E402
+from deblurdiff.cpu.winograd import winograd_bytes  # noqa: E402
 from baselines import disable_winograd  # noqa: E402
 from deblurdiff.models.configs import build_components, make_scheduler, make_test_tokenizer  # noqa: E402
 
@@ -203,8 +203,8 @@ def serve_reference(ref_dir: Path, latent: int) -> None:
 
 def ours_from_reference(cldm):
     """Our pipeline converted from the reference's weights (tensors shared, not copied)."""
-    from deblurdiff.single_file import convert_deblurdiff_checkpoint
-    from deblurdiff.pipeline import DeblurDiffPipeline
+    from deblurdiff.models.single_file import convert_deblurdiff_checkpoint
+    from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
     state = {k: v for k, v in cldm.state_dict().items() if not k.startswith("clip.model.visual.")}
     components = convert_deblurdiff_checkpoint(state)
@@ -212,7 +212,7 @@ def ours_from_reference(cldm):
 
 
 def ours_random():
-    from deblurdiff.pipeline import DeblurDiffPipeline
+    from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
     return DeblurDiffPipeline(**build_components("full", seed=0))
 

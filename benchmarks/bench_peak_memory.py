@@ -1,7 +1,7 @@
 """Peak memory of one untiled DeblurDiffPipeline call, full-size models, a few sizes.
 
 Fits ``peak - weights = constant + bytes_per_latent_pixel * latent pixels`` (weights
-resident before the call are not counted): the memory model in ``deblurdiff.estimates``
+resident before the call are not counted): the memory model in ``deblurdiff.pipeline.estimates``
 (scaled by bytes per element for other dtypes). Random weights: memory is the real one,
 the images are not deblurring results.
 
@@ -30,7 +30,7 @@ from bench_inference import PeakRSS  # noqa: E402
 
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.parsing import DTYPES  # noqa: E402
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
+from deblurdiff.pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
 
 
 

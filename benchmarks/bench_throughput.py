@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff.loading import pick_device  # noqa: E402
+from deblurdiff.pipeline.loading import pick_device  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.parsing import DTYPES  # noqa: E402
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
+from deblurdiff.pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline  # noqa: E402
 
 
 
@@ -47,7 +47,7 @@ def build(device: torch.device, dtype: str, model_size: str) -> DeblurDiffPipeli
         pipe.set_prompt_embeds(embeds)
         pipe.set_progress_bar_config(disable=True)
     if device.type == "cpu":
-        from deblurdiff.cpu import choose_cpu_config, prepare_cpu_pipeline
+        from deblurdiff.cpu.tuning import choose_cpu_config, prepare_cpu_pipeline
 
         config = choose_cpu_config(dtype=None if dtype == "auto" else dtype)
         print(f"# CPU configuration: {config.describe()}")

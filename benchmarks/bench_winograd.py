@@ -1,5 +1,5 @@
 """3×3 convolutions on the CPU: oneDNN's direct convolution against Winograd F(2, 3) and
-F(4, 3) and one unfolded matrix product (deblurdiff/ops/winograd.py), float32, at the
+F(4, 3) and one unfolded matrix product (deblurdiff/cpu/winograd.py), float32, at the
 shapes a 512² model call runs (UNet, ControlNet, LKPN; the downsampling stride-2 ones in
 a second table), with each method's largest error against float64 relative to the
 output's largest value.
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deblurdiff.cpu import describe_cpu  # noqa: E402
-from deblurdiff.ops.winograd import (  # noqa: E402
+from deblurdiff.cpu.tuning import describe_cpu  # noqa: E402
+from deblurdiff.cpu.winograd import (  # noqa: E402
     enable_winograd,
     im2col_conv2d,
     winograd_bytes,

@@ -6,11 +6,11 @@ __version__ = "0.1.0"
 
 # Imported on first use, so that input checks and the CLI's argument parsing stay light.
 _LAZY = {
-    "DeblurDiffPipeline": ".pipeline",
-    "DeblurDiffPipelineOutput": ".pipeline",
+    "DeblurDiffPipeline": ".pipeline.pipeline_deblurdiff",
+    "DeblurDiffPipelineOutput": ".pipeline.pipeline_deblurdiff",
     "LKPNModel": ".models",
     "LatentControlNetModel": ".models",
-    "load_pipeline": ".loading",
+    "load_pipeline": ".pipeline.loading",
 }
 __all__ = list(_LAZY)
 

@@ -19,7 +19,7 @@ from PIL import Image
 from . import distributed, image_io, service
 from .image_io import InvalidInputError
 from .parsing import DTYPES
-from .tiling import padded
+from .pipeline.tiling import padded
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -115,7 +115,7 @@ def check_out_dir(out_dir: Path, arguments: Sequence[str]) -> str | None:
 def resume_key(path: Path, options, *, model: str, seed_given: bool) -> str:
     """What makes an output this input's result: the input's bytes, the settings and the
     model (the seed only when it was chosen: without ``--seed`` each run draws one)."""
-    from .single_file import file_sha256
+    from .models.single_file import file_sha256
 
     settings = asdict(options)
     if not seed_given:
@@ -285,8 +285,8 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
         return EXIT_USAGE
     options = replace(options, seed=seed)
 
-    from .loading import MODEL_ENV, RANDOM_TINY, ModelUnavailableError, load_pipeline
-    from .weights import OFFICIAL_LABEL
+    from .pipeline.loading import MODEL_ENV, RANDOM_TINY, ModelUnavailableError, load_pipeline
+    from .pipeline.weights import OFFICIAL_LABEL
 
     pipe, setup_error = None, None
     try:
@@ -308,7 +308,7 @@ def _run(args, options, batch_size: int, processes: distributed.Processes) -> in
     if untrained and main_rank:
         say(f"WARNING: {service.UNTRAINED_WARNING}")
     if pipe.device.type == "cpu":
-        from .cpu import choose_cpu_config, prepare_cpu_pipeline
+        from .cpu.tuning import choose_cpu_config, prepare_cpu_pipeline
 
         config = choose_cpu_config(dtype=pipe.unet.dtype)
         if main_rank:

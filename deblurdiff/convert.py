@@ -1,6 +1,6 @@
 """``python -m deblurdiff.convert model.pth out_dir [--dtype fp16] [--push-to-hub owner/name]``.
 
-Writes the diffusers folder that :mod:`deblurdiff.single_file` converts, and uploads it with a model card.
+Writes the diffusers folder that :mod:`deblurdiff.models.single_file` converts, and uploads it with a model card.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .parsing import DTYPES
-from .single_file import COMPONENTS, CheckpointError, TokenizerUnavailableError, file_sha256
+from .models.single_file import COMPONENTS, CheckpointError, TokenizerUnavailableError, file_sha256
 
 
 HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         print(f"error: --push-to-hub needs a repo id like owner/name, got {args.push_to_hub!r}", file=sys.stderr)
         return 1
 
-    from .pipeline import DeblurDiffPipeline
+    from .pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
     try:
         pipe = DeblurDiffPipeline.from_single_file(

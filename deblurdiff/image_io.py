@@ -1,7 +1,7 @@
 """Loading user images for the model, with a message for the user when that cannot be done.
 
 :func:`load_image_with_notes` takes a path, bytes, a binary file, a PIL image or an array (by the
-pipeline's rule, :func:`deblurdiff.pipeline.image_to_tensor`) and returns 8-bit RGB plus notes on
+pipeline's rule, :func:`deblurdiff.pipeline.pipeline_deblurdiff.image_to_tensor`) and returns 8-bit RGB plus notes on
 what was done: the size checked from the header before decoding, HEIC/HEIF (``pillow-heif``) and
 AVIF read, the first frame or page, EXIF orientation, transparency onto white, 16-bit greyscale
 scaled, ICC profiles to sRGB, small images upscaled (or refused). :func:`read_header` tells the
@@ -278,7 +278,7 @@ def _icc_to_srgb(img: Image.Image, notes: list[str]) -> Image.Image | None:
 
 def _from_array(source: Any, max_pixels: int) -> Image.Image:
     """An array as RGB by the pipeline's rule (greyscale, RGB or RGBA; uint8, uint16, bool or float)."""
-    from .pipeline import image_to_tensor
+    from .pipeline.pipeline_deblurdiff import image_to_tensor
 
     name = "The image array"
     try:

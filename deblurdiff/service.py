@@ -18,7 +18,7 @@ import torch
 
 from .image_io import InvalidInputError
 from .parsing import parse_flag
-from .pipeline import DEFAULT_STEPS, SAMPLERS
+from .pipeline.pipeline_deblurdiff import DEFAULT_STEPS, SAMPLERS
 
 MIN_STEPS, MAX_STEPS = 1, 100
 DEFAULT_GUIDANCE, MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 1.0, 10.0

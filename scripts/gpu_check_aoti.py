@@ -1,4 +1,4 @@
-"""GPU check of the ahead-of-time path (deblurdiff.aoti) without ZeroGPU (needs CUDA and
+"""GPU check of the ahead-of-time path (deblurdiff.space.aoti) without ZeroGPU (needs CUDA and
 triton; no network, random weights: the outputs are not deblurring results).
 
     python scripts/gpu_check_aoti.py                 # tiny networks, float32 (~2-5 min)
@@ -23,10 +23,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from deblurdiff import aoti  # noqa: E402
+from deblurdiff.space import aoti  # noqa: E402
 from deblurdiff.models.configs import build_components  # noqa: E402
 from deblurdiff.parsing import DTYPES  # noqa: E402
-from deblurdiff.pipeline import DeblurDiffPipeline  # noqa: E402
+from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline  # noqa: E402
 
 TOL = {"fp32": 1e-3, "bf16": 5e-2, "fp16": 1e-2}  # relative to the largest output value
 SIZES = [(8, 8), (24, 16), (72, 40), (136, 200)]  # latent sides checked against eager

@@ -28,8 +28,8 @@ def main():
     from playwright.sync_api import expect, sync_playwright
 
     from conftest import serve
-    from deblurdiff.app import EXAMPLES_DIR, build_demo
-    from deblurdiff.loading import load_pipeline
+    from deblurdiff.space.app import EXAMPLES_DIR, build_demo
+    from deblurdiff.pipeline.loading import load_pipeline
 
     torch.set_num_threads(1)
     demo = build_demo(load_pipeline("random-tiny", device="cpu"), model_ref="random-tiny", measure_speed=False)

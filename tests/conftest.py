@@ -53,7 +53,7 @@ def free_port() -> int:
 
 def serve(demo) -> str:
     """Launch ``demo`` on a free local port without blocking; returns its URL."""
-    from deblurdiff.app import launch
+    from deblurdiff.space.app import launch
 
     port = free_port()
     launch(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -74,6 +74,6 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def random_tiny_pipe():
-    from deblurdiff.loading import load_pipeline
+    from deblurdiff.pipeline.loading import load_pipeline
 
     return load_pipeline("random-tiny", device="cpu")

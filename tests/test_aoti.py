@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation path (deblurdiff.aoti): torch.export of the tiny networks
+"""Ahead-of-time compilation path (deblurdiff.space.aoti): torch.export of the tiny networks
 with dynamic height and width, checked against eager, and the replaced forwards.
 
 Inductor compilation itself needs a GPU (ZeroGPU); here the exported programs are run
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from deblurdiff import aoti
+from deblurdiff.space import aoti
 
 from conftest import random_image, tiny_pipeline
 

@@ -23,11 +23,11 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deblurdiff import app as app_module  # noqa: E402
-from deblurdiff import estimates  # noqa: E402
-from deblurdiff.app import DeblurApp, build_demo  # noqa: E402
-from deblurdiff.estimates import SpeedModel  # noqa: E402
-from deblurdiff.loading import MODEL_ENV  # noqa: E402
+from deblurdiff.space import app as app_module  # noqa: E402
+from deblurdiff.pipeline import estimates  # noqa: E402
+from deblurdiff.space.app import DeblurApp, build_demo  # noqa: E402
+from deblurdiff.pipeline.estimates import SpeedModel  # noqa: E402
+from deblurdiff.pipeline.loading import MODEL_ENV  # noqa: E402
 from deblurdiff.service import RestoreOptions  # noqa: E402
 
 from conftest import serve  # noqa: E402

@@ -29,8 +29,8 @@ if not os.path.exists(CHROMIUM):
         allow_module_level=True,
     )
 
-from deblurdiff import app as app_module  # noqa: E402
-from deblurdiff.app import EXAMPLES_DIR, build_demo  # noqa: E402
+from deblurdiff.space import app as app_module  # noqa: E402
+from deblurdiff.space.app import EXAMPLES_DIR, build_demo  # noqa: E402
 
 from conftest import serve  # noqa: E402
 

@@ -12,7 +12,7 @@ from PIL import Image
 from deblurdiff import cli, service
 from deblurdiff.cli import main, plan_outputs
 from deblurdiff.service import safe_stem
-from deblurdiff.loading import MODEL_ENV
+from deblurdiff.pipeline.loading import MODEL_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 

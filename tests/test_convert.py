@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
 from deblurdiff import convert
-from deblurdiff.single_file import (
+from deblurdiff.models.single_file import (
     CheckpointError,
     TokenizerUnavailableError,
     convert_deblurdiff_checkpoint,
@@ -28,7 +28,7 @@ from deblurdiff.single_file import (
 )
 from deblurdiff.models import LatentControlNetModel, LKPNModel
 from deblurdiff.models.configs import SIZES, build_components, text_config
-from deblurdiff.pipeline import DeblurDiffPipeline
+from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 CHECKPOINT = FIXTURES / "checkpoint.safetensors"

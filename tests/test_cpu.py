@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deblurdiff import cpu, estimates
-from deblurdiff.cpu import CPUConfig, CPUFeatures, CPUTiming, choose_cpu_config
-from deblurdiff.estimates import SpeedModel
-from deblurdiff.loading import pick_dtype
+from deblurdiff.cpu import tuning as cpu
+from deblurdiff.pipeline import estimates
+from deblurdiff.cpu.tuning import CPUConfig, CPUFeatures, CPUTiming, choose_cpu_config
+from deblurdiff.pipeline.estimates import SpeedModel
+from deblurdiff.pipeline.loading import pick_dtype
 
 
 def estimate_cpu_seconds(width, height, steps, guidance_scale=1.0, *, config, timing=None, tiled=False):
@@ -42,7 +43,7 @@ def test_winograd_with_float32_only(monkeypatch):
 def test_prepared_pipeline_runs_winograd_within_float32_rounding():
     from conftest import tiny_pipeline
 
-    from deblurdiff.ops.winograd import winograd_bytes
+    from deblurdiff.cpu.winograd import winograd_bytes
 
     direct, fast = tiny_pipeline(), tiny_pipeline()
     cpu.prepare_cpu_pipeline(fast, CPUConfig(dtype=torch.float32, winograd=True), measure=False)

@@ -2,7 +2,7 @@
 
 The tiny networks' weights and inputs are fake CUDA tensors (``FakeTensorMode``: shapes,
 dtypes and devices, no data), so EAC dispatches to its Triton backend as on the GPU,
-and :func:`deblurdiff.aoti.export_network` runs as it does at the Space's start-up:
+and :func:`deblurdiff.space.aoti.export_network` runs as it does at the Space's start-up:
 dynamic latent height and width, batch 1 and 2. The LKPN's graph must hold the Triton
 operator (which Inductor then compiles into the program), not the PyTorch one.
 
@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from deblurdiff import aoti
+from deblurdiff.space import aoti
 
 from conftest import tiny_pipeline
 

@@ -477,7 +477,7 @@ def test_bad_numpy_inputs(arr, expected):
 
 
 def test_arrays_follow_the_pipelines_rule():
-    from deblurdiff.pipeline import image_to_tensor
+    from deblurdiff.pipeline.pipeline_deblurdiff import image_to_tensor
 
     rng = np.random.default_rng(3)
     rgba = rng.integers(0, 256, size=(64, 66, 4), dtype=np.uint8)

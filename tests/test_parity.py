@@ -21,9 +21,9 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
-from deblurdiff.single_file import convert_deblurdiff_checkpoint, read_checkpoint
+from deblurdiff.models.single_file import convert_deblurdiff_checkpoint, read_checkpoint
 from deblurdiff.models.configs import SCHEDULER_CONFIG, make_scheduler, make_test_tokenizer
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline, reference_timesteps
+from deblurdiff.pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DeblurDiffPipeline, reference_timesteps
 
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 TOLERANCE = 1e-4
@@ -187,7 +187,7 @@ def test_three_sampling_steps(pipe, ref, meta, monkeypatch):
 def test_tokenizer_matches_open_clip(ref, meta):
     """OpenCLIP's tokenisation of the default prompts, recorded by the reference, equals the
     packaged tokenizer's (tests/test_tokenizer.py checks many more prompts)."""
-    from deblurdiff.single_file import load_tokenizer
+    from deblurdiff.models.single_file import load_tokenizer
 
     tokenizer = load_tokenizer()
     ids = tokenizer(
@@ -273,7 +273,7 @@ def test_end_to_end_matches_the_reference_pipeline(e2e_pipe, e2e, name):
     image = recorded["image"][0].permute(1, 2, 0).numpy()
     assert image.shape[:2] == tuple(settings["image_size"])
     if case["tiled"]:
-        from deblurdiff.tiling import count_tiles
+        from deblurdiff.pipeline.tiling import count_tiles
 
         assert count_tiles(*image.shape[:2], settings["tile_size"], settings["tile_stride"]) >= 4
     output, latents = run_like_the_reference(e2e_pipe, image, settings, case)

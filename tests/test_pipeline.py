@@ -7,7 +7,7 @@ import torch
 
 from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
-from deblurdiff.pipeline import color_fix, image_to_tensor, pad_to_multiple
+from deblurdiff.pipeline.pipeline_deblurdiff import color_fix, image_to_tensor, pad_to_multiple
 
 from conftest import random_image
 

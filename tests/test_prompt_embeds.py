@@ -7,7 +7,7 @@ import torch
 from deblurdiff import DeblurDiffPipeline, load_pipeline
 from deblurdiff.models.configs import build_components
 from conftest import FLOAT32_ROUNDING, random_image, tiny_pipeline
-from deblurdiff.pipeline import (
+from deblurdiff.pipeline.pipeline_deblurdiff import (
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_PROMPT,
     PROMPT_EMBEDS_FILE,

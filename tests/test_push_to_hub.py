@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from deblurdiff import convert
-from deblurdiff.pipeline import DeblurDiffPipeline
+from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 from test_convert import CHECKPOINT, HEAD_DIM, small_vocab_tokenizer
 
 REPO = "someone/deblurdiff-test"

@@ -1,4 +1,4 @@
-"""The public server's limits (deblurdiff/server_limits.py), exercised on loopback with the
+"""The public server's limits (deblurdiff/space/server_limits.py), exercised on loopback with the
 tiny random model: sizes, the queue, malformed calls, headers, clean-up, the cost cap,
 header-only input description and the MCP tool."""
 
@@ -21,9 +21,10 @@ import httpx  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deblurdiff import app as app_module  # noqa: E402
-from deblurdiff import image_io, server_limits  # noqa: E402
-from deblurdiff.app import DeblurApp, build_demo, launch  # noqa: E402
+from deblurdiff.space import app as app_module  # noqa: E402
+from deblurdiff import image_io
+from deblurdiff.space import server_limits  # noqa: E402
+from deblurdiff.space.app import DeblurApp, build_demo, launch  # noqa: E402
 
 from conftest import free_port  # noqa: E402
 
@@ -271,7 +272,7 @@ def test_a_run_over_the_cost_limit_is_refused_with_what_fits(random_tiny_pipe, t
 
 
 def test_cost_advice_names_the_steps_and_size_that_fit():
-    from deblurdiff.estimates import SpeedModel, max_run_seconds, run_cost_advice
+    from deblurdiff.pipeline.estimates import SpeedModel, max_run_seconds, run_cost_advice
 
     speed = SpeedModel.default("cpu")
     assert run_cost_advice(speed, 512, 512, 10, 1.0, None, limit=3600) is None

@@ -9,7 +9,7 @@ from PIL import Image
 
 from deblurdiff import service
 from deblurdiff.image_io import InvalidInputError
-from deblurdiff.pipeline import DEFAULT_NEGATIVE_PROMPT, DeblurDiffPipeline
+from deblurdiff.pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, DeblurDiffPipeline
 from deblurdiff.service import MAX_SEED, RestoreOptions, make_options, png_metadata, restore
 
 

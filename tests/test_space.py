@@ -12,7 +12,7 @@ import pytest
 import yaml
 from packaging.version import Version
 
-from deblurdiff import space
+from deblurdiff.space import deploy as space
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,8 +173,8 @@ def test_deploy_uploads_what_the_space_needs(capsys):
     hub = RecordingHub()
     assert space.main(["deploy", "me/deblur", "--model", "me/deblurdiff-diffusers"], api=hub) == 0
     files = set(hub.uploaded)
-    assert {"app.py", "requirements.txt", "README.md", "deblurdiff/__init__.py", "deblurdiff/app.py",
-            "deblurdiff/pipeline.py", "deblurdiff/ops/eac.py", "deblurdiff/models/lkpn.py",
+    assert {"app.py", "requirements.txt", "README.md", "deblurdiff/__init__.py", "deblurdiff/space/app.py",
+            "deblurdiff/pipeline/pipeline_deblurdiff.py", "deblurdiff/ops/eac.py", "deblurdiff/models/lkpn.py",
             "examples/examples.json"} <= files
     assert not [f for f in files if f.split("/")[0] in {"tests", "benchmarks", "scripts", ".git", "configs"}]
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or "/train/" in f]
@@ -253,7 +253,7 @@ def test_requirements_command_runs_without_torch():
     import subprocess
 
     code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['space', 'requirements'];"
-            "runpy.run_module('deblurdiff.space', run_name='__main__')")
+            "runpy.run_module('deblurdiff.space.deploy', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

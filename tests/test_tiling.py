@@ -19,10 +19,10 @@ import torch
 
 from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
-from deblurdiff.pipeline import low_frequency
+from deblurdiff.pipeline.pipeline_deblurdiff import low_frequency
 from conftest import FLOAT32_ROUNDING, random_image
-from deblurdiff.estimates import available_memory, estimate_peak_memory, should_tile
-from deblurdiff.tiling import (
+from deblurdiff.pipeline.estimates import available_memory, estimate_peak_memory, should_tile
+from deblurdiff.pipeline.tiling import (
     Window,
     blend_weights,
     check_tiling,

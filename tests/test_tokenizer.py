@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from deblurdiff.single_file import load_tokenizer
-from deblurdiff.tokenizer import DEFAULT_VOCAB_PATH, OpenCLIPTokenizer
+from deblurdiff.models.single_file import load_tokenizer
+from deblurdiff.models.tokenizer import DEFAULT_VOCAB_PATH, OpenCLIPTokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tokenizer_parity.json"
 RECORDED = json.loads(FIXTURE.read_text())
@@ -63,7 +63,7 @@ def test_loads_without_network_access(tmp_path):
         "    raise OSError('network disabled in this test')\n"
         "socket.socket.connect = refuse\n"
         "socket.create_connection = refuse\n"
-        "from deblurdiff.single_file import load_tokenizer\n"
+        "from deblurdiff.models.single_file import load_tokenizer\n"
         "tok = load_tokenizer()\n"
         "print(tok('a cat').input_ids)\n"
     )
@@ -126,7 +126,7 @@ def test_vocabulary_ships_in_the_built_package(tmp_path):
 
 def test_the_official_checkpoint_loads_with_no_tokenizer_argument():
     """``--model model.pth`` needs nothing from the network: the packaged tokenizer is used."""
-    from deblurdiff.single_file import load_single_file_components
+    from deblurdiff.models.single_file import load_single_file_components
     from test_convert import CHECKPOINT, HEAD_DIM
 
     components = load_single_file_components(CHECKPOINT, attention_head_dim=HEAD_DIM)

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from deblurdiff import weights
-from deblurdiff.loading import ModelUnavailableError, load_pipeline
+from deblurdiff.pipeline import weights
+from deblurdiff.pipeline.loading import ModelUnavailableError, load_pipeline
 
 from test_convert import HEAD_DIM, small_vocab_tokenizer
 
@@ -123,7 +123,7 @@ def test_second_start_loads_the_cache_without_the_downloader(served, tokenizer_d
 def native_bf16(monkeypatch):
     """This CPU as one that runs bfloat16 natively, so that a bf16 conversion is allowed
     whatever machine the tests run on (these tests are about the files, not the speed)."""
-    from deblurdiff import cpu
+    from deblurdiff.cpu import tuning as cpu
 
     import dataclasses
 
@@ -283,7 +283,7 @@ def test_default_cache_is_in_the_hugging_face_cache_directory(monkeypatch, tmp_p
 
 # ---------------------------------------------------------------------------- app and CLI
 def test_app_offline_without_a_cache_starts_with_a_banner_giving_the_manual_steps(tmp_path):
-    from deblurdiff import app
+    from deblurdiff.space import app
 
     pipe, error, _ = app.load_app_model(None, device="cpu", allow_download=False)
     assert pipe is None
@@ -295,7 +295,7 @@ def test_app_offline_without_a_cache_starts_with_a_banner_giving_the_manual_step
 def test_app_without_network_starts_with_a_banner_saying_so(served, monkeypatch):
     import requests
 
-    from deblurdiff import app
+    from deblurdiff.space import app
 
     monkeypatch.setattr(weights, "gdown_download", FixtureDownloader(served, requests.exceptions.ConnectionError("offline")))
     pipe, error, _ = app.load_app_model(None, device="cpu")
@@ -305,7 +305,7 @@ def test_app_without_network_starts_with_a_banner_saying_so(served, monkeypatch)
 
 
 def test_app_flags_share_and_no_download(monkeypatch):
-    from deblurdiff import app
+    from deblurdiff.space import app
 
     seen = {}
     monkeypatch.setattr(app, "load_app_model", lambda *a, **k: seen.update(load=k) or (None, "no weights", None))

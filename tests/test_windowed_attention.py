@@ -161,7 +161,7 @@ def test_state_dict_keys_unchanged_and_config_round_trip(tmp_path):
 
 
 def test_pipeline_windows_follow_the_controlnet():
-    from deblurdiff.pipeline import DeblurDiffPipeline
+    from deblurdiff.pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
     c = build_components("tiny")
     c["unet"] = UNet2DConditionModel.from_config(c["unet"].config)  # no windows set yet
@@ -185,7 +185,7 @@ class _BlockCall(torch.nn.Module):
 def test_export_with_dynamic_sizes_covers_every_window_count():
     """One exported program (height and width symbolic) gives the reference's windows at
     sizes with 1, 2 and 3 x 4 windows: nothing was specialised on the example's size."""
-    from deblurdiff.aoti import export_network
+    from deblurdiff.space.aoti import export_network
 
     block = _block(seed=3)
     _set_window(block, 64)
@@ -206,7 +206,7 @@ def test_ahead_of_time_compiled_block_covers_every_window_count():
     scatter that adds the windows back)."""
     import shutil
 
-    from deblurdiff.aoti import EXAMPLE_LATENT, export_network
+    from deblurdiff.space.aoti import EXAMPLE_LATENT, export_network
 
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("needs a C++ compiler")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deblurdiff.ops.winograd import (
+from deblurdiff.cpu.winograd import (
     WinogradBudget,
     enable_winograd,
     filter_transform_seconds,
@@ -139,7 +139,7 @@ def test_enabled_model_matches_its_direct_convolutions_at_every_size():
 
 
 def test_each_path_is_the_one_taken(monkeypatch):
-    import deblurdiff.ops.winograd as module
+    import deblurdiff.cpu.winograd as module
 
     calls = []
     for name in ("winograd_conv2d", "im2col_conv2d"):

@@ -1,4 +1,4 @@
-"""ZeroGPU's rules as the app applies them (deblurdiff.zerogpu, deblurdiff.estimates):
+"""ZeroGPU's rules as the app applies them (deblurdiff.space.zerogpu, deblurdiff.pipeline.estimates):
 the booked duration and spaces' factor, the configurable cap, quota refusals. The whole
 path through the real spaces package is rehearsed in test_zerogpu_rehearsal.py."""
 
@@ -8,8 +8,8 @@ import json
 from datetime import timedelta
 from pathlib import Path
 
-from deblurdiff import estimates
-from deblurdiff.estimates import SpeedModel
+from deblurdiff.pipeline import estimates
+from deblurdiff.pipeline.estimates import SpeedModel
 
 
 def test_gpu_cap_is_configurable(monkeypatch):
@@ -24,7 +24,7 @@ def test_zerogpu_requests_the_booking_divided_by_spaces_factor(monkeypatch):
     """On an RTX Pro 6000 node spaces multiplies requests by its configs.json factor."""
     from spaces.zero import client, config
 
-    from deblurdiff import zerogpu
+    from deblurdiff.space import zerogpu
 
     rtx = next(c for c in json.loads((Path(config.__file__).parent / config.CONFIGS_FILENAME).read_text()) if c["duration_factor"] != 1)
     monkeypatch.setattr(config, "get_config", lambda: rtx)
@@ -38,7 +38,7 @@ def test_zerogpu_requests_the_booking_divided_by_spaces_factor(monkeypatch):
 
 
 def test_zerogpu_quota_refusal_says_what_fits():
-    from deblurdiff import zerogpu
+    from deblurdiff.space import zerogpu
 
     speed = SpeedModel.default("cuda")
     message = "You have exceeded your ZeroGPU quota (123s requested vs. 100s left). Try again in 1:00:00."

@@ -11,7 +11,7 @@ Everything is the real code path of ``spaces`` 0.51.3, Gradio and the app, with:
   itself then runs on the CPU copies of the weights;
 - on a CPU-only torch build, ``torch.version.cuda`` and ``torch._C._cuda_init`` (which
   raises, as it does without a GPU) defined and ``torch.cuda._is_in_bad_fork`` picklable, since ``spaces`` reads them at import;
-- the start-up ahead-of-time step (``deblurdiff.aoti.export_networks`` and
+- the start-up ahead-of-time step (``deblurdiff.space.aoti.export_networks`` and
   ``spaces.aoti_compile``) replaced by stand-ins that keep the networks eager
   (Inductor needs a GPU; exporting takes a minute here and is tested in test_aoti.py);
 - each denoising step slowed down to ``STEP_SECONDS`` so that Cancel can arrive mid-run.
@@ -139,7 +139,7 @@ zero_torch.init, zero_torch.move = _init_on_cpu, _move_on_cpu
 
 
 # The start-up compile, stood in for -------------------------------------------------------
-from deblurdiff import aoti  # noqa: E402
+from deblurdiff.space import aoti  # noqa: E402
 
 
 
@@ -182,9 +182,9 @@ import numpy as np  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from deblurdiff import app as app_module  # noqa: E402
+from deblurdiff.space import app as app_module  # noqa: E402
 
-from deblurdiff import zerogpu  # noqa: E402
+from deblurdiff.space import zerogpu  # noqa: E402
 
 report: dict = {"url": standin.url, "main_pid": os.getpid()}
 t0 = time.monotonic()

@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = None
     if args.model:
-        from ..loading import ModelUnavailableError, load_pipeline
+        from ..pipeline.loading import ModelUnavailableError, load_pipeline
 
         try:
             pipe = load_pipeline(args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)

@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 
-from ..pipeline import encode_text
+from ..pipeline.pipeline_deblurdiff import encode_text
 from .config import ModelConfig, TrainConfig, load_config
 from .data import build_dataset
 
@@ -75,12 +75,12 @@ def _load_components(model: ModelConfig, seed: int) -> dict:
 
         return build_components("tiny", seed=seed)
     if model.init == "pipeline":
-        from ..pipeline import DeblurDiffPipeline
+        from ..pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
         pipe = DeblurDiffPipeline.from_pretrained(model.path, revision=model.revision, variant=model.variant)
         return dict(pipe.components)
     if model.init == "single-file":
-        from ..single_file import load_single_file_components
+        from ..models.single_file import load_single_file_components
 
         return dict(load_single_file_components(model.path, tokenizer=model.tokenizer))
 
@@ -95,7 +95,7 @@ def _load_components(model: ModelConfig, seed: int) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from ..single_file import load_tokenizer
+    from ..models.single_file import load_tokenizer
     from ..models import LatentControlNetModel, LKPNModel
     from ..models.configs import SIZES, make_scheduler
 
@@ -538,7 +538,7 @@ class Trainer:
 
         from diffusers import DDPMScheduler
 
-        from ..pipeline import DeblurDiffPipeline
+        from ..pipeline.pipeline_deblurdiff import DeblurDiffPipeline
 
         controlnet, lkpn = self._trained_modules()
         if inference_copies and self.weight_dtype != torch.float32:

@@ -9,7 +9,7 @@ import math
 import re
 from datetime import timedelta
 
-from .estimates import SpeedModel, format_seconds, format_steps, gpu_booking_seconds, gpu_limit_advice
+from ..pipeline.estimates import SpeedModel, format_seconds, format_steps, gpu_booking_seconds, gpu_limit_advice
 
 #: Seconds one call may book while the Space starts: ``@spaces.GPU(duration=1500)`` is
 #: "the maximum duration allowed during startup" (Hugging Face, "Make your ZeroGPU Spaces

@@ -202,7 +202,7 @@ def controlnet_config_from_ldm(unet: dict, head_dim: int, latent_channels: int =
 
 
 def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
-    from .models.configs import vae_config
+    from .configs import vae_config
 
     conv_in = _get(sd, "encoder.conv_in.weight")
     levels = _indices(sd, "encoder.down.") or [0]  # none: reported as a missing key below
@@ -221,7 +221,7 @@ def vae_config_from_ldm(sd: dict[str, torch.Tensor]) -> dict:
 def text_config_from_open_clip(sd: dict[str, torch.Tensor], head_dim: int):
     """``CLIPTextConfig`` of the penultimate-layer encoder of an OpenCLIP text tower
     (keys relative to ``clip.model.``), with the conventions of ``configs.text_config``."""
-    from .models.configs import text_config
+    from .configs import text_config
 
     embedding = _get(sd, "token_embedding.weight")
     vocab, width = (int(s) for s in embedding.shape)
@@ -292,7 +292,7 @@ def convert_deblurdiff_checkpoint(
     )
     from transformers import CLIPTextModel
 
-    from .models import LatentControlNetModel, LKPNModel
+    from . import LatentControlNetModel, LKPNModel
 
     def unet_state(sd, config):
         return convert_ldm_unet_checkpoint({LDM_UNET_KEY + k: v for k, v in sd.items()}, config)
@@ -442,7 +442,7 @@ def load_tokenizer(tokenizer=None):
 
 def load_single_file_components(path, tokenizer=None, attention_head_dim: int = 64, torch_dtype=None) -> dict:
     """The pipeline's components; the tokenizer first (cheap, and the usual offline failure)."""
-    from .models.configs import make_scheduler
+    from .configs import make_scheduler
 
     tok = load_tokenizer(tokenizer)
     components = convert_deblurdiff_checkpoint(

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .cpu import CPUConfig, CPUTiming, choose_cpu_config
+from ..cpu.tuning import CPUConfig, CPUTiming, choose_cpu_config
 from .tiling import TILE_SIZE, count_tiles, padded
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPEEDS = {"cuda": (0.35, 0.6), "mps": (8.0, 6.0)}
 
 #: ZeroGPU: one run books overhead + margin × estimate, at least MIN_GPU_SECONDS: what ZeroGPU
-#: reserves and charges to the visitor's quota (deblurdiff.zerogpu makes it ``@spaces.GPU``'s duration).
+#: reserves and charges to the visitor's quota (deblurdiff.space.zerogpu makes it ``@spaces.GPU``'s duration).
 MIN_GPU_SECONDS = 20
 GPU_OVERHEAD_SECONDS = 10
 GPU_MARGIN = 1.5

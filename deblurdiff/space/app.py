@@ -17,14 +17,16 @@ import gradio as gr
 import spaces
 import torch
 
-from . import estimates, image_io, loading, server_limits, service, zerogpu
+from ..pipeline import estimates, loading
+from .. import image_io, service
+from . import server_limits, zerogpu
 from .aoti import compile_for_zerogpu
-from .cpu import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
-from .estimates import SpeedModel, format_steps
-from .loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
-from .pipeline import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
-from .service import UNTRAINED_LABEL, restore
-from .weights import NO_DOWNLOAD_ENV, OFFICIAL_LABEL
+from ..cpu.tuning import choose_cpu_config, describe_cpu, prepare_cpu_pipeline
+from ..pipeline.estimates import SpeedModel, format_steps
+from ..pipeline.loading import MODEL_ENV, RANDOM_TINY, TOKENIZER_ENV, ModelUnavailableError, load_pipeline
+from ..pipeline.pipeline_deblurdiff import DEFAULT_NEGATIVE_PROMPT, SAMPLERS
+from ..service import UNTRAINED_LABEL, restore
+from ..pipeline.weights import NO_DOWNLOAD_ENV, OFFICIAL_LABEL
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ AOTI_ENV = "DEBLURDIFF_AOTI"
 #: diffusers layout. ``None``: none published yet, so the app starts without a model and says so.
 DEFAULT_SPACE_MODEL: str | None = None
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 
 #: Gradio's ``delete_cache`` removes results and uploads older than this (checking every hour).
 KEEP_RESULTS_SECONDS = 2 * 3600
@@ -142,7 +144,7 @@ def banner_text(app: DeblurApp) -> str:
             "**How to provide them**\n"
             f"- Locally: `python app.py --model <folder | Hub repo id | model.pth>`, or set the environment variable `{MODEL_ENV}`.\n"
             f"- On a Hugging Face Space: set the Space variable `{MODEL_ENV}` (Settings → Variables and secrets), "
-            "or `DEFAULT_SPACE_MODEL` in `deblurdiff/app.py`, then restart the Space.\n"
+            "or `DEFAULT_SPACE_MODEL` in `deblurdiff/space/app.py`, then restart the Space.\n"
             "- To try the interface without weights: `python app.py --dev-random-weights` (output labelled UNTRAINED, not deblurred).\n"
         )
     if app.untrained:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .parsing import parse_dtype
+from ..parsing import parse_dtype
 
 MODEL_ENV = "DEBLURDIFF_MODEL"
 TOKENIZER_ENV = "DEBLURDIFF_TOKENIZER"
@@ -35,7 +35,7 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, requested: str | None = None) -> torch.dtype:
-    from .cpu import choose_cpu_config
+    from ..cpu.tuning import choose_cpu_config
 
     if requested and requested != "auto":
         dtype = parse_dtype(requested)
@@ -72,8 +72,8 @@ def load_pipeline(
 ):
     """Load a DeblurDiffPipeline on ``device`` (default: best available) in ``dtype``; ``model``
     defaults to ``$DEBLURDIFF_MODEL``, else the authors' checkpoint, fetched and converted once
-    (:func:`deblurdiff.weights.official_pipeline`). ``ModelUnavailableError`` says what to do."""
-    from .pipeline import DeblurDiffPipeline
+    (:func:`deblurdiff.pipeline.weights.official_pipeline`). ``ModelUnavailableError`` says what to do."""
+    from .pipeline_deblurdiff import DeblurDiffPipeline
 
     model = model or os.environ.get(MODEL_ENV)
     tokenizer = tokenizer or os.environ.get(TOKENIZER_ENV)
@@ -93,7 +93,7 @@ def load_pipeline(
     model = str(model)
     try:
         if model == RANDOM_TINY:
-            from .models.configs import build_components
+            from ..models.configs import build_components
 
             pipe = DeblurDiffPipeline(**build_components("tiny"))
         elif model.lower().endswith(SINGLE_FILE_SUFFIXES):

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
-DEFAULT_VOCAB_PATH = Path(__file__).resolve().parent / "data" / VOCAB_FILE
+DEFAULT_VOCAB_PATH = Path(__file__).resolve().parents[1] / "data" / VOCAB_FILE
 START_OF_TEXT = "<start_of_text>"
 END_OF_TEXT = "<end_of_text>"
 PAD_TOKEN = "!"  # id 0: OpenCLIP pads with zeros

@@ -1,7 +1,7 @@
 """Running on a CPU: what the processor can do, the fastest safe configuration for it, and its
-measured speed (time estimates: deblurdiff.estimates). bfloat16 is fast only where the CPU multiplies
+measured speed (time estimates: deblurdiff.pipeline.estimates). bfloat16 is fast only where the CPU multiplies
 it natively (AVX-512 BF16 or AMX), over 100× slower than float32 elsewhere; float32 runs its 3×3
-convolutions by Winograd's algorithm or one unfolded matrix product (:mod:`deblurdiff.ops.winograd`),
+convolutions by Winograd's algorithm or one unfolded matrix product (:mod:`deblurdiff.cpu.winograd`),
 1.4× a whole model call on AVX2. Nothing chosen here changes results beyond rounding.
 """
 
@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 
-from .parsing import env_flag, parse_dtype
-from .ops.winograd import WinogradBudget, enable_winograd, filter_transform_seconds
+from ..parsing import env_flag, parse_dtype
+from .winograd import WinogradBudget, enable_winograd, filter_transform_seconds
 
 #: Set to "0" to run float32 3×3 convolutions with oneDNN instead of Winograd's
-#: F(4×4, 3×3) and unfolded matrix products (deblurdiff/ops/winograd.py).
+#: F(4×4, 3×3) and unfolded matrix products (deblurdiff/cpu/winograd.py).
 WINOGRAD_ENV = "DEBLURDIFF_CPU_WINOGRAD"
 
 #: At most this share of the machine's memory (and never more than
@@ -88,7 +88,7 @@ def cpu_features() -> CPUFeatures:
 @dataclass(frozen=True)
 class CPUConfig:
     """How the networks run on the CPU; ``winograd``: float32 3×3 convolutions by
-    :func:`deblurdiff.ops.winograd.enable_winograd` (float32-level results)."""
+    :func:`deblurdiff.cpu.winograd.enable_winograd` (float32-level results)."""
 
     dtype: torch.dtype = torch.float32
     winograd: bool = False

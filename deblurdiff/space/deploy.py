@@ -39,7 +39,7 @@ ZEROGPU = {
 SPACE_PYTHON = ZEROGPU["python"][-1]
 SPACE_TORCH = ZEROGPU["torch"][-1]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # What the Space runs: the entry point, the package (the app needs neither the
 # training code nor caches), the examples and the README's screenshot.
@@ -69,7 +69,7 @@ def space_requirements(requirements: str) -> str:
     left_out = PLATFORM_PACKAGES | {"torch", "triton"}
     kept = [line.strip() for line in requirements.splitlines()
             if line.strip() and not line.lstrip().startswith("#") and _name(line) not in left_out]
-    header = "# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space.py."
+    header = "# Written by `python -m deblurdiff.space deploy` for ZeroGPU; see deblurdiff/space/deploy.py."
     return "\n".join([header, f"torch=={SPACE_TORCH}", *kept]) + "\n"
 
 
@@ -120,8 +120,8 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
            hardware: bool = True, api=None, root: Path = ROOT, out=print) -> str:
     """Create or update the Space ``repo_id``; returns its address."""
     # torch comes with these: `requirements` must run without it.
-    from .convert import HUB_REPO_ID, describe_hub_error
-    from .loading import MODEL_ENV
+    from ..convert import HUB_REPO_ID, describe_hub_error
+    from ..pipeline.loading import MODEL_ENV
 
     if not HUB_REPO_ID.fullmatch(repo_id or ""):
         raise DeployError(f"the Space must be given as owner/name, got {repo_id!r}")

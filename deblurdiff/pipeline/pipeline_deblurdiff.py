@@ -38,9 +38,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .models import LatentControlNetModel, LKPNModel
-from .models.controlnet import batched_timesteps
-from .models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
+from ..models import LatentControlNetModel, LKPNModel
+from ..models.controlnet import batched_timesteps
+from ..models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
 from .estimates import available_memory, is_guided
 from .estimates import should_tile as _should_tile_for_memory
 from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, blend_weights, check_tiling, latent_windows, tiled_map,
@@ -245,7 +245,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
         """Load the official checkpoint (``model.pth``, ``.ckpt`` or ``.safetensors``); it holds
         no tokenizer: ``tokenizer`` is a path, a Hub repo id or an object (default: the
         packaged OpenCLIP tokenizer)."""
-        from .single_file import load_single_file_components
+        from ..models.single_file import load_single_file_components
 
         components = load_single_file_components(
             path, tokenizer=tokenizer, attention_head_dim=attention_head_dim, torch_dtype=torch_dtype

@@ -25,7 +25,7 @@ from torch import nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from .models.controlnet import batched_timesteps
+from ..models.controlnet import batched_timesteps
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Callable
 
 import torch
 
-from .parsing import dtype_name, env_flag
-from .single_file import COMPONENTS, file_sha256 as sha256_of
+from ..parsing import dtype_name, env_flag
+from ..models.single_file import COMPONENTS, file_sha256 as sha256_of
 
 OFFICIAL_FOLDER_ID = "1CUtnUKbu_zTyjJ17F95UYyh2SDzCOHeW"
 OFFICIAL_FOLDER_URL = f"https://drive.google.com/drive/folders/{OFFICIAL_FOLDER_ID}"
@@ -113,7 +113,7 @@ def describe_download_error(exc: BaseException) -> str:
 
 def verify_checkpoint_file(path: Path) -> str | None:
     """``None`` when ``path`` is a complete, intact DeblurDiff checkpoint; else the reason."""
-    from .single_file import CheckpointError, read_checkpoint, split_checkpoint
+    from ..models.single_file import CheckpointError, read_checkpoint, split_checkpoint
 
     if not path.is_file():
         return "the download produced no file"
@@ -238,7 +238,7 @@ def convert_checkpoint(checkpoint: Path, target: Path, dtype: torch.dtype, token
     """Convert to a diffusers folder beside ``target``, renamed into place when complete."""
     import time
 
-    from .pipeline import DeblurDiffPipeline
+    from .pipeline_deblurdiff import DeblurDiffPipeline
 
     staging = target.with_name(target.name + ".partial")
     _remove(staging)
@@ -268,7 +268,7 @@ def official_pipeline(
     raises :class:`WeightsUnavailableError` with the manual steps."""
     from filelock import FileLock
 
-    from .single_file import CheckpointError
+    from ..models.single_file import CheckpointError
 
     target = official_dir() / f"diffusers-{dtype_name(dtype)}"
     if is_complete(target):

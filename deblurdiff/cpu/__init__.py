@@ -1,0 +1,1 @@
+"""CPU preparation: the feature-based configuration and the model patches it applies (Winograd)."""

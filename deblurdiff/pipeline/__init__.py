@@ -1,0 +1,1 @@
+"""The DeblurDiff pipeline, its tiled processing, its time and memory estimates, and its loading."""

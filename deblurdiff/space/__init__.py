@@ -1,0 +1,1 @@
+"""The Hugging Face Space: the Gradio app, ZeroGPU, server limits and deployment."""
