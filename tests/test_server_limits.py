@@ -345,7 +345,7 @@ def test_leftovers_of_dead_servers_are_swept(tmp_path):
 
 def test_sigterm_removes_the_temporary_folder(tmp_path):
     script = (
-        "import sys, time; from deblurdiff import server_limits\n"
+        "import sys, time; from deblurdiff.space import server_limits\n"
         f"folder = server_limits.claim_temp_dir({str(tmp_path)!r})\n"
         "(folder / 'upload.png').write_bytes(b'x')\n"
         "try:\n    print(folder, flush=True)\n    time.sleep(30)\nexcept KeyboardInterrupt:\n    print('closing', flush=True)\n"
