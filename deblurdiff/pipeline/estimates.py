@@ -131,11 +131,6 @@ def gpu_booking_seconds(estimate: float) -> int:
     return math.ceil(max(MIN_GPU_SECONDS, GPU_OVERHEAD_SECONDS + GPU_MARGIN * estimate))
 
 
-def fits_gpu_limit(estimate: float, limit: float | None = None) -> bool:
-    """Whether the GPU time booked for a run of ``estimate`` seconds is within ``limit`` (default: cap)."""
-    return gpu_booking_seconds(estimate) <= (gpu_cap_seconds() if limit is None else limit)
-
-
 def gpu_limit_advice(
     speed: SpeedModel,
     width: int,
