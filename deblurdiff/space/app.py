@@ -60,8 +60,8 @@ SCOPE_TEXT = (
 #: The MCP tool's description; each parameter's range is in its input schema (``deblur``'s docstring).
 TOOL_DESCRIPTION = (
     "Deblur a photo with DeblurDiff (a diffusion model): removes camera-shake, motion and defocus blur; "
-    "it does not denoise or upscale. Input: an image as an http(s) URL or a base64 data URL (PNG, JPEG, WebP, "
-    "BMP, TIFF or GIF; at most {max_mp} megapixels and the server's upload limit, fetched with a time limit). "
+    "it does not denoise or upscale. Input: an image as an http(s) URL or a base64 data URL ({formats}; "
+    "at most {max_mp} megapixels and the server's upload limit, fetched with a time limit). "
     "Runs estimated to take too long are refused with what fits. Returns: the (input, deblurred) image pair, "
     "the full-resolution deblurred PNG, the LKPN view (or None), a Markdown summary and the seed used."
 )
@@ -324,7 +324,7 @@ class DeblurApp:
         """Deblur one photo: removes camera-shake, motion and defocus blur (not noise, not low resolution).
 
         Args:
-            image: the blurry photo (PNG, JPEG, WebP, BMP, TIFF or GIF).
+            image: the blurry photo (PNG, JPEG, HEIC, AVIF, WebP, BMP, TIFF or GIF).
             steps: denoising steps, 1 to 100 (default 50); fewer is faster.
             seed: random seed, 0 to 4294967295 (used when randomize_seed is false).
             randomize_seed: draw a new seed (true, the default) or use `seed`.
@@ -464,7 +464,8 @@ def build_ui(app: DeblurApp) -> gr.Blocks:
         for component in (image_in, steps, seed, guidance, tiling, sampler):
             pass_raw(component)
         outputs = [slider, download, lkpn_image, result_info, seed]
-        description = TOOL_DESCRIPTION.format(max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
+        description = TOOL_DESCRIPTION.format(
+            formats=image_io.SUPPORTED_FORMATS, max_mp=f"{image_io.DEFAULT_MAX_PIXELS / 1e6:.1f}")
         if app.untrained:
             description = f"[{UNTRAINED_LABEL} development weights: outputs are not deblurred] " + description
         run = dict(concurrency_limit=app.concurrency_limit, concurrency_id="model", show_progress_on=[slider])
