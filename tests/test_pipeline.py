@@ -1,5 +1,11 @@
 """DeblurDiffPipeline end to end with tiny random models (behaviour, not image quality)."""
 
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,9 +13,10 @@ import torch
 
 from deblurdiff import DeblurDiffPipeline
 from deblurdiff.models.configs import build_components
+from deblurdiff.models.tokenizer import OpenCLIPTokenizer
 from deblurdiff.pipeline.pipeline_deblurdiff import color_fix, image_to_tensor, pad_to_multiple
 
-from conftest import random_image
+from conftest import random_image, tiny_pipeline
 
 
 def run(pipe, image, seed=0, **kw):
@@ -237,3 +244,33 @@ def test_images_that_pad_to_different_sizes_or_a_wrong_number_of_generators_are_
         pipe([random_image(64, 64), random_image(64, 130)], num_inference_steps=1)
     with pytest.raises(ValueError, match="one per image"):
         pipe([random_image(64, 64)] * 2, generator=[torch.Generator()], num_inference_steps=1)
+
+
+def test_a_saved_folder_loads_in_a_fresh_process_also_when_saved_before_the_subpackages(tmp_path):
+    # diffusers resolves the tokenizer's class only among imported modules, by the path that
+    # model_index.json records: a new process has imported nothing yet.
+    components = build_components("tiny")
+    components["tokenizer"] = OpenCLIPTokenizer()
+    new, old = tmp_path / "new", tmp_path / "old"
+    DeblurDiffPipeline(**components).save_pretrained(new)
+    shutil.copytree(new, old)
+    index = json.loads((old / "model_index.json").read_text())
+    assert index["tokenizer"] == ["deblurdiff.models.tokenizer", "OpenCLIPTokenizer"]
+    index["tokenizer"][0] = "deblurdiff.tokenizer"  # as folders saved by earlier versions say
+    (old / "model_index.json").write_text(json.dumps(index))
+    script = "import sys\nfrom deblurdiff import load_pipeline\nfor p in sys.argv[1:]:\n    print(type(load_pipeline(p).tokenizer).__name__)"
+    done = subprocess.run([sys.executable, "-c", script, str(new), str(old)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["OpenCLIPTokenizer", "OpenCLIPTokenizer"]
+
+
+def test_a_scheduler_whose_step_takes_no_generator_can_be_swapped_in():
+    from diffusers import UniPCMultistepScheduler
+
+    pipe = tiny_pipeline()
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
+    image = random_image(64, 64)
+    out = run(pipe, image, output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    assert not np.array_equal(out, run(tiny_pipeline(), image, output_type="np").images)

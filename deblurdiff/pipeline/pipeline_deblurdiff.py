@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,12 +41,18 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..models import LatentControlNetModel, LKPNModel
+from ..models import tokenizer as open_clip_tokenizer
 from ..models.controlnet import batched_timesteps
 from ..models.windowed_attention import DEFAULT_WINDOW, enable_windowed_attention, ensure_attention_layout
 from .estimates import available_memory, is_guided
 from .estimates import should_tile as _should_tile_for_memory
 from .tiling import (SIZE_MULTIPLE, TILE_SIZE, TILE_STRIDE, blend_weights, check_tiling, latent_windows, tiled_map,
                      vae_decode_tiled, vae_encode_tiled)
+
+# diffusers finds a saved folder's own components (here the OpenCLIP tokenizer) only among imported
+# modules, under the module path model_index.json records; folders saved before the package had
+# subpackages record it as deblurdiff.tokenizer.
+sys.modules.setdefault("deblurdiff.tokenizer", open_clip_tokenizer)
 
 logger = logging.get_logger(__name__)
 
@@ -322,7 +330,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
     @contextlib.contextmanager
     def _vae_precision(self):
         """The VAE in float32 for float16 weights when its config says ``force_upcast`` (as
-        diffusers' SDXL pipeline upcasts it); yields the input dtype."""
+        diffusers' SDXL pipeline upcasts it); yields the input dtype. Entered once around a tiled
+        pass (an inner entry finds the VAE upcast already and does nothing)."""
         vae = self.vae
         if not (self.upcast_vae and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)):
             yield vae.dtype
@@ -363,9 +372,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 return torch.cat([posterior.mode()] * num_samples) * scale
             return torch.cat([posterior.sample(generator) for _ in range(num_samples)]) * scale
 
-        if tiled:
-            return vae_encode_tiled(encode, images, tile_size, tile_stride)
-        return encode(images)
+        with self._vae_precision():
+            return vae_encode_tiled(encode, images, tile_size, tile_stride) if tiled else encode(images)
 
     @torch.no_grad()
     def decode_latents(
@@ -378,9 +386,8 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 z = z.to(device=self.vae.device, dtype=dtype)
                 return self.vae.decode(z / self.vae.config.scaling_factor).sample.float()
 
-        if tiled:
-            return vae_decode_tiled(decode, latents, tile_size, tile_stride)
-        return decode(latents)
+        with self._vae_precision():
+            return vae_decode_tiled(decode, latents, tile_size, tile_stride) if tiled else decode(latents)
 
     def make_denoiser(
         self,
@@ -582,7 +589,10 @@ class DeblurDiffPipeline(DiffusionPipeline):
             condition, prompt_embeds, negative_embeds, guidance_scale, conditioning_scale, windows,
             negative_condition=negative_condition,
         )
-        step_generator = self._device_generator(generator, device)  # every sampler's step takes one
+        # A scheduler set by the caller (UniPC, PNDM, Heun, ...) may take no generator.
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = self._device_generator(generator, device)
         model_timesteps = timesteps.to(device)  # one copy: no host-device traffic in the loop
 
         restored = condition
@@ -591,7 +601,7 @@ class DeblurDiffPipeline(DiffusionPipeline):
                 if self.interrupt:
                     break
                 eps, restored = denoise(latents, model_timesteps[i])
-                latents = scheduler.step(eps, t, latents, generator=step_generator).prev_sample
+                latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "restored_latents": restored}
                     kwargs = {name: local[name] for name in callback_on_step_end_tensor_inputs}
