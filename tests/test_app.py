@@ -375,6 +375,19 @@ def test_cancel_interrupts_the_pipeline(pipe, tmp_path):
     # The next run of the same session is not affected.
     result = app.deblur(str(path), steps=2, seed=1, randomize_seed=False, request=FakeRequest(), progress=RecordingProgress())
     assert Image.open(result[1]).size == (64, 64)
+    assert app.free_slots.qsize() == app_module.RUN_SLOTS  # every run gave its cancel flag back
+
+
+def test_a_run_without_a_free_cancel_flag_is_turned_away(pipe, tmp_path):
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    taken = [app.free_slots.get_nowait() for _ in range(app_module.RUN_SLOTS)]  # as if 64 runs were going on
+    path = write(tmp_path, "p.png", gradient(64, 64))
+    with pytest.raises(gr.Error, match="as many images as it can"):
+        app.deblur(str(path), steps=1, request=FakeRequest(), progress=RecordingProgress())
+    app.free_slots.put(taken[0])  # one run ends: its flag goes to the next run, reset
+    app.cancelled[taken[0]] = True
+    result = app.deblur(str(path), steps=1, request=FakeRequest(), progress=RecordingProgress())
+    assert Image.open(result[1]).size == (64, 64)
 
 
 def test_time_estimate_is_measured_and_shown(pipe, tmp_path):
@@ -494,7 +507,7 @@ def test_cancel_reaches_a_forked_worker_within_a_step(tmp_path):
     ctx = multiprocessing.get_context("fork")
     steps = ctx.RawArray("i", 2)  # done, total as the worker's progress reports them
     receiver, sender = ctx.Pipe(duplex=False)
-    slot = next(app.slots) % app_module.RUN_SLOTS
+    slot = app.free_slots.get_nowait()
     app.cancelled[slot] = False
     app.active_runs[FakeRequest.session_hash] = slot  # what Cancel looks up, as during a run
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import itertools
 import json
 import logging
 import multiprocessing
 import os
+import queue
 import threading
 import uuid
 from pathlib import Path
@@ -276,7 +276,9 @@ class DeblurApp:
         # Cancel flags in shared memory, made before ZeroGPU forks its worker: a flag set here is
         # the one the worker reads (a Python object would be the worker's own copy).
         self.cancelled = multiprocessing.RawArray(ctypes.c_bool, RUN_SLOTS)
-        self.slots = itertools.count()  # slot n % RUN_SLOTS: no more than RUN_SLOTS runs are ever at once
+        self.free_slots = queue.SimpleQueue()  # a slot is reused only once its run has ended
+        for slot in range(RUN_SLOTS):
+            self.free_slots.put(slot)
         self.active_runs: dict[str, int] = {}  # session -> cancel-flag slot
         _APPS[id(self)] = self
         # ZeroGPU gives each call its own GPU slice; a local device runs one image at a time.
@@ -300,6 +302,9 @@ class DeblurApp:
             (w, h), notes = image_io.read_header(image)
         except image_io.InvalidInputError as exc:  # image_io says what is wrong with any file
             return f"⚠️ {exc}"
+        except Exception:  # an unqueued public event: a message, never a stack trace
+            logger.exception("could not read an image's header")
+            return "⚠️ This file could not be read as an image."
         lines = [f"Input: {w}×{h} pixels ({w * h / 1e6:.2f} megapixels)."] + [f"- {note}" for note in notes]
         if self.pipe is not None:
             lines.append(estimate_text(self, (w, h), steps, guidance_scale, tiling))
@@ -368,7 +373,10 @@ class DeblurApp:
         if advice:
             title = "Too long for one GPU run" if on_zero_gpu() else "Too long for this server"
             raise _user_error(advice, title)
-        slot = next(self.slots) % RUN_SLOTS
+        try:
+            slot = self.free_slots.get_nowait()
+        except queue.Empty:
+            raise _user_error("The server is running as many images as it can; please try again in a minute.", "Busy") from None
         self.cancelled[slot] = False
         self.active_runs[session] = slot
         finished = threading.Event()
@@ -378,9 +386,10 @@ class DeblurApp:
                 if self.clients.gone(session):
                     self.cancelled[slot] = True
 
-        threading.Thread(target=stop_if_gone, daemon=True).start()
-        progress(0, desc="Starting")
+        watcher = threading.Thread(target=stop_if_gone, daemon=True)
+        watcher.start()
         try:
+            progress(0, desc="Starting")
             result = run_on_device(id(self), loaded.image, options, slot, progress)
             cancelled = result.interrupted or self.cancelled[slot]
         except gr.Error as exc:  # ZeroGPU's refusal, through `spaces`: say what fits instead
@@ -390,7 +399,9 @@ class DeblurApp:
             raise
         finally:
             finished.set()
+            watcher.join()  # it no longer writes the flag: the slot can go to another run
             self.active_runs.pop(session, None)
+            self.free_slots.put(slot)
         if cancelled:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
         progress(1.0, desc="Saving")
