@@ -47,13 +47,20 @@ def _to_number(value, label: str, hint: str, whole: bool) -> float | int:
         if not value.strip():
             raise InvalidInputError(f"{label} is empty. Please enter a number ({hint}).")
         try:
-            number = float(value)
+            number = int(value)  # exact however long; float() would make a long one inf
         except ValueError:
-            raise InvalidInputError(f"{label} must be a number ({hint}); got {value!r}.") from None
+            try:
+                number = float(value)
+            except ValueError:
+                raise InvalidInputError(f"{label} must be a number ({hint}); got {value!r}.") from None
     if isinstance(number, (bool, np.bool_)):
         raise InvalidInputError(f"{label} must be a number ({hint}), not {value!r}.")
     if not isinstance(number, numbers.Real):
         raise InvalidInputError(f"{label} must be a number ({hint}); got a value of type '{type(value).__name__}'.")
+    if isinstance(number, numbers.Integral):
+        if abs(number) > 2**64:  # far outside every range here, and beyond what float() takes
+            raise InvalidInputError(f"{label} must be {hint}; got a number far too large.")
+        return int(number) if whole else float(number)
     if not math.isfinite(number):
         kind = "whole number" if whole else "number"
         raise InvalidInputError(f"{label} must be a finite {kind} ({hint}); got {number}.")

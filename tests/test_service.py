@@ -133,3 +133,14 @@ def test_png_metadata_records_the_options(pipe, tmp_path):
     assert text["deblurdiff:negative_prompt"] == DEFAULT_NEGATIVE_PROMPT and text["deblurdiff:sampler"] == "ddpm"
     assert text["deblurdiff:model"] == "owner/weights" and "UNTRAINED" in text["deblurdiff:warning"]
     assert text["deblurdiff:source"] == "a.jpg" and "deblurdiff:return_lkpn_image" not in text
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), "9" * 400])
+def test_numbers_beyond_floats_range_get_a_clear_message(value):
+    # JSON from the API can carry integers of any length; float() would overflow or give inf.
+    with pytest.raises(InvalidInputError, match="got a number far too large"):
+        service.in_range(value, "Steps", 1, 100)
+    with pytest.raises(InvalidInputError, match="got a number far too large"):
+        service.in_range(value, "The guidance scale", 1, 10, whole=False)
+    with pytest.raises(InvalidInputError, match="got a number far too large"):
+        service.validate_seed(value)
