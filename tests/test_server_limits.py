@@ -379,6 +379,12 @@ class _Files(http_server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        if self.path.startswith("/hop/"):  # /hop/N redirects N more times, then to the photo
+            left = int(self.path.rsplit("/", 1)[1])
+            self.send_response(302)
+            self.send_header("Location", f"/hop/{left - 1}" if left > 1 else "/photo.png")
+            self.end_headers()
+            return
         if self.path.startswith("/slow"):
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -408,6 +414,14 @@ def file_server(tmp_path, monkeypatch):
     monkeypatch.setattr(server_limits, "validate_host", loopback)
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def test_image_urls_may_redirect_a_few_times(file_server, tmp_path):
+    hops = server_limits.MAX_REDIRECTS
+    fetched = asyncio.run(server_limits.bounded_download(f"{file_server}/hop/{hops}", str(tmp_path / "c"), max_bytes=LIMIT))
+    assert Path(fetched).read_bytes() == png_bytes()
+    with pytest.raises(server_limits.DownloadRefused, match=f"redirected more than {hops} times"):
+        asyncio.run(server_limits.bounded_download(f"{file_server}/hop/{hops + 1}", str(tmp_path / "c"), max_bytes=LIMIT))
 
 
 def test_image_urls_are_fetched_with_size_and_time_limits(file_server, tmp_path):

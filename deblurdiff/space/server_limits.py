@@ -48,6 +48,8 @@ LISTEN_GRACE_SECONDS = 3.0
 EVICT_AFTER_SECONDS = 0.1
 #: Image URLs: longest download (seconds).
 URL_TIMEOUT_SECONDS = 20.0
+#: Redirects an image URL may take (each hop's host is checked again).
+MAX_REDIRECTS = 5
 #: Who may show the app in a frame: the Space page on huggingface.co and its *.hf.space host.
 FRAME_ANCESTORS = "'self' https://huggingface.co https://*.huggingface.co https://*.hf.space"
 SECURITY_HEADERS = [
@@ -319,7 +321,7 @@ async def bounded_download(url: str, cache_dir: str, *, max_bytes: int, timeout:
 
 
 async def _download(url: str, cache_dir: str, max_bytes: int) -> str:
-    for _ in range(processing_utils.MAX_REDIRECTS + 1):
+    for _ in range(MAX_REDIRECTS + 1):
         host = httpx.URL(url).host
         if httpx.URL(url).scheme not in ("http", "https") or not host:
             raise DownloadRefused(f"Only http(s) image URLs are accepted; got {url[:200]}.")
@@ -357,7 +359,7 @@ async def _download(url: str, cache_dir: str, max_bytes: int) -> str:
                     target.unlink(missing_ok=True)
                     raise
                 return str(target)
-    raise DownloadRefused(f"The image URL redirected more than {processing_utils.MAX_REDIRECTS} times.")
+    raise DownloadRefused(f"The image URL redirected more than {MAX_REDIRECTS} times.")
 
 
 async def validate_host(host: str) -> str:
