@@ -175,7 +175,7 @@ def _user_errors(name: str, max_pixels: int):
             FileNotFoundError: "was not found. Please check that the path is correct and the file exists",
             IsADirectoryError: "is a folder, not an image file. Please choose an image file",
             PermissionError: "cannot be read (permission denied). Please check its permissions",
-        }[type(exc)]
+        }.get(type(exc), f"could not be read ({exc.strerror or exc})")  # a subclass of one of them
         raise InvalidInputError(f"{name} {reason}.") from None
     except MemoryError:
         raise InvalidInputError(f"{name} is too large to open. The limit is {_limit_text(max_pixels)}.") from None

@@ -171,11 +171,12 @@ def _remove(*paths: Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def check_recorded(checkpoint: Path, report=_stderr) -> str | None:
-    """``None`` when a cached checkpoint matches its record (SHA-256 and size), else the reason."""
-    record = read_record(checkpoint) or {}
-    if checkpoint.stat().st_size != record.get("size"):
-        return f"its size changed since it was verified ({checkpoint.stat().st_size:,} != {record.get('size'):,} bytes)"
+def check_recorded(checkpoint: Path, record: dict, report=_stderr) -> str | None:
+    """``None`` when a cached checkpoint matches its ``record`` (SHA-256 and size), else the reason."""
+    size, recorded = checkpoint.stat().st_size, record.get("size")
+    if size != recorded:
+        then = f"{recorded:,} bytes" if isinstance(recorded, int) else "no size"
+        return f"its size changed since it was verified ({size:,} bytes now, {then} recorded)"
     report(f"Checking {checkpoint.name} against its recorded SHA-256 ...")
     if sha256_of(checkpoint) != record.get("sha256"):
         return "its SHA-256 differs from the one recorded when it was downloaded (the file changed on disk)"
@@ -283,7 +284,8 @@ def official_pipeline(
             return target
         checkpoint = root / OFFICIAL_FILENAME
         if checkpoint.exists():
-            if read_record(checkpoint) is None:  # placed there by hand: verify it like a download
+            record = read_record(checkpoint)
+            if record is None:  # placed there by hand: verify it like a download
                 staging = _staging_path(checkpoint)
                 os.replace(checkpoint, staging)
                 try:
@@ -292,7 +294,7 @@ def official_pipeline(
                     _remove(staging)
                     report(f"Refused {checkpoint}: {exc}. It was deleted.")
             else:
-                problem = check_recorded(checkpoint, report)
+                problem = check_recorded(checkpoint, record, report)
                 if problem:
                     report(f"Refused the cached {checkpoint.name}: {problem}. It was deleted.")
                     _remove(checkpoint, _record_path(checkpoint))

@@ -119,13 +119,15 @@ def _dynamic_shapes(args: tuple, height: int, width: int, h: Dim, w: Dim):
     """Height and width of every 4-D input as a multiple of the latent's (``h``, ``w``
     count latent sides in units of :data:`LATENT_MULTIPLE`), everything else static."""
 
-    def side(size: int, full: int, root: Dim):
+    def side(size: int, full: int, root: Dim, name: str):
+        if full % size or (LATENT_MULTIPLE * size) % full:
+            raise ValueError(f"cannot express a {name} of {size} at a latent {name} of {full} as a multiple of it")
         factor = LATENT_MULTIPLE * size // full  # sides per unit of `root`
         return root if factor == 1 else factor * root
 
     def spec(x):
         if torch.is_tensor(x) and x.ndim == 4:
-            return {2: side(x.shape[2], height, h), 3: side(x.shape[3], width, w)}
+            return {2: side(x.shape[2], height, h, "height"), 3: side(x.shape[3], width, w, "width")}
         return None
 
     return tuple(pytree.tree_map(spec, arg) if isinstance(arg, (tuple, list)) else spec(arg) for arg in args)
