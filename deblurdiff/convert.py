@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
-from .parsing import DTYPES
+from .parsing import DTYPES, HUB_REPO_ID
 from .models.single_file import COMPONENTS, CheckpointError, TokenizerUnavailableError, file_sha256
 
 
-HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 PAPER_URL = "https://arxiv.org/abs/2502.03810"
 REFERENCE_URL = "https://github.com/kkkls/DeblurDiff"
 CITATION = """@article{kong2025deblurdiff,

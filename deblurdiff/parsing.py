@@ -1,15 +1,19 @@
 """Names and switches as users write them (command line, environment, UI): the one
-place for dtype names and true/false words."""
+place for dtype names, true/false words and Hub repo ids."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
 #: The dtype names accepted everywhere (``--dtype``, folder names, logs).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
+
+#: A Hub repo id, ``owner/name``.
+HUB_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")

@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
+from deblurdiff.models import single_file
+from deblurdiff.models.configs import make_test_tokenizer
 from deblurdiff.models.single_file import load_tokenizer
 from deblurdiff.models.tokenizer import DEFAULT_VOCAB_PATH, OpenCLIPTokenizer
 
@@ -131,3 +134,18 @@ def test_the_official_checkpoint_loads_with_no_tokenizer_argument():
 
     components = load_single_file_components(CHECKPOINT, attention_head_dim=HEAD_DIM)
     assert isinstance(components["tokenizer"], OpenCLIPTokenizer)
+
+
+def test_a_hub_tokenizer_in_the_cache_loads_without_asking_the_hub(tmp_path, monkeypatch):
+    snapshot = tmp_path / "hub" / "models--owner--tok" / "snapshots" / ("0" * 40)
+    make_test_tokenizer(snapshot)
+    (tmp_path / "hub" / "models--owner--tok" / "refs").mkdir()
+    (tmp_path / "hub" / "models--owner--tok" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def probed(*args, **kwargs):
+        raise AssertionError("the Hub was asked for a tokenizer that is in the cache")
+
+    monkeypatch.setattr(single_file, "_hub_reachable", probed)
+    tok = single_file.load_tokenizer("owner/tok")
+    assert len(tok.get_vocab()) > 2 and tok("abc").input_ids[0] == 49406

@@ -7,6 +7,7 @@ last, as the reference runs it. See the README's "Weights" section.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections import defaultdict
@@ -14,6 +15,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+from ..parsing import HUB_REPO_ID
 
 
 # Checkpoint prefix -> component. The LDM names are accepted too.
@@ -412,7 +415,8 @@ def load_tokenizer(tokenizer=None):
         "Leave `--tokenizer` out to use the OpenCLIP tokenizer shipped with the package, or pass a folder "
         "with a saved tokenizer (or vocab.json and merges.txt), or a Hub repo id when online."
     )
-    if not path.exists() and (os.sep in source or source.startswith((".", "~"))):
+    a_path = (os.sep in source or source.startswith((".", "~"))) and not HUB_REPO_ID.fullmatch(source)
+    if a_path and not path.exists():
         raise TokenizerUnavailableError(f"Tokenizer folder not found: {source}. {hint}")
     errors = []
     if path.exists():
@@ -420,12 +424,13 @@ def load_tokenizer(tokenizer=None):
         folder = path if own else path / "tokenizer"
         if (folder / VOCAB_FILE).is_file():
             return OpenCLIPTokenizer.from_pretrained(str(folder))
-        attempts, local_only = [(str(folder), {})], True
-    else:  # a Hub repo id: the tokenizer at its top or in a pipeline's subfolder
-        attempts, local_only = [(source, {}), (source, {"subfolder": "tokenizer"})], not _hub_reachable()
-        if local_only:
+        attempts, sources = [(str(folder), {})], (True,)
+    else:  # a Hub repo id, at its top or in a pipeline's subfolder: the cache first, then the Hub
+        attempts, sources = [(source, {}), (source, {"subfolder": "tokenizer"})], (True, False)
+    for local_only, (name, kwargs) in itertools.product(sources, attempts):
+        if not local_only and not _hub_reachable():
             errors.append("the Hugging Face Hub cannot be reached")
-    for name, kwargs in attempts:
+            break  # the attempts left all need it
         try:
             tok = CLIPTokenizer.from_pretrained(name, local_files_only=local_only, **kwargs)
         except Exception as exc:  # missing files, bad repo id, network

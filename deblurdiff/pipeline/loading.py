@@ -6,18 +6,16 @@ a Hub repo id, the official single-file checkpoint (``model.pth``/``.ckpt``/``.s
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
-from ..parsing import parse_dtype
+from ..parsing import HUB_REPO_ID, parse_dtype
 
 MODEL_ENV = "DEBLURDIFF_MODEL"
 TOKENIZER_ENV = "DEBLURDIFF_TOKENIZER"
 RANDOM_TINY = "random-tiny"
 SINGLE_FILE_SUFFIXES = (".pth", ".ckpt", ".pt", ".safetensors")
-HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
 class ModelUnavailableError(RuntimeError):

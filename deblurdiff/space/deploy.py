@@ -120,7 +120,8 @@ def deploy(repo_id: str, model: str | None = None, *, private: bool = False, tok
            hardware: bool = True, api=None, root: Path = ROOT, out=print) -> str:
     """Create or update the Space ``repo_id``; returns its address."""
     # torch comes with these: `requirements` must run without it.
-    from ..convert import HUB_REPO_ID, describe_hub_error
+    from ..convert import describe_hub_error
+    from ..parsing import HUB_REPO_ID
     from ..pipeline.loading import MODEL_ENV
 
     if not HUB_REPO_ID.fullmatch(repo_id or ""):
