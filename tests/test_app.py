@@ -378,6 +378,24 @@ def test_cancel_interrupts_the_pipeline(pipe, tmp_path):
     assert app.free_slots.qsize() == app_module.RUN_SLOTS  # every run gave its cancel flag back
 
 
+def test_a_run_ending_leaves_cancel_to_a_newer_run_of_the_same_session(pipe, tmp_path, monkeypatch):
+    app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
+    run_on_device = app_module.run_on_device
+    newer = []
+
+    def with_a_second_run(app_key, image, options, slot, progress):
+        newer.append(app.free_slots.get_nowait())  # the same tab starts another run meanwhile
+        app.active_runs[FakeRequest.session_hash] = newer[0]
+        return run_on_device(app_key, image, options, slot, progress)
+
+    monkeypatch.setattr(app_module, "run_on_device", with_a_second_run)
+    path = write(tmp_path, "p.png", gradient(64, 64))
+    app.deblur(str(path), steps=1, request=FakeRequest(), progress=RecordingProgress())
+    assert app.active_runs[FakeRequest.session_hash] == newer[0]  # Cancel still reaches the newer run
+    app.cancel(FakeRequest())
+    assert app.cancelled[newer[0]]
+
+
 def test_a_run_without_a_free_cancel_flag_is_turned_away(pipe, tmp_path):
     app = DeblurApp(pipe, model_ref="random-tiny", examples_dir=None, measure_speed=False)
     taken = [app.free_slots.get_nowait() for _ in range(app_module.RUN_SLOTS)]  # as if 64 runs were going on

@@ -376,7 +376,8 @@ class DeblurApp:
         try:
             slot = self.free_slots.get_nowait()
         except queue.Empty:
-            raise _user_error("The server is running as many images as it can; please try again in a minute.", "Busy") from None
+            message = "The server is running as many images as it can; please try again in a minute."
+            raise _user_error(message, "Busy") from None
         self.cancelled[slot] = False
         self.active_runs[session] = slot
         finished = threading.Event()
@@ -400,7 +401,8 @@ class DeblurApp:
         finally:
             finished.set()
             watcher.join()  # it no longer writes the flag: the slot can go to another run
-            self.active_runs.pop(session, None)
+            if self.active_runs.get(session) == slot:  # a newer run of the session keeps its entry
+                del self.active_runs[session]
             self.free_slots.put(slot)
         if cancelled:
             raise _user_error("The run was cancelled; no result.", "Cancelled")
